@@ -1,0 +1,11 @@
+"""lowmem-crosslora: move a LoRA adapter between base LLMs of different families, data-free,
+by the Cross-LoRA method, streaming under an enforced memory budget and resumable."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .engine import TransferOptions, transfer  # noqa: E402
+from .errors import BudgetError, CrossLoraError, InputError  # noqa: E402
+
+__all__ = ["transfer", "TransferOptions", "CrossLoraError", "InputError", "BudgetError", "__version__"]

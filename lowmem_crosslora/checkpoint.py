@@ -1,0 +1,204 @@
+"""Lazy, memory-mapped access to a Hugging Face model folder's safetensors weights.
+
+One tensor (or one block of its rows) at a time; a state dict is never loaded. Pickled
+checkpoints (.bin, .pt) are refused: nothing is ever unpickled here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .architectures import Family, ModelDims, family_for, model_dims
+from .errors import InputError
+
+SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise InputError(f"{what}: {path} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{what}: cannot read {path}: {e}") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{what}: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{what}: {path} must hold a JSON object")
+    return data
+
+
+def read_safetensors_header(path: Path, what: str) -> dict[str, Any]:
+    """Parse a safetensors header without mapping the data, checking it fits the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise InputError(f"{what}: {path} is truncated (no safetensors header)")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(size - 8, 100_000_000):
+                raise InputError(f"{what}: {path} is not a valid safetensors file (header length {n})")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise InputError(f"{what}: cannot read {path}: {e.strerror or e}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InputError(f"{what}: {path} is not a valid safetensors file (corrupt header)") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{what}: {path} is not a valid safetensors file (corrupt header)")
+    end = 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, stop = info["data_offsets"]
+            count = 1
+            for d in info["shape"]:
+                count *= int(d)
+            nbytes = count * SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{what}: {path} has a corrupt entry for tensor {name!r}") from None
+        if stop - begin != nbytes or begin < 0:
+            raise InputError(f"{what}: {path} has a corrupt entry for tensor {name!r}")
+        end = max(end, stop)
+    if 8 + n + end > size:
+        raise InputError(f"{what}: {path} is truncated ({size} bytes, header needs {8 + n + end})")
+    return header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class Checkpoint:
+    """A model folder: config.json plus model.safetensors or sharded safetensors with an index."""
+
+    def __init__(self, path: str | os.PathLike[str], role: str = "model") -> None:
+        self.path = Path(path)
+        self.role = role
+        where = f"{role} {self.path}"
+        if not self.path.exists():
+            raise InputError(f"{where}: no such file or directory")
+        if not self.path.is_dir():
+            raise InputError(f"{where}: expected a model folder (config.json plus *.safetensors)")
+        self.config = read_json(self.path / "config.json", role)
+        self.family: Family = family_for(self.config, where)
+        self.dims: ModelDims = model_dims(self.config, self.family, where)
+        self.tensors: dict[str, TensorInfo] = {}
+        self._headers: dict[Path, dict[str, Any]] = {}
+        self._open: dict[Path, Any] = {}
+        for file in self._weight_files(where):
+            header = read_safetensors_header(file, role)
+            self._headers[file] = header
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self.tensors[name] = TensorInfo(name, file, tuple(int(d) for d in info["shape"]), info["dtype"])
+        self.layer_prefix = self._find_layer_prefix(where)
+
+    def _weight_files(self, where: str) -> list[Path]:
+        index = self.path / "model.safetensors.index.json"
+        single = self.path / "model.safetensors"
+        if index.exists():
+            weight_map = read_json(index, self.role).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise InputError(f"{where}: {index.name} has no weight_map")
+            files = sorted({self.path / f for f in weight_map.values()})
+            for f in files:
+                if not f.exists():
+                    raise InputError(f"{where}: shard {f.name} named in {index.name} is missing")
+            return files
+        if single.exists():
+            return [single]
+        others = sorted(self.path.glob("*.safetensors"))
+        if others:
+            return others
+        pickled = sorted(p.name for p in self.path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        if pickled:
+            raise InputError(
+                f"{where}: only pickled weights ({', '.join(pickled[:3])}) found; convert them to safetensors first "
+                "(pickle files can run code when loaded, so they are never opened here)"
+            )
+        raise InputError(f"{where}: no model.safetensors or model.safetensors.index.json found")
+
+    def _find_layer_prefix(self, where: str) -> str:
+        for prefix in self.family.layer_prefixes:
+            probe = f"{prefix}.0.{self.family.modules['q']}.weight"
+            if probe in self.tensors:
+                return prefix
+        raise InputError(f"{where}: no decoder layer weights found (looked for e.g. model.layers.0.self_attn.q_proj.weight)")
+
+    def weight_name(self, layer: int, module: str) -> str:
+        return f"{self.layer_prefix}.{layer}.{self.family.modules[module]}.weight"
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise InputError(f"{self.role} {self.path}: tensor {name} not found") from None
+
+    def _handle(self, file: Path) -> Any:
+        h = self._open.get(file)
+        if h is None:
+            try:
+                h = safe_open(str(file), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise InputError(f"{self.role}: cannot open {file}: {e}") from None
+            self._open[file] = h
+        return h
+
+    def read(self, name: str) -> torch.Tensor:
+        """One whole tensor in its stored dtype."""
+        info = self.info(name)
+        try:
+            return self._handle(info.file).get_tensor(name)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise InputError(f"{self.role}: cannot read tensor {name} from {info.file}: {e}") from None
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a 2-D tensor in its stored dtype, read from the map."""
+        info = self.info(name)
+        try:
+            return self._handle(info.file).get_slice(name)[start:stop]
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise InputError(f"{self.role}: cannot read tensor {name} from {info.file}: {e}") from None
+
+    def identity(self) -> str:
+        """What the model is, independent of where it lies: config plus every shard's header.
+
+        Headers hold names, dtypes, shapes and offsets. This keys the random seeds, so a copy of a
+        model in another folder gives the same bytes.
+        """
+        h = hashlib.sha256()
+        h.update(json.dumps(self.config, sort_keys=True).encode())
+        for file, header in sorted(self._headers.items()):
+            h.update(file.name.encode())
+            h.update(json.dumps(header, sort_keys=True).encode())
+        return h.hexdigest()[:32]
+
+    def fingerprint(self) -> str:
+        """Identity plus each shard's size and modification time: any rewrite of a weight file shows."""
+        h = hashlib.sha256(self.identity().encode())
+        for file in sorted(self._headers):
+            st = file.stat()
+            h.update(f"{file.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+        return h.hexdigest()[:32]
+
+    def close(self) -> None:
+        self._open.clear()

@@ -1,0 +1,218 @@
+"""Command line: transfer, plan, inspect, demo. Exit codes: 0 done, 1 unexpected, 2 bad input, 3 budget."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from . import __version__
+from .errors import CrossLoraError, Interrupted
+from .sizes import parse_size
+
+
+def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    if value is None:
+        return None
+    from .errors import InputError
+
+    try:
+        return parse_size(value)
+    except InputError as e:
+        raise click.BadParameter(str(e)) from None
+
+
+def common_inputs(f: Callable[..., Any]) -> Callable[..., Any]:
+    opts = [
+        click.option("--adapter", required=True, type=click.Path(path_type=Path), help="PEFT LoRA adapter folder trained on the source model."),
+        click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model folder (config.json + safetensors)."),
+        click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model folder (config.json + safetensors)."),
+        click.option("--rank", default=320, show_default=True, type=int, help="SVD rank r (clipped to each module's dimensions)."),
+        click.option("--layer-map", default="index", show_default=True, type=click.Choice(["index", "depth"]), help="index: same layer number; depth: target layer j takes source layer round(j(Ls-1)/(Lt-1))."),
+        click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype [default: the source adapter's]."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
+        click.option("--max-memory", default=None, callback=_size, help="Host memory budget, e.g. 2GB, 1.5GiB [default: half of what is available]."),
+        click.option("--max-gpu-memory", default=None, callback=_size, help="GPU memory budget [default: 80% of free GPU memory]."),
+        click.option("--seed", default=0, show_default=True, type=int, help="Seed mixed into every randomized SVD's key."),
+        click.option("--oversample", default=10, show_default=True, type=int, help="Extra columns of the randomized range finder (q = r + oversample)."),
+        click.option("--niter", default=2, show_default=True, type=int, help="Power iterations of the randomized SVD."),
+        click.option("--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of the SVD and projection."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lowmem-crosslora")
+def cli() -> None:
+    """Move a LoRA adapter onto a different base model (Cross-LoRA), data-free, in bounded memory."""
+
+
+def _progress_printer(quiet: bool) -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:
+    if quiet:
+        return None, lambda: None
+    state: dict[str, Any] = {"bar": None, "last": 0}
+
+    def progress(done: int, total: int, uid: str) -> None:
+        if state["bar"] is None:
+            state["bar"] = click.progressbar(length=total, label="transfer", file=sys.stderr, show_pos=True, show_eta=True, item_show_func=lambda x: x)
+            state["bar"].__enter__()
+        bar = state["bar"]
+        bar.current_item = uid or None
+        bar.update(done - state["last"])
+        state["last"] = done
+
+    def close() -> None:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
+            state["bar"] = None
+
+    return progress, close
+
+
+@cli.command()
+@common_inputs
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output adapter folder (created; must be empty unless --force).")
+@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue an interrupted transfer into the same --out.")
+@click.option("--restart", is_flag=True, help="Discard an interrupted transfer's state and start over.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def transfer(out: Path, resume: bool, restart: bool, force: bool, report_path: Path | None, quiet: bool, as_json: bool, **kw: Any) -> None:
+    """Transfer --adapter from --source onto --target, writing a PEFT adapter folder at --out."""
+    from .engine import transfer as run_transfer
+    from .report import summary_lines
+
+    progress, close = _progress_printer(quiet or as_json)
+    log = (lambda msg: click.echo(msg, err=True)) if not quiet else None
+    inputs = {k: kw.pop(k) for k in ("adapter", "source", "target")}
+    kw["max_memory"] = kw.pop("max_memory")
+    try:
+        report = run_transfer(inputs["adapter"], inputs["source"], inputs["target"], out, progress=progress, log=log, resume=resume, restart=restart, force=force, **kw)
+    finally:
+        close()
+    if report_path is not None:
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    elif not quiet:
+        for line in summary_lines(report):
+            click.echo(line)
+        click.echo(f"wrote {out}")
+
+
+@cli.command()
+@common_inputs
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) -> None:
+    """Show what maps to what, what is skipped and why, and a memory and time estimate; no SVD."""
+    from .estimate import plan_summary
+
+    summary = plan_summary(adapter, source, target, **kw)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+        return
+    click.echo(f"{'unit':<12} {'source':<34} {'target':<34} {'k':>3} {'r':>4}  {'svd (src/tgt)':<24} {'est s':>6}")
+    for u in summary["units"]:
+        src = f"L{u['source_layer']} {u['module']} {u['source_shape'][0]}x{u['source_shape'][1]}"
+        tgt = f"L{u['target_layer']} {u['module']} {u['target_shape'][0]}x{u['target_shape'][1]}"
+        how = f"{u['svd']['source']}/{u['svd']['target']}"
+        click.echo(f"{u['uid']:<12} {src:<34} {tgt:<34} {u['rank']:>3} {u['r']:>4}  {how:<24} {u['estimated_seconds']:>6.2f}")
+    for s in summary["skipped"]:
+        click.echo(f"skip {s['tensor']}: {s['reason']}")
+    e = summary["estimate"]
+    click.echo(
+        f"{len(summary['units'])} units, {e['base_matrices']} base matrices to factor; "
+        f"estimated {e['seconds']:.0f} s on {e['device']} ({e['gflops']:.0f} GFLOP/s measured here), "
+        f"peak host memory ~{e['peak_host']} under a budget of {e['host_budget']} (smallest workable budget {e['min_host_budget']})"
+    )
+
+
+@cli.command()
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect(path: Path, as_json: bool) -> None:
+    """Describe a model folder or an adapter folder: architecture, dims, modules, rank, dtype."""
+    from .estimate import describe
+
+    info = describe(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2, sort_keys=True))
+        return
+    for k, v in info.items():
+        if isinstance(v, (list, dict)):
+            v = json.dumps(v, sort_keys=True)
+        click.echo(f"{k:<22} {v}")
+
+
+@cli.command()
+@click.option("--rank", default=48, show_default=True, type=int, help="SVD rank for the demo.")
+@click.option("--keep", type=click.Path(path_type=Path), default=None, help="Build the demo in this folder and keep it.")
+@click.option("--quiet", "-q", is_flag=True)
+def demo(rank: int, keep: Path | None, quiet: bool) -> None:
+    """Build two small models of different families and a LoRA, transfer it, print the report."""
+    from .engine import transfer as run_transfer
+    from .report import summary_lines
+    from .synthetic import DEMO_SOURCE, DEMO_TARGET, write_adapter, write_model
+
+    with tempfile.TemporaryDirectory(prefix="crosslora-demo-") as tmp:
+        root = keep or Path(tmp)
+        t0 = time.perf_counter()
+        src = write_model(root / "source-llama", DEMO_SOURCE, dtype="float32", seed=0, spectrum="decaying")
+        tgt = write_model(root / "target-qwen2", DEMO_TARGET, dtype="float32", seed=1, spectrum="decaying")
+        ad = write_adapter(root / "lora-on-llama", DEMO_SOURCE, rank=8, alpha=16, seed=2, base=str(src))
+        click.echo(f"built a {DEMO_SOURCE.model_type} source (hidden {DEMO_SOURCE.hidden}, {DEMO_SOURCE.layers} layers), "
+                   f"a {DEMO_TARGET.model_type} target (hidden {DEMO_TARGET.hidden}, {DEMO_TARGET.layers} layers) and a rank-8 LoRA "
+                   f"in {root} ({time.perf_counter() - t0:.1f} s)")
+        out = root / "lora-on-qwen2"
+        progress, close = _progress_printer(quiet)
+        try:
+            report = run_transfer(ad, src, tgt, out, progress=progress, rank=rank, device="cpu", force=True)
+        finally:
+            close()
+        click.echo(f"{'unit':<8} {'source':<22} {'target':<22} {'r':>4} {'energy':>7}")
+        for u in report["units"]:
+            click.echo(
+                f"{u['uid']:<8} {'L%d %dx%d' % (u['source_layer'], *u['source_shape']):<22} "
+                f"{'L%d %dx%d' % (u['target_layer'], *u['target_shape']):<22} {u['r']:>4} {u['energy_retained']:>7.3f}"
+            )
+        for line in summary_lines(report):
+            click.echo(line)
+        files = sorted(p.name for p in out.iterdir())
+        click.echo(f"output folder: {', '.join(files)}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        rv = cli.main(args=args, prog_name="lowmem-crosslora", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except Interrupted as e:
+        cmd = " ".join(shlex.quote(a) for a in ["lowmem-crosslora", *args])
+        click.echo(f"{e}; to resume, run: {cmd}", err=True)
+        sys.exit(e.exit_code)
+    except CrossLoraError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception:  # noqa: BLE001 - anything unexpected: exit 1 with the traceback for a bug report
+        traceback.print_exc()
+        click.echo("error: unexpected failure (a bug); please report it with the traceback above", err=True)
+        sys.exit(1)
+    sys.exit(rv if isinstance(rv, int) else 0)

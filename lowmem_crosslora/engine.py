@@ -1,0 +1,495 @@
+"""The streaming transfer: plan -> for each unit: read W_s, W_t -> bases -> project -> write.
+
+One base matrix is resident at a time (plus the next one, read ahead while the current one is
+factored, when the budget has room for both). Source bases that a later unit needs again (the
+'depth' layer map can feed one source layer to several target layers) are kept until last use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from . import __version__
+from .adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
+from .bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, finish, randomized_svd, scipy_svd, seed_for
+from .checkpoint import Checkpoint
+from .errors import BudgetError, CrossLoraError, InputError, Interrupted
+from .memory import Budget, MatrixPlan, tune_allocator
+from .output import Layout, PartialOutput, state_dir_for
+from .plan import Plan, Unit, build_plan
+from .project import project_factors
+from .report import build_report
+
+COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+Progress = Callable[[int, int, str], None]
+
+
+@dataclass
+class TransferOptions:
+    rank: int = 320
+    layer_map: str = "index"
+    device: str = "auto"
+    dtype: str | None = None  # output dtype; default: the source adapter's
+    seed: int = 0
+    oversample: int = 10
+    niter: int = 2
+    exact_ratio: float = 0.5
+    compute_dtype: str = "float32"
+    max_memory: int | None = None
+    max_gpu_memory: int | None = None
+    resume: bool = True
+    restart: bool = False
+    force: bool = False
+    prefetch: bool = True
+
+    def result_key(self) -> dict[str, Any]:
+        """The options that change the output's bytes (the budget and device only move rounding)."""
+        return {
+            "rank": self.rank,
+            "layer_map": self.layer_map,
+            "dtype": self.dtype,
+            "seed": self.seed,
+            "oversample": self.oversample,
+            "niter": self.niter,
+            "exact_ratio": self.exact_ratio,
+            "compute_dtype": self.compute_dtype,
+        }
+
+    def svd_settings(self) -> SvdSettings:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise InputError(f"unknown compute dtype {self.compute_dtype!r}; choose float32 or float64")
+        if self.oversample < 0 or self.niter < 0:
+            raise InputError("--oversample and --niter must not be negative")
+        return SvdSettings(self.rank, self.oversample, self.niter, self.exact_ratio, COMPUTE_DTYPES[self.compute_dtype])
+
+
+def resolve_device(name: str) -> str:
+    """'auto' picks cuda, then mps, else cpu; an explicit device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return "mps"
+        return "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {name}: no CUDA device is available to this torch build")
+        return name
+    if name == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise InputError("--device mps: MPS is not available on this machine")
+        return name
+    raise InputError(f"unknown --device {name!r}; choose auto, cpu, cuda or mps")
+
+
+def _inside(a: Path, b: Path) -> bool:
+    try:
+        a.relative_to(b)
+        return True
+    except ValueError:
+        return False
+
+
+def check_output_dir(out: Path, inputs: list[Path], force: bool) -> None:
+    o = out.resolve()
+    for p in inputs:
+        q = p.resolve()
+        if _inside(o, q):
+            raise InputError(f"output folder {out} lies inside the input {p}; choose a folder outside the inputs")
+        if _inside(q, o):
+            raise InputError(f"the input {p} lies inside the output folder {out}; choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"output folder {out} is not empty; use --force to replace it")
+
+
+def run_fingerprint(adapter: Adapter, source: Checkpoint, target: Checkpoint, opts: TransferOptions) -> str:
+    payload = {
+        "adapter": adapter_fingerprint(adapter),
+        "source": source.fingerprint(),
+        "target": target.fingerprint(),
+        "options": opts.result_key(),
+        "version": 1,
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+class StopFlag:
+    """SIGINT / SIGTERM set a flag; the engine stops at the next clean point."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def check(self) -> None:
+        if self.signal is not None:
+            name = signal.Signals(self.signal).name
+            raise Interrupted(f"stopped by {name}; finished units are kept")
+
+
+@dataclass
+class MatrixJob:
+    ckpt: Checkpoint
+    weight: str
+    shape: tuple[int, int]
+    r: int
+    role: str  # "source" or "target"
+    identity: str
+
+
+@dataclass
+class Engine:
+    plan: Plan
+    settings: SvdSettings
+    budget: Budget
+    device: str
+    seed: int
+    stop: StopFlag
+    prefetch: bool = True
+    retained: int = 0  # bytes of bases held for later units
+    fallbacks: list[str] = field(default_factory=list)
+    _pool: ThreadPoolExecutor | None = None
+
+    def checks(self) -> None:
+        self.stop.check()
+        self.budget.check()
+
+    # ---- reading --------------------------------------------------------------------------
+    def _finite(self, job: MatrixJob, t: torch.Tensor) -> None:
+        if not bool(torch.isfinite(t).all()):
+            raise InputError(f"{job.role} model: weight {job.weight} contains NaN or Inf")
+
+    def load(self, job: MatrixJob, device: str) -> torch.Tensor:
+        """The whole matrix widened to the compute dtype on `device`, widened one block at a time."""
+        m, n = job.shape
+        dtype = self.settings.compute_dtype
+        if device == "cpu":
+            W = torch.empty(m, n, dtype=dtype)
+            step = max(1, (16 << 20) // (2 * n))
+            for s in range(0, m, step):
+                e = min(m, s + step)
+                W[s:e].copy_(job.ckpt.read_rows(job.weight, s, e))
+                self._finite(job, W[s:e])
+            return W
+        W = job.ckpt.read(job.weight).to(device=device).to(dtype)
+        self._finite(job, W)
+        return W
+
+    def reader(self, job: MatrixJob) -> Callable[[int, int], torch.Tensor]:
+        def read_rows(start: int, stop: int) -> torch.Tensor:
+            block = job.ckpt.read_rows(job.weight, start, stop)
+            self._finite(job, block)
+            return block
+
+        return read_rows
+
+    # ---- factoring ------------------------------------------------------------------------
+    def matrix_plan(self, job: MatrixJob, retained: int, device: str | None = None) -> MatrixPlan:
+        m, n = job.shape
+        q = self.settings.q_for(job.r, m, n)
+        dtype = job.ckpt.info(job.weight).dtype
+        return self.budget.plan_matrix(m, n, q, job.r, dtype, retained=retained, prefer_device=device)
+
+    def factor(self, job: MatrixJob, mplan: MatrixPlan, preloaded: torch.Tensor | None = None) -> tuple[Basis, MatrixPlan]:
+        m, n = job.shape
+        s = self.settings
+        r, q = job.r, s.q_for(job.r, m, n)
+        seed = seed_for(job.identity, job.weight, r, self.seed)
+        t0 = time.perf_counter()
+        dev = torch.device(mplan.device)
+        try:
+            if mplan.mode == "in-core":
+                W = preloaded if preloaded is not None else self.load(job, mplan.device)
+                if s.uses_exact(r, m, n):
+                    U, S, V = exact_svd(W, r)
+                    method = "exact"
+                else:
+                    U, S, V = randomized_svd(InCoreMatrix(W), r, q, s.niter, seed, dev, s.compute_dtype)
+                    method = "randomized"
+                del W
+            else:
+                op = BlockedMatrix(self.reader(job), (m, n), mplan.block_rows, dev, s.compute_dtype, check=self.checks)
+                U, S, V = randomized_svd(op, r, q, s.niter, seed, dev, s.compute_dtype)
+                method = "randomized-blocked"
+            return finish(U, S, V, method, mplan.device, t0), mplan
+        except (CrossLoraError, KeyboardInterrupt):
+            raise
+        except (RuntimeError, MemoryError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if mplan.device != "cpu":
+                self.fallbacks.append(f"{job.weight}: {mplan.device} failed ({first_line[:120]}); used the CPU")
+                if mplan.device.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                cpu_plan = self.matrix_plan(job, 0, device="cpu")
+                return self.factor(job, cpu_plan)
+            self.fallbacks.append(f"{job.weight}: torch failed ({first_line[:120]}); used scipy")
+            W64 = self.load(job, "cpu").numpy()
+            U, S, V = scipy_svd(W64, r)
+            return finish(U.to(s.compute_dtype), S.to(s.compute_dtype), V.to(s.compute_dtype), "scipy-exact", "cpu", t0), MatrixPlan("cpu", "in-core", m, 0, 0)
+
+    def _prefetch_bytes(self, job: MatrixJob, device: str) -> int:
+        m, n = job.shape
+        if device == "cpu":
+            return self.settings.compute_dtype.itemsize * m * n
+        return 2 * m * n
+
+    def run_jobs(self, jobs: list[MatrixJob]) -> Iterator[tuple[MatrixJob, Basis, MatrixPlan]]:
+        """Factor jobs in order, reading the next in-core matrix while this one computes."""
+        ahead: tuple[int, MatrixPlan, Future[torch.Tensor]] | None = None
+        for i, job in enumerate(jobs):
+            self.checks()
+            preloaded: torch.Tensor | None = None
+            if ahead is not None and ahead[0] == i:
+                mplan, fut = ahead[1], ahead[2]
+                preloaded = fut.result()
+            else:
+                mplan = self.matrix_plan(job, self.retained)
+            ahead = None
+            nxt = jobs[i + 1] if i + 1 < len(jobs) else None
+            if self.prefetch and nxt is not None and mplan.mode == "in-core":
+                nplan = self.matrix_plan(nxt, self.retained + mplan.host_bytes)
+                extra = self._prefetch_bytes(nxt, nplan.device)
+                room = self.budget.host_room() - self.retained
+                if nplan.mode == "in-core" and nplan.device == mplan.device and mplan.host_bytes + extra <= room:
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-read")
+                    ahead = (i + 1, nplan, self._pool.submit(self._read_ahead, nxt, nplan.device))
+            if preloaded is not None and mplan.device != "cpu":
+                preloaded = preloaded.to(device=mplan.device).to(self.settings.compute_dtype)
+            basis, used = self.factor(job, mplan, preloaded)
+            del preloaded
+            yield job, basis, used
+
+    def _read_ahead(self, job: MatrixJob, device: str) -> torch.Tensor:
+        if device != "cpu":  # keep the stored dtype on the host; widen on the device
+            t = job.ckpt.read(job.weight)
+            self._finite(job, t)
+            return t
+        return self.load(job, device)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def basis_bytes(b: Basis) -> int:
+    return int(b.U.numel() + b.V.numel() + b.S.numel()) * b.U.element_size()
+
+
+def transfer(
+    adapter: str | Path,
+    source: str | Path,
+    target: str | Path,
+    out: str | Path,
+    *,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Transfer a PEFT LoRA adapter from `source` to `target`, writing a PEFT adapter folder at `out`.
+
+    Options are the fields of TransferOptions. Returns the report (also written as
+    crosslora_report.json in the output folder).
+    """
+    opts = TransferOptions(**options)
+    say = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    tune_allocator()
+    settings = opts.svd_settings()
+    ad = load_adapter(adapter)
+    src = Checkpoint(source, "source")
+    tgt = Checkpoint(target, "target")
+    out_path = Path(out)
+    check_output_dir(out_path, [ad.path, src.path, tgt.path], opts.force)
+    plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype)
+    check_finite(ad)
+    device = resolve_device(opts.device)
+    budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
+    fingerprint = run_fingerprint(ad, src, tgt, opts)
+    layout = Layout(plan.layout())
+
+    state = state_dir_for(out_path)
+    if state.exists() and opts.resume and not opts.restart:
+        probe = PartialOutput.__new__(PartialOutput)
+        probe.journal_path = state / "journal.jsonl"
+        old = PartialOutput.read_journal(probe)[0]
+        if old is not None and old.get("fingerprint") != fingerprint:
+            raise InputError(
+                f"an interrupted transfer in {state} was made with other inputs or options; "
+                "rerun it with the same ones to resume, or pass --restart to start over"
+            )
+    partial = PartialOutput(out_path, layout, fingerprint, resume=opts.resume and not opts.restart)
+    if partial.resumed:
+        say(f"resuming: {len(partial.done)} of {len(plan.units)} units already done" + (f", {len(partial.redone_corrupt)} damaged units to redo" if partial.redone_corrupt else ""))
+
+    records: dict[str, dict[str, Any]] = {uid: rec["record"] for uid, rec in partial.done.items()}
+    pending = [u for u in plan.units if u.uid not in partial.done]
+    done_count = len(plan.units) - len(pending)
+    if progress:
+        progress(done_count, len(plan.units), "")
+
+    with StopFlag() as stop:
+        engine = Engine(plan, settings, budget, device, opts.seed, stop, prefetch=opts.prefetch)
+        budget.start()
+        try:
+            _run_units(engine, plan, pending, src, tgt, ad, partial, records, progress, done_count)
+            bad = partial.verify_all([u.uid for u in plan.units])
+            if bad:
+                raise CrossLoraError(f"verification failed for units {', '.join(bad[:5])}; rerun to redo them")
+        finally:
+            engine.close()
+            budget.stop()
+            partial.close()
+
+    report = build_report(
+        plan=plan,
+        records=[records[u.uid] for u in plan.units],
+        adapter=ad,
+        source=src,
+        target=tgt,
+        options=asdict(opts),
+        device=device,
+        seconds=time.perf_counter() - t_start,
+        peak_host=budget.peak_host,
+        peak_gpu=budget.peak_gpu,
+        baseline_host=budget.baseline,
+        budget_host=budget.max_host,
+        fallbacks=engine.fallbacks,
+        resumed_units=done_count,
+        version=__version__,
+    )
+    config = adapter_config(plan, ad, str(target))
+    partial.finish(config, report, opts.force)
+    return report
+
+
+def _run_units(
+    engine: Engine,
+    plan: Plan,
+    pending: list[Unit],
+    src: Checkpoint,
+    tgt: Checkpoint,
+    ad: Adapter,
+    partial: PartialOutput,
+    records: dict[str, dict[str, Any]],
+    progress: Progress | None,
+    done_count: int,
+) -> None:
+    src_id, tgt_id = src.identity(), tgt.identity()
+    last_use: dict[str, int] = {}
+    for i, u in enumerate(pending):
+        last_use[u.source_weight] = i
+    jobs: list[MatrixJob] = []
+    job_unit: list[int] = []
+    seen: set[str] = set()
+    for i, u in enumerate(pending):
+        if u.source_weight not in seen:
+            seen.add(u.source_weight)
+            jobs.append(MatrixJob(src, u.source_weight, u.source_shape, u.r, "source", src_id))
+            job_unit.append(i)
+        jobs.append(MatrixJob(tgt, u.target_weight, u.target_shape, u.r, "target", tgt_id))
+        job_unit.append(i)
+
+    src_bases: dict[str, tuple[Basis, MatrixPlan]] = {}
+    unit_t0 = time.perf_counter()
+    index_of = {u.uid: k for k, u in enumerate(plan.units)}
+    for (job, basis, mplan), ui in zip(engine.run_jobs(jobs), job_unit):
+        u = pending[ui]
+        if job.role == "source":
+            src_bases[job.weight] = (basis, mplan)
+            engine.retained += basis_bytes(basis)
+            engine.budget.sample()
+            continue
+        bs, splan = src_bases[u.source_weight]
+        A = ad.read(u.lora.a_name)
+        B = ad.read(u.lora.b_name)
+        proj = project_factors(A, B, bs.U, bs.V, basis.U, basis.V)
+        out_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[plan.out_dtype]
+        seconds = time.perf_counter() - unit_t0
+        record = {
+            "uid": u.uid,
+            "module": u.module,
+            "source_layer": u.source_layer,
+            "source_module": u.source_module,
+            "target_layer": u.target_layer,
+            "target_module": u.target_module,
+            "source_shape": list(u.source_shape),
+            "target_shape": list(u.target_shape),
+            "lora_rank": u.rank,
+            "r": u.r,
+            "energy_retained": None if proj.energy_retained is None else round(proj.energy_retained, 6),
+            "seconds": round(seconds, 3),
+            "device": basis.device if bs.device == basis.device else f"{bs.device}+{basis.device}",
+            "method": {"source": bs.method, "target": basis.method},
+            "mode": {"source": splan.mode, "target": mplan.mode},
+        }
+        tensors = {u.out_a: proj.A.to(out_dtype).contiguous(), u.out_b: proj.B.to(out_dtype).contiguous()}
+        engine.checks()
+        partial.write_unit(index_of[u.uid], u.uid, tensors, record)
+        records[u.uid] = record
+        if last_use.get(u.source_weight) == ui:
+            b, _ = src_bases.pop(u.source_weight)
+            engine.retained -= basis_bytes(b)
+        done_count += 1
+        unit_t0 = time.perf_counter()
+        if progress:
+            progress(done_count, len(plan.units), u.uid)
+
+
+def adapter_config(plan: Plan, ad: Adapter, target_name: str) -> dict[str, Any]:
+    """A PEFT LoraConfig for the target: same r, alpha and per-module scales as the source."""
+    src = ad.config
+    return {
+        "alpha_pattern": plan.alpha_pattern,
+        "base_model_name_or_path": target_name,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": plan.layers_to_transform,
+        "lora_alpha": ad.default_alpha if ad.default_alpha != int(ad.default_alpha) else int(ad.default_alpha),
+        "lora_dropout": float(src.get("lora_dropout", 0.0) or 0.0),
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": ad.default_rank,
+        "rank_pattern": plan.rank_pattern,
+        "revision": None,
+        "target_modules": plan.target_modules,
+        "task_type": "CAUSAL_LM",
+        "use_dora": False,
+        "use_rslora": ad.use_rslora,
+    }
+
+

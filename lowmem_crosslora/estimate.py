@@ -1,0 +1,157 @@
+"""`plan` and `inspect`: everything that can be said from headers alone, plus a cost estimate."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import load_adapter
+from .checkpoint import Checkpoint, read_json
+from .engine import TransferOptions, resolve_device
+from .errors import InputError
+from .memory import Budget
+from .plan import build_plan
+from .sizes import format_size
+
+
+def measured_gflops(device: str = "cpu") -> float:
+    """A quick matmul rate on this machine (float32), to turn flop counts into seconds."""
+    n = 1024
+    a = torch.randn(n, n, device=device)
+    b = torch.randn(n, 320, device=device)
+    (a @ b).sum().item()
+    t0 = time.perf_counter()
+    reps = 8
+    for _ in range(reps):
+        c = a @ b
+    float(c[0, 0])
+    dt = max(time.perf_counter() - t0, 1e-6)
+    return 2 * n * n * 320 * reps / dt / 1e9
+
+
+def svd_flops(m: int, n: int, q: int, niter: int, exact: bool) -> float:
+    if exact:
+        k = min(m, n)
+        return 4.0 * m * n * k + 8.0 * k**3
+    passes = 2 * niter + 2
+    return 2.0 * m * n * q * passes + 4.0 * (m + n) * q * q * (niter + 1)
+
+
+def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[str, Any]:
+    opts = TransferOptions(**kw)
+    settings = opts.svd_settings()
+    ad = load_adapter(adapter)
+    src = Checkpoint(source, "source")
+    tgt = Checkpoint(target, "target")
+    plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype)
+    device = resolve_device(opts.device)
+    budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
+    gflops = measured_gflops("cpu" if device == "mps" else device)
+    units = []
+    seen: set[str] = set()
+    total_seconds = 0.0
+    peak = budget.baseline
+    shapes = []
+    for u in plan.units:
+        d = u.to_json()
+        svd: dict[str, str] = {}
+        secs = 0.0
+        for role, ckpt, name, (m, n) in (("source", src, u.source_weight, u.source_shape), ("target", tgt, u.target_weight, u.target_shape)):
+            q = settings.q_for(u.r, m, n)
+            shapes.append((m, n, q, u.r))
+            if role == "source" and name in seen:
+                svd[role] = "reused"
+                continue
+            seen.add(name)
+            exact = settings.uses_exact(u.r, m, n)
+            mp = budget.plan_matrix(m, n, q, u.r, ckpt.info(name).dtype)
+            svd[role] = ("exact" if exact and mp.mode == "in-core" else "randomized") + ("" if mp.mode == "in-core" else f" blocked/{mp.block_rows}")
+            secs += svd_flops(m, n, q, settings.niter, exact and mp.mode == "in-core") / (gflops * 1e9)
+            peak = max(peak, budget.baseline + mp.host_bytes)
+        d["svd"] = svd
+        d["estimated_seconds"] = round(secs, 3)
+        total_seconds += secs
+        units.append(d)
+    return {
+        "units": units,
+        "skipped": plan.skipped,
+        "target_modules": plan.target_modules,
+        "output_dtype": plan.out_dtype,
+        "estimate": {
+            "device": device,
+            "gflops": round(gflops, 1),
+            "seconds": round(total_seconds, 1),
+            "base_matrices": len(seen) + len(plan.units),
+            "peak_host": format_size(peak),
+            "peak_host_bytes": peak,
+            "host_budget": format_size(budget.max_host),
+            "min_host_budget": format_size(budget.minimum_host(shapes)),
+        },
+    }
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Model or adapter folder -> a flat description."""
+    if not path.exists():
+        raise InputError(f"{path}: no such file or directory")
+    if (path / "adapter_config.json").exists():
+        ad = load_adapter(path)
+        mods = sorted({m.module.split(".")[-1] for m in ad.modules.values()})
+        layers = sorted({int(p) for m in ad.modules.values() for p in m.module.split(".") if p.isdigit()})
+        ranks = sorted({m.rank for m in ad.modules.values()})
+        return {
+            "kind": "adapter",
+            "path": str(path),
+            "peft_type": ad.config.get("peft_type", "LORA"),
+            "base_model": ad.config.get("base_model_name_or_path"),
+            "r": ad.default_rank,
+            "lora_alpha": ad.default_alpha,
+            "use_rslora": ad.use_rslora,
+            "ranks": ranks,
+            "modules": mods,
+            "layers": f"{layers[0]}..{layers[-1]} ({len(layers)})" if layers else "-",
+            "lora_modules": len(ad.modules),
+            "dtype": sorted({m.dtype for m in ad.modules.values()}),
+            "rank_pattern": ad.config.get("rank_pattern") or {},
+            "alpha_pattern": ad.config.get("alpha_pattern") or {},
+            "skipped": ad.skipped,
+        }
+    if (path / "config.json").exists():
+        ck = Checkpoint(path, "model")
+        d = ck.dims
+        dtypes: dict[str, int] = {}
+        nbytes = 0
+        for t in ck.tensors.values():
+            dtypes[t.dtype] = dtypes.get(t.dtype, 0) + 1
+            count = 1
+            for s in t.shape:
+                count *= s
+            nbytes += count * {"F32": 4, "F16": 2, "BF16": 2}.get(t.dtype, 4)
+        fam = ck.family
+        from .architectures import module_shape
+
+        return {
+            "kind": "model",
+            "path": str(path),
+            "model_type": ck.config.get("model_type"),
+            "layers": d.num_layers,
+            "hidden": d.hidden,
+            "intermediate": d.intermediate,
+            "heads": d.num_heads,
+            "kv_heads": d.num_kv_heads,
+            "head_dim": d.head_dim,
+            "layer_prefix": ck.layer_prefix,
+            "modules": {name: list(module_shape(fam, d, name)) for name in fam.modules},
+            "tensors": len(ck.tensors),
+            "dtypes": dtypes,
+            "size": format_size(nbytes),
+            "files": len(ck._headers),
+        }
+    try:
+        read_json(path / "config.json", "inspect")
+    except InputError:
+        pass
+    raise InputError(f"{path}: neither a model folder (config.json) nor an adapter folder (adapter_config.json)")
