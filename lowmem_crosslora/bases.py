@@ -27,7 +27,7 @@ class SvdSettings:
     rank: int = 320
     oversample: int = 10
     niter: int = 2
-    exact_ratio: float = 0.5  # exact SVD when q >= exact_ratio * min(m, n)
+    exact_ratio: float = 0.8  # exact SVD when q >= exact_ratio * min(m, n)
     compute_dtype: torch.dtype = torch.float32
 
     def q_for(self, r: int, m: int, n: int) -> int:
@@ -150,8 +150,11 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
 def randomized_svd(op: MatrixOperator, r: int, q: int, niter: int, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Rank-r truncated SVD of the operator's matrix: q-column range finder, niter power iterations."""
     m, n = op.shape
-    gen = torch.Generator(device="cpu").manual_seed(seed)
-    omega = torch.randn(n, q, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    # The test matrix is drawn where it is used: on CUDA from CUDA's own seeded generator (drawing on
+    # the host and copying would cost more than the factorization); elsewhere from the CPU's.
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    gen = torch.Generator(device=gen_device).manual_seed(seed)
+    omega = torch.randn(n, q, generator=gen, dtype=torch.float32, device=gen_device).to(device=device, dtype=dtype)
     Q = _orth(op.matmul(omega))
     del omega
     for _ in range(niter):

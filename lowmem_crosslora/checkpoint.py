@@ -180,16 +180,16 @@ class Checkpoint:
             raise InputError(f"{self.role}: cannot read tensor {name} from {info.file}: {e}") from None
 
     def identity(self) -> str:
-        """What the model is, independent of where it lies: config plus every shard's header.
+        """What the model is, independent of where and how it lies: config plus every tensor's
+        name, dtype and shape.
 
-        Headers hold names, dtypes, shapes and offsets. This keys the random seeds, so a copy of a
-        model in another folder gives the same bytes.
+        This keys the random seeds, so a copy of a model in another folder, or the same weights
+        saved as one file or as shards, gives the same bytes (file names and offsets are left out).
         """
         h = hashlib.sha256()
         h.update(json.dumps(self.config, sort_keys=True).encode())
-        for file, header in sorted(self._headers.items()):
-            h.update(file.name.encode())
-            h.update(json.dumps(header, sort_keys=True).encode())
+        for name, info in sorted(self.tensors.items()):
+            h.update(json.dumps([name, info.dtype, list(info.shape)]).encode())
         return h.hexdigest()[:32]
 
     def fingerprint(self) -> str:

@@ -133,7 +133,8 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
     click.echo(
         f"{len(summary['units'])} units, {e['base_matrices']} base matrices to factor; "
         f"estimated {e['seconds']:.0f} s on {e['device']} ({e['gflops']:.0f} GFLOP/s measured here), "
-        f"peak host memory ~{e['peak_host']} under a budget of {e['host_budget']} (smallest workable budget {e['min_host_budget']})"
+        f"working host memory ~{e['peak_working']} (+{e['baseline_host']} for Python and torch) under a budget of {e['host_budget']} "
+        f"(smallest workable budget {e['min_host_budget']})"
     )
 
 

@@ -7,8 +7,10 @@ factored, when the budget has room for both). Source bases that a later unit nee
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import math
 import signal
 import threading
 import time
@@ -24,11 +26,12 @@ from .adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
 from .bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, finish, randomized_svd, scipy_svd, seed_for
 from .checkpoint import Checkpoint
 from .errors import BudgetError, CrossLoraError, InputError, Interrupted
-from .memory import Budget, MatrixPlan, tune_allocator
-from .output import Layout, PartialOutput, state_dir_for
+from .memory import Budget, MatrixPlan, release_free_memory, stored_bytes, tune_allocator
+from .output import Layout, PartialOutput, journal_fingerprint, state_dir_for
 from .plan import Plan, Unit, build_plan
 from .project import project_factors
 from .report import build_report
+from .sizes import format_size
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 Progress = Callable[[int, int, str], None]
@@ -43,7 +46,7 @@ class TransferOptions:
     seed: int = 0
     oversample: int = 10
     niter: int = 2
-    exact_ratio: float = 0.5
+    exact_ratio: float = 0.8
     compute_dtype: str = "float32"
     max_memory: int | None = None
     max_gpu_memory: int | None = None
@@ -130,14 +133,22 @@ def run_fingerprint(adapter: Adapter, source: Checkpoint, target: Checkpoint, op
 
 
 class StopFlag:
-    """SIGINT / SIGTERM set a flag; the engine stops at the next clean point."""
+    """SIGINT / SIGTERM set a flag; the engine stops at the next clean point.
+
+    The engine looks at the flag before every base matrix it factors, after every row block of a
+    blocked (out-of-core) SVD pass, and between units; a unit that is written is always journaled
+    first. A second SIGINT raises KeyboardInterrupt at once (the state on disk is crash-safe, so
+    that is safe too). Re-entrant: a nested `with` of the same flag keeps the outer handlers.
+    """
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
+        self._depth = 0
 
     def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
+        self._depth += 1
+        if self._depth == 1 and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -148,8 +159,11 @@ class StopFlag:
         self.signal = signum
 
     def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self._depth -= 1
+        if self._depth == 0:
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
+            self._old.clear()
 
     def check(self) -> None:
         if self.signal is not None:
@@ -177,6 +191,8 @@ class Engine:
     stop: StopFlag
     prefetch: bool = True
     retained: int = 0  # bytes of bases held for later units
+    # (m, n, q, r, stored dtype, bytes of bases held) of every matrix the run factors, in order
+    matrices: list[tuple[int, int, int, int, str, int]] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     _pool: ThreadPoolExecutor | None = None
 
@@ -186,7 +202,7 @@ class Engine:
 
     # ---- reading --------------------------------------------------------------------------
     def _finite(self, job: MatrixJob, t: torch.Tensor) -> None:
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise InputError(f"{job.role} model: weight {job.weight} contains NaN or Inf")
 
     def load(self, job: MatrixJob, device: str) -> torch.Tensor:
@@ -214,11 +230,25 @@ class Engine:
         return read_rows
 
     # ---- factoring ------------------------------------------------------------------------
+    def _plan(self, job: MatrixJob, retained: int, device: str | None = None) -> MatrixPlan:
+        m, n = job.shape
+        return self.budget.plan_matrix(m, n, self.settings.q_for(job.r, m, n), job.r, job.ckpt.info(job.weight).dtype, retained=retained, prefer_device=device)
+
     def matrix_plan(self, job: MatrixJob, retained: int, device: str | None = None) -> MatrixPlan:
         m, n = job.shape
         q = self.settings.q_for(job.r, m, n)
-        dtype = job.ckpt.info(job.weight).dtype
-        return self.budget.plan_matrix(m, n, q, job.r, dtype, retained=retained, prefer_device=device)
+        try:
+            return self._plan(job, retained, device)
+        except BudgetError:
+            if not self.matrices:
+                raise
+            # Name the budget that works for the whole run, not just for this matrix: a larger
+            # matrix later on would otherwise refuse the figure this message gives.
+            need = smallest_budget(self.budget, self.matrices)
+            raise BudgetError(
+                f"--max-memory {format_size(self.budget.max_host)} is too small for this transfer "
+                f"(a {m} x {n} matrix at q={q} does not fit): the smallest budget that works is {_size_at_least(need)}"
+            ) from None
 
     def factor(self, job: MatrixJob, mplan: MatrixPlan, preloaded: torch.Tensor | None = None) -> tuple[Basis, MatrixPlan]:
         m, n = job.shape
@@ -244,7 +274,7 @@ class Engine:
             return finish(U, S, V, method, mplan.device, t0), mplan
         except (CrossLoraError, KeyboardInterrupt):
             raise
-        except (RuntimeError, MemoryError) as e:
+        except (RuntimeError, NotImplementedError, MemoryError) as e:
             first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             if mplan.device != "cpu":
                 self.fallbacks.append(f"{job.weight}: {mplan.device} failed ({first_line[:120]}); used the CPU")
@@ -259,9 +289,7 @@ class Engine:
 
     def _prefetch_bytes(self, job: MatrixJob, device: str) -> int:
         m, n = job.shape
-        if device == "cpu":
-            return self.settings.compute_dtype.itemsize * m * n
-        return 2 * m * n
+        return stored_bytes(job.ckpt.info(job.weight).dtype) * m * n
 
     def run_jobs(self, jobs: list[MatrixJob]) -> Iterator[tuple[MatrixJob, Basis, MatrixPlan]]:
         """Factor jobs in order, reading the next in-core matrix while this one computes."""
@@ -277,30 +305,76 @@ class Engine:
             ahead = None
             nxt = jobs[i + 1] if i + 1 < len(jobs) else None
             if self.prefetch and nxt is not None and mplan.mode == "in-core":
-                nplan = self.matrix_plan(nxt, self.retained + mplan.host_bytes)
-                extra = self._prefetch_bytes(nxt, nplan.device)
+                try:
+                    nplan: MatrixPlan | None = self._plan(nxt, self.retained + mplan.host_bytes)
+                except BudgetError:  # no room to read ahead: the next matrix is planned on its own
+                    nplan = None
+                extra = self._prefetch_bytes(nxt, nplan.device) if nplan is not None else 0
                 room = self.budget.host_room() - self.retained
-                if nplan.mode == "in-core" and nplan.device == mplan.device and mplan.host_bytes + extra <= room:
+                if nplan is not None and nplan.mode == "in-core" and nplan.device == mplan.device and mplan.host_bytes + extra <= room:
                     if self._pool is None:
                         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-read")
                     ahead = (i + 1, nplan, self._pool.submit(self._read_ahead, nxt, nplan.device))
-            if preloaded is not None and mplan.device != "cpu":
+            if preloaded is not None:
                 preloaded = preloaded.to(device=mplan.device).to(self.settings.compute_dtype)
+                self._finite(job, preloaded)
             basis, used = self.factor(job, mplan, preloaded)
             del preloaded
+            release_free_memory()
             yield job, basis, used
 
     def _read_ahead(self, job: MatrixJob, device: str) -> torch.Tensor:
-        if device != "cpu":  # keep the stored dtype on the host; widen on the device
-            t = job.ckpt.read(job.weight)
-            self._finite(job, t)
-            return t
-        return self.load(job, device)
+        """Pure I/O in the stored dtype (a copy out of the map, no torch kernels): running torch's
+        OpenMP kernels on a second thread beside the SVD oversubscribes the cores and slows both."""
+        return job.ckpt.read(job.weight)
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or Inf in t, without torch.isfinite's temporaries (2.5x the tensor): any NaN or Inf
+    makes the sum non-finite; only a sum that overflows needs the exact check, in small chunks."""
+    if bool(torch.isfinite(t.sum())):
+        return True
+    flat = t.reshape(-1)
+    step = 1 << 18
+    return all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
+
+
+def smallest_budget(budget: Budget, matrices: list[tuple[int, int, int, int, str, int]]) -> int:
+    """The smallest --max-memory under which the budget's own planner fits every matrix of a run
+    (with the bases held at that point), found by bisection over that planner."""
+
+    def fits(limit: int) -> bool:
+        probe = copy.copy(budget)
+        probe.max_host = limit
+        try:
+            for m, n, q, r, dtype, retained in matrices:
+                probe.plan_matrix(m, n, q, r, dtype, retained=retained)
+        except BudgetError:
+            return False
+        return True
+
+    lo, hi = 0, max(2 * budget.max_host, 1 << 20)
+    while not fits(hi):
+        lo, hi = hi, 2 * hi
+        if hi > 1 << 60:
+            return hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
+    return hi
+
+
+def _size_at_least(n: int) -> str:
+    """A size for people, rounded up so that the figure printed is never below n."""
+    for unit, scale in (("KiB", 1024), ("MiB", 1024**2), ("GiB", 1024**3)):
+        if n < 1000 * scale or unit == "GiB":
+            return f"{math.ceil(n / scale * 10) / 10:.1f} {unit}"
+    raise AssertionError("unreachable")
 
 
 def basis_bytes(b: Basis) -> int:
@@ -320,8 +394,27 @@ def transfer(
     """Transfer a PEFT LoRA adapter from `source` to `target`, writing a PEFT adapter folder at `out`.
 
     Options are the fields of TransferOptions. Returns the report (also written as
-    crosslora_report.json in the output folder).
+    crosslora_report.json in the output folder). SIGINT and SIGTERM raise Interrupted at the next
+    clean point; the hidden state folder next to `out` then resumes with the same call.
     """
+    with StopFlag() as stop:
+        try:
+            return _transfer(adapter, source, target, out, stop=stop, progress=progress, log=log, **options)
+        except KeyboardInterrupt:  # a second Ctrl-C: the state on disk is crash-safe, so this is resumable too
+            raise Interrupted("stopped by SIGINT; finished units are kept") from None
+
+
+def _transfer(
+    adapter: str | Path,
+    source: str | Path,
+    target: str | Path,
+    out: str | Path,
+    *,
+    stop: StopFlag,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
     opts = TransferOptions(**options)
     say = log or (lambda msg: None)
     t_start = time.perf_counter()
@@ -341,17 +434,23 @@ def transfer(
 
     state = state_dir_for(out_path)
     if state.exists() and opts.resume and not opts.restart:
-        probe = PartialOutput.__new__(PartialOutput)
-        probe.journal_path = state / "journal.jsonl"
-        old = PartialOutput.read_journal(probe)[0]
-        if old is not None and old.get("fingerprint") != fingerprint:
+        old = journal_fingerprint(out_path)
+        if old is not None and old != fingerprint:
             raise InputError(
-                f"an interrupted transfer in {state} was made with other inputs or options; "
+                f"an interrupted transfer in {state} was made with other inputs or options "
+                "(the adapter, a model's weight files, or an option that changes the result); "
                 "rerun it with the same ones to resume, or pass --restart to start over"
             )
-    partial = PartialOutput(out_path, layout, fingerprint, resume=opts.resume and not opts.restart)
+    stop.check()
+    expected = {u.uid: [u.out_a, u.out_b] for u in plan.units}
+    partial = PartialOutput(out_path, layout, fingerprint, resume=opts.resume and not opts.restart, expected=expected)
     if partial.resumed:
-        say(f"resuming: {len(partial.done)} of {len(plan.units)} units already done" + (f", {len(partial.redone_corrupt)} damaged units to redo" if partial.redone_corrupt else ""))
+        damaged = len(partial.redone_corrupt) + partial.bad_lines
+        say(
+            f"resuming: {len(partial.done)} of {len(plan.units)} units already done"
+            + (f"; {damaged} damaged journal entries or units are redone" if damaged else "")
+            + (f"; repaired: {', '.join(partial.repairs)}" if partial.repairs else "")
+        )
 
     records: dict[str, dict[str, Any]] = {uid: rec["record"] for uid, rec in partial.done.items()}
     pending = [u for u in plan.units if u.uid not in partial.done]
@@ -359,7 +458,7 @@ def transfer(
     if progress:
         progress(done_count, len(plan.units), "")
 
-    with StopFlag() as stop:
+    with stop:
         engine = Engine(plan, settings, budget, device, opts.seed, stop, prefetch=opts.prefetch)
         budget.start()
         try:
@@ -382,6 +481,7 @@ def transfer(
         device=device,
         seconds=time.perf_counter() - t_start,
         peak_host=budget.peak_host,
+        peak_file=budget.peak_file,
         peak_gpu=budget.peak_gpu,
         baseline_host=budget.baseline,
         budget_host=budget.max_host,
@@ -421,6 +521,17 @@ def _run_units(
         jobs.append(MatrixJob(tgt, u.target_weight, u.target_shape, u.r, "target", tgt_id))
         job_unit.append(i)
 
+    # What the budget must fit, matrix by matrix, with the source bases held as the loop below holds them.
+    held: dict[str, int] = {}
+    itemsize = engine.settings.compute_dtype.itemsize
+    for job, ui in zip(jobs, job_unit, strict=True):
+        m, n = job.shape
+        engine.matrices.append((m, n, engine.settings.q_for(job.r, m, n), job.r, job.ckpt.info(job.weight).dtype, sum(held.values())))
+        if job.role == "source":
+            held[job.weight] = itemsize * (m + n + 1) * job.r
+        elif last_use.get(pending[ui].source_weight) == ui:
+            held.pop(pending[ui].source_weight, None)
+
     src_bases: dict[str, tuple[Basis, MatrixPlan]] = {}
     unit_t0 = time.perf_counter()
     index_of = {u.uid: k for k, u in enumerate(plan.units)}
@@ -455,7 +566,8 @@ def _run_units(
             "mode": {"source": splan.mode, "target": mplan.mode},
         }
         tensors = {u.out_a: proj.A.to(out_dtype).contiguous(), u.out_b: proj.B.to(out_dtype).contiguous()}
-        engine.checks()
+        # A finished unit is written and journaled before any stop: the stop flag is looked at
+        # again before the next matrix (run_jobs) and between row blocks of a blocked SVD.
         partial.write_unit(index_of[u.uid], u.uid, tensors, record)
         records[u.uid] = record
         if last_use.get(u.source_weight) == ui:

@@ -53,7 +53,7 @@ def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[s
     units = []
     seen: set[str] = set()
     total_seconds = 0.0
-    peak = budget.baseline
+    peak = 0
     shapes = []
     for u in plan.units:
         d = u.to_json()
@@ -70,7 +70,7 @@ def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[s
             mp = budget.plan_matrix(m, n, q, u.r, ckpt.info(name).dtype)
             svd[role] = ("exact" if exact and mp.mode == "in-core" else "randomized") + ("" if mp.mode == "in-core" else f" blocked/{mp.block_rows}")
             secs += svd_flops(m, n, q, settings.niter, exact and mp.mode == "in-core") / (gflops * 1e9)
-            peak = max(peak, budget.baseline + mp.host_bytes)
+            peak = max(peak, mp.host_bytes)
         d["svd"] = svd
         d["estimated_seconds"] = round(secs, 3)
         total_seconds += secs
@@ -85,8 +85,9 @@ def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[s
             "gflops": round(gflops, 1),
             "seconds": round(total_seconds, 1),
             "base_matrices": len(seen) + len(plan.units),
-            "peak_host": format_size(peak),
-            "peak_host_bytes": peak,
+            "peak_working": format_size(peak),
+            "peak_working_bytes": peak,
+            "baseline_host": format_size(budget.baseline),
             "host_budget": format_size(budget.max_host),
             "min_host_budget": format_size(budget.minimum_host(shapes)),
         },

@@ -1,9 +1,12 @@
 """The memory budget: one object owns the numbers.
 
-Host memory means this process's *anonymous* resident memory (Linux: RssAnon in
+Host memory means this process's *anonymous* (private) resident memory (Linux: RssAnon in
 /proc/self/status; elsewhere psutil's USS). Pages of the memory-mapped checkpoints are file-backed:
 the kernel can drop them at any time and re-read them from disk, so they are reported apart
-(RssFile) and do not count against --max-memory. GPU memory is torch's allocated peak.
+(RssFile) and do not count against --max-memory. --max-memory bounds the transfer's *working*
+memory: private memory above the baseline the process held when the transfer began (the Python
+interpreter and the torch libraries, about 150 MB, measured at start and reported beside it).
+GPU memory is torch's allocated peak.
 
 Before each matrix the budget picks how to factor it (device, in-core or blocked, block size) from
 a memory model; while running, a sampler thread watches the real figure and the engine stops
@@ -26,7 +29,7 @@ from .sizes import format_size
 
 F32 = 4
 # Headroom kept for allocator slack, Python objects and the writer's buffers.
-SLACK = 48 * 1024**2
+SLACK = 4 * 1024**2
 MIN_BLOCK_ROWS = 16
 
 
@@ -39,6 +42,23 @@ def _status_kib(field: str) -> int | None:
     except OSError:
         return None
     return None
+
+
+def host_resident() -> tuple[int, int]:
+    """(private, file-backed) resident bytes of this process."""
+    anon = file = None
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) * 1024
+                elif line.startswith("RssFile:"):
+                    file = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if anon is None:
+        return host_anon_bytes(), 0
+    return anon, file or 0
 
 
 def host_anon_bytes() -> int:
@@ -57,14 +77,28 @@ def host_file_bytes() -> int:
     return _status_kib("RssFile") or 0
 
 
+_LIBC: ctypes.CDLL | None = None
+
+
 def tune_allocator() -> None:
-    """Make glibc return large freed blocks to the OS at once, so the measured figure tracks live data."""
+    """Make glibc return freed memory to the OS promptly, so the measured figure tracks live data."""
+    global _LIBC
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: blocks >= 1 MiB get their own mapping
-            libc.mallopt(-1, 8 << 20)  # M_TRIM_THRESHOLD
-        except OSError:
+            libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD: blocks >= 256 KiB get their own mapping
+            libc.mallopt(-1, 256 << 10)  # M_TRIM_THRESHOLD: give back free heap tops above 256 KiB
+            _LIBC = libc
+        except (OSError, AttributeError):
+            _LIBC = None
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc's malloc_trim); a no-op elsewhere."""
+    if _LIBC is not None:
+        try:
+            _LIBC.malloc_trim(0)
+        except AttributeError:
             pass
 
 
@@ -88,12 +122,26 @@ def stored_bytes(dtype: str) -> int:
     return {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dtype, 4)
 
 
+def warm_up_libraries() -> None:
+    """Run each linear-algebra kernel once at a small size, so the math libraries' persistent buffers
+    (MKL / OpenBLAS workspaces, torch's kernels) are part of the baseline, not of the budget."""
+    a = torch.randn(512, 256)
+    q = torch.linalg.qr(a).Q
+    torch.linalg.svd(a.T @ q, full_matrices=False)
+    torch.linalg.svd(a[:64], full_matrices=False)
+    b = torch.empty(512, 256, dtype=torch.bfloat16).copy_(a).float()
+    torch.mm(b[:128], q.T[:, :128].contiguous().T.contiguous(), out=torch.empty(128, 512)) if False else b[:128] @ b[:128].T
+    del a, q, b
+    release_free_memory()
+
+
 class Budget:
     def __init__(self, max_host: int | None = None, max_gpu: int | None = None, device: str = "cpu") -> None:
         self.device = device
+        warm_up_libraries()
         self.baseline = host_anon_bytes()
         if max_host is None:
-            max_host = int(self.baseline + 0.5 * psutil.virtual_memory().available)
+            max_host = int(0.5 * psutil.virtual_memory().available)
             self.host_default = True
         else:
             self.host_default = False
@@ -104,6 +152,7 @@ class Budget:
         else:
             self.max_gpu = int(max_gpu) if max_gpu is not None else 0
         self.peak_host = self.baseline
+        self.peak_file = 0
         self.peak_gpu = 0
         self.exceeded: str | None = None
         self._stop = threading.Event()
@@ -111,7 +160,7 @@ class Budget:
 
     # ---- planning -------------------------------------------------------------------------
     def host_room(self) -> int:
-        return self.max_host - self.baseline - SLACK
+        return self.max_host - SLACK
 
     def plan_matrix(self, m: int, n: int, q: int, r: int, dtype: str, retained: int = 0, prefer_device: str | None = None) -> MatrixPlan:
         """Pick device, in-core or blocked, and block size for one m x n matrix; BudgetError if none fits.
@@ -121,7 +170,9 @@ class Budget:
         device = prefer_device or self.device
         panels = panel_bytes(m, n, q, r)
         native = stored_bytes(dtype)
-        room = self.host_room() - retained
+        # What is held now, measured (it includes the retained bases and any allocator creep).
+        held = max(retained, host_anon_bytes() - self.baseline)
+        room = self.host_room() - held
         if device != "cpu":
             gpu_room = self.max_gpu
             # GPU: host keeps only a native block in flight plus the result copied back.
@@ -141,22 +192,23 @@ class Budget:
         if rows >= MIN_BLOCK_ROWS:
             rows = int(min(rows, m))
             return MatrixPlan("cpu", "blocked", rows, per_row * rows + panels, 0)
-        need = self.baseline + SLACK + retained + panels + per_row * MIN_BLOCK_ROWS
+        need = SLACK + held + panels + per_row * MIN_BLOCK_ROWS
         raise BudgetError(
             f"--max-memory {format_size(self.max_host)} is too small for a {m} x {n} matrix at q={q}: "
-            f"the smallest budget that works is {format_size(need)} (this process already holds {format_size(self.baseline)})"
+            f"the smallest budget that works is {format_size(need)} of working memory "
+            f"(on top of the {format_size(self.baseline)} the process holds for Python and torch)"
         )
 
     def minimum_host(self, shapes: list[tuple[int, int, int, int]]) -> int:
-        """The smallest --max-memory under which every (m, n, q, r) matrix can be factored (blocked)."""
+        """The smallest --max-memory (working memory) under which every (m, n, q, r) matrix can be factored."""
         worst = 0
         for m, n, q, r in shapes:
             per_row = (F32 + 2) * n
             worst = max(worst, panel_bytes(m, n, q, r) + per_row * MIN_BLOCK_ROWS + F32 * (m + n) * r)
-        return self.baseline + SLACK + worst
+        return SLACK + worst
 
     # ---- watching -------------------------------------------------------------------------
-    def start(self, interval: float = 0.005) -> None:
+    def start(self, interval: float = 0.01) -> None:
         if self._thread is not None:
             return
         self._stop.clear()
@@ -171,16 +223,25 @@ class Budget:
         self.sample()
 
     def sample(self) -> None:
-        now = host_anon_bytes()
+        now, mapped = host_resident()
+        if mapped > self.peak_file:
+            self.peak_file = mapped
         if now > self.peak_host:
             self.peak_host = now
-        if now > self.max_host and self.exceeded is None:
-            self.exceeded = f"host memory reached {format_size(now)}, over the --max-memory budget of {format_size(self.max_host)}"
+        if now - self.baseline > self.max_host and self.exceeded is None:
+            self.exceeded = (
+                f"working host memory reached {format_size(now - self.baseline)}, "
+                f"over the --max-memory budget of {format_size(self.max_host)}"
+            )
         if self.device.startswith("cuda") and torch.cuda.is_available():
             g = int(torch.cuda.max_memory_allocated())
             self.peak_gpu = max(self.peak_gpu, g)
             if self.max_gpu and g > self.max_gpu and self.exceeded is None:
                 self.exceeded = f"GPU memory reached {format_size(g)}, over the --max-gpu-memory budget of {format_size(self.max_gpu)}"
+
+    @property
+    def peak_working(self) -> int:
+        return max(0, self.peak_host - self.baseline)
 
     def _watch(self, interval: float) -> None:
         while not self._stop.is_set():

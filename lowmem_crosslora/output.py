@@ -18,8 +18,10 @@ import os
 import shutil
 import signal
 import struct
+import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -36,10 +38,20 @@ JOURNAL_VERSION = 1
 
 
 def _test_hook(point: str, unit_index: int) -> None:
-    """Test-only: LOWMEM_CROSSLORA_TEST_KILL='point:k' SIGKILLs this process at that point of unit k."""
+    """Test-only: LOWMEM_CROSSLORA_TEST_KILL='point:k' SIGKILLs this process at that point of unit k.
+
+    Points: mid_write (half of the unit's first tensor written), before_journal (data written and
+    fsynced, not journaled), after_unit (journaled), finish:0 (adapter renamed inside the state
+    folder, folder not yet moved into place). LOWMEM_CROSSLORA_TEST_DELAY=seconds sleeps after
+    every journaled unit, so that a test can send a signal while the run is surely in its loop.
+    """
     spec = os.environ.get("LOWMEM_CROSSLORA_TEST_KILL")
     if spec and spec == f"{point}:{unit_index}":
         os.kill(os.getpid(), signal.SIGKILL)
+    if point == "after_unit":
+        delay = os.environ.get("LOWMEM_CROSSLORA_TEST_DELAY")
+        if delay:
+            time.sleep(float(delay))
 
 
 def state_dir_for(out: Path) -> Path:
@@ -47,10 +59,33 @@ def state_dir_for(out: Path) -> Path:
 
 
 def disk_error(e: OSError, path: Path) -> InputError:
+    """One line for a failed write: what failed and why, and that rerunning the command resumes."""
+    where = e.filename if isinstance(e.filename, str) else path
     if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         why = "the disk is full" if e.errno != errno.EFBIG else "the file size limit was reached"
-        return InputError(f"cannot write {path}: {why}; finished units are kept, free space and rerun the same command to resume")
-    return InputError(f"cannot write {path}: {e.strerror or e}; finished units are kept, rerun the same command to resume")
+        return InputError(f"cannot write {where}: {why}; finished units are kept, free space and rerun the same command to resume")
+    return InputError(f"cannot write {where}: {e.strerror or e}; finished units are kept, rerun the same command to resume")
+
+
+def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+    """pwrite every byte: a short write (a file size limit, a nearly full disk) is retried, so that
+    the error that stops it is raised instead of being silently dropped."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
+        offset += n
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        if n <= 0:
+            raise OSError(errno.EIO, "short write")
+        view = view[n:]
 
 
 class Layout:
@@ -102,26 +137,49 @@ def _line_check(record: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
 
-class PartialOutput:
-    """The hidden state folder of one transfer: partial adapter file plus journal."""
+def _journal_line(record: dict[str, Any]) -> bytes:
+    rec = {k: v for k, v in record.items() if k != "check"}
+    rec["check"] = _line_check(rec)
+    return (json.dumps(rec, sort_keys=True) + "\n").encode()
 
-    def __init__(self, out: Path, layout: Layout, fingerprint: str, resume: bool) -> None:
+
+def journal_fingerprint(out: Path) -> str | None:
+    """The run fingerprint an interrupted transfer into `out` recorded, or None if there is no usable state."""
+    probe = PartialOutput.__new__(PartialOutput)
+    probe.journal_path = state_dir_for(out) / JOURNAL_NAME
+    head, _ = probe.read_journal()
+    fp = head.get("fingerprint") if head else None
+    return fp if isinstance(fp, str) else None
+
+
+class PartialOutput:
+    """The hidden state folder of one transfer: partial adapter file plus journal.
+
+    `expected` maps each planned unit id to its tensor names; a journal line that claims other
+    tensors for a unit (or names a unit the plan does not have) is not trusted.
+    """
+
+    def __init__(self, out: Path, layout: Layout, fingerprint: str, resume: bool, expected: dict[str, list[str]] | None = None) -> None:
         self.out = out
         self.dir = state_dir_for(out)
         self.layout = layout
         self.fingerprint = fingerprint
+        self.expected = None if expected is None else {uid: sorted(names) for uid, names in expected.items()}
         self.partial = self.dir / PARTIAL_NAME
         self.journal_path = self.dir / JOURNAL_NAME
         self.done: dict[str, dict[str, Any]] = {}  # uid -> journal record
-        self.redone_corrupt: list[str] = []
+        self.redone_corrupt: list[str] = []  # journaled units whose bytes on disk did not match: redone
+        self.bad_lines = 0  # torn or tampered journal lines: not trusted
+        self.repairs: list[str] = []  # what resuming had to fix in the partial file
         self._fd: int | None = None
-        self._journal = None
+        self._jfd: int | None = None
         self.resumed = False
         self._open(resume)
 
     # ---- setup ----------------------------------------------------------------------------
     def _open(self, resume: bool) -> None:
         try:
+            # An OSError while adopting the old state is raised as it is: the state stays for a retry.
             if self.dir.exists() and resume and self._load_existing():
                 self.resumed = True
             else:
@@ -130,45 +188,71 @@ class PartialOutput:
                 self.dir.mkdir(parents=True)
                 self._create()
             self._fd = os.open(self.partial, os.O_RDWR)
-            self._journal = open(self.journal_path, "a", encoding="utf-8")
+            self._jfd = os.open(self.journal_path, os.O_WRONLY | os.O_APPEND)
         except OSError as e:
+            self.close()
             raise disk_error(e, self.dir) from None
 
     def _create(self) -> None:
         fd = os.open(self.partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             os.ftruncate(fd, self.layout.total)
-            os.pwrite(fd, self.layout.header_bytes, 0)
+            _pwrite_all(fd, self.layout.header_bytes, 0)
             os.fsync(fd)
         finally:
             os.close(fd)
-        with open(self.journal_path, "w", encoding="utf-8") as j:
-            head = {"kind": "header", "version": JOURNAL_VERSION, "fingerprint": self.fingerprint, "layout": self.layout.digest}
-            head["check"] = _line_check(head)
-            j.write(json.dumps(head, sort_keys=True) + "\n")
-            j.flush()
-            os.fsync(j.fileno())
+        head = {"kind": "header", "version": JOURNAL_VERSION, "fingerprint": self.fingerprint, "layout": self.layout.digest}
+        self._write_journal_file(_journal_line(head))
+
+    def _write_journal_file(self, data: bytes) -> None:
+        """Replace the journal in one rename (a new run's header, or a compacted journal on resume)."""
+        tmp = self.dir / (JOURNAL_NAME + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.journal_path)
         _fsync_dir(self.dir)
 
     def read_journal(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The header and the unit records whose line check holds; anything else is skipped (counted in bad_lines)."""
         head = None
         units: list[dict[str, Any]] = []
+        bad = 0
         try:
-            text = self.journal_path.read_text(encoding="utf-8", errors="replace")
+            raw = self.journal_path.read_bytes()
         except OSError:
             return None, []
-        for i, line in enumerate(text.splitlines()):
+        for i, line in enumerate(raw.split(b"\n")):
+            if not line.strip():
+                continue
             try:
                 rec = json.loads(line)
-                check = rec.pop("check")
-            except (json.JSONDecodeError, AttributeError, KeyError):
-                continue  # a torn or tampered line: its unit is redone
-            if not isinstance(rec, dict) or _line_check(rec) != check:
+            except ValueError:
+                rec = None
+            if not isinstance(rec, dict) or not isinstance(rec.get("check"), str):
+                bad += 1  # a torn or tampered line: its unit is redone
+                continue
+            check = rec.pop("check")
+            if _line_check(rec) != check:
+                bad += 1
                 continue
             if i == 0 and rec.get("kind") == "header":
                 head = rec
-            elif rec.get("kind") == "unit":
+            elif (
+                i > 0
+                and rec.get("kind") == "unit"
+                and isinstance(rec.get("uid"), str)
+                and isinstance(rec.get("tensors"), list)
+                and isinstance(rec.get("sha256"), str)
+                and isinstance(rec.get("record"), dict)
+            ):
                 units.append(rec)
+            else:
+                bad += 1
+        self.bad_lines = bad
         return head, units
 
     def existing_fingerprint(self) -> str | None:
@@ -176,44 +260,71 @@ class PartialOutput:
         return head.get("fingerprint") if head else None
 
     def _load_existing(self) -> bool:
-        """Adopt an earlier run's state if its header and layout match; return False to start over."""
+        """Adopt an earlier run's state if its header matches; return False to start over.
+
+        The partial file is repaired in place (a wrong size is set right, a damaged header is
+        rewritten) and every journaled unit is checked against its bytes: those that match are
+        kept, the rest are redone. The journal is then rewritten to hold exactly the kept units, so
+        that a torn last line never swallows the lines appended after it.
+        """
+        raw_before = self.journal_path.read_bytes() if self.journal_path.exists() else b""
         head, units = self.read_journal()
         if head is None or head.get("version") != JOURNAL_VERSION or head.get("layout") != self.layout.digest:
             return False
         if head.get("fingerprint") != self.fingerprint:
             return False
-        try:
-            if self.partial.stat().st_size != self.layout.total:
+        if not self.partial.exists():
+            finished = self.dir / ADAPTER_NAME
+            if not finished.exists():
                 return False
-            with open(self.partial, "rb") as f:
-                if f.read(self.layout.data_start) != self.layout.header_bytes:
-                    return False
-                for rec in units:
-                    if self._verify(f, rec):
-                        self.done[rec["uid"]] = rec
-                    else:
-                        self.redone_corrupt.append(rec.get("uid", "?"))
-        except OSError:
-            return False
+            os.replace(finished, self.partial)  # stopped while finishing: the file goes back and is checked again
+        fd = os.open(self.partial, os.O_RDWR)
+        bad: list[str] = []
+        try:
+            size = os.fstat(fd).st_size
+            if size != self.layout.total:
+                self.repairs.append(f"the partial file had {size} bytes instead of {self.layout.total}")
+                os.ftruncate(fd, self.layout.total)
+            if os.pread(fd, self.layout.data_start, 0) != self.layout.header_bytes:
+                self.repairs.append("the partial file's header was damaged and is rewritten")
+                _pwrite_all(fd, self.layout.header_bytes, 0)
+            for rec in units:
+                if self._verify(fd, rec):
+                    self.done[rec["uid"]] = rec
+                else:
+                    bad.append(rec["uid"])
+            if self.repairs:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.redone_corrupt = sorted(set(bad) - set(self.done))
+        compact = _journal_line(head) + b"".join(_journal_line(rec) for rec in self.done.values())
+        if compact != raw_before:
+            self._write_journal_file(compact)
         return True
 
-    def _verify(self, f: Any, rec: dict[str, Any]) -> bool:
+    def _verify(self, fd: int, rec: dict[str, Any]) -> bool:
+        names = rec.get("tensors")
+        uid = rec.get("uid")
+        if not isinstance(names, list) or not names:
+            return False
+        if self.expected is not None and (uid not in self.expected or sorted(names) != self.expected[uid]):
+            return False
         h = hashlib.sha256()
-        for name in rec.get("tensors", []):
-            if name not in self.layout.ranges:
+        for name in names:
+            if not isinstance(name, str) or name not in self.layout.ranges:
                 return False
             b, e = self.layout.span(name)
-            f.seek(b)
-            data = f.read(e - b)
+            data = os.pread(fd, e - b, b)
             if len(data) != e - b:
                 return False
             h.update(data)
-        return bool(rec.get("tensors")) and h.hexdigest() == rec.get("sha256")
+        return h.hexdigest() == rec.get("sha256")
 
     # ---- writing --------------------------------------------------------------------------
     def write_unit(self, index: int, uid: str, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
         """Write a unit's tensors at their offsets, make them durable, then journal them."""
-        assert self._fd is not None and self._journal is not None
+        assert self._fd is not None and self._jfd is not None
         h = hashlib.sha256()
         names = sorted(tensors)
         try:
@@ -221,24 +332,24 @@ class PartialOutput:
                 t = tensors[name]
                 if tuple(t.shape) != self.layout.shapes[name] or t.dtype != DTYPE_TORCH[self.layout.dtypes[name]]:
                     raise AssertionError(f"tensor {name} does not match the planned layout")
-                data = tensor_bytes(t)
+                data = memoryview(tensor_bytes(t))
                 b, e = self.layout.span(name)
                 assert len(data) == e - b
                 h.update(data)
                 half = len(data) // 2
-                os.pwrite(self._fd, data[:half], b)
+                _pwrite_all(self._fd, data[:half], b)
                 _test_hook("mid_write", index)
-                os.pwrite(self._fd, data[half:], b + half)
+                _pwrite_all(self._fd, data[half:], b + half)
             os.fsync(self._fd)
-            _test_hook("before_journal", index)
-            rec = {"kind": "unit", "uid": uid, "tensors": names, "sha256": h.hexdigest(), "record": record}
-            rec["check"] = _line_check({k: v for k, v in rec.items()})
-            self._journal.write(json.dumps(rec, sort_keys=True) + "\n")
-            self._journal.flush()
-            os.fsync(self._journal.fileno())
         except OSError as e:
             raise disk_error(e, self.partial) from None
-        rec.pop("check")
+        _test_hook("before_journal", index)
+        rec = {"kind": "unit", "uid": uid, "tensors": names, "sha256": h.hexdigest(), "record": record}
+        try:
+            _write_all(self._jfd, _journal_line(rec))
+            os.fsync(self._jfd)
+        except OSError as e:
+            raise disk_error(e, self.journal_path) from None
         self.done[uid] = rec
         _test_hook("after_unit", index)
 
@@ -246,24 +357,32 @@ class PartialOutput:
     def verify_all(self, expected: list[str]) -> list[str]:
         """Uids whose bytes on disk do not match their journal checksum (or are missing)."""
         bad = []
-        with open(self.partial, "rb") as f:
+        fd = os.open(self.partial, os.O_RDONLY)
+        try:
             for uid in expected:
                 rec = self.done.get(uid)
-                if rec is None or not self._verify(f, rec):
+                if rec is None or not self._verify(fd, rec):
                     bad.append(uid)
+        finally:
+            os.close(fd)
         return bad
 
     def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
+        """Close the files; never raises (it runs on the way out of a failed write too)."""
+        for attr in ("_fd", "_jfd"):
+            fd = getattr(self, attr, None)
+            if fd is not None:
+                setattr(self, attr, None)
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def finish(self, config: dict[str, Any], report: dict[str, Any], force: bool) -> None:
         """Write the side files, then move the whole folder to its final name in one rename."""
         self.close()
+        if self.out.exists() and self.out.is_dir() and any(self.out.iterdir()) and not force:
+            raise InputError(f"output folder {self.out} is not empty; use --force to replace it (the finished transfer is kept for that)")
         try:
             for name, payload in ((CONFIG_NAME, config), (REPORT_NAME, report)):
                 tmp = self.dir / (name + ".tmp")
@@ -274,6 +393,7 @@ class PartialOutput:
                     os.fsync(f.fileno())
                 os.replace(tmp, self.dir / name)
             os.replace(self.partial, self.dir / ADAPTER_NAME)
+            _test_hook("finish", 0)  # a state folder caught here is resumed: the file goes back to .partial
             self.journal_path.unlink()
             _fsync_dir(self.dir)
             old = None

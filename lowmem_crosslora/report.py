@@ -35,6 +35,7 @@ def build_report(
     device: str,
     seconds: float,
     peak_host: int,
+    peak_file: int,
     peak_gpu: int,
     baseline_host: int,
     budget_host: int,
@@ -66,7 +67,9 @@ def build_report(
             "device": device,
             "peak_host_bytes": peak_host,
             "baseline_host_bytes": baseline_host,
+            "peak_working_bytes": max(0, peak_host - baseline_host),
             "host_budget_bytes": budget_host,
+            "peak_mapped_file_bytes": peak_file,
             "peak_gpu_bytes": peak_gpu,
             "fallbacks": fallbacks,
         },
@@ -93,8 +96,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         per = ", ".join(f"{k} {v:.3f}" for k, v in s["energy_retained_by_module"].items())
         lines.append(f"  by module: {per}")
     lines.append(
-        f"peak host memory {format_size(s['peak_host_bytes'])} (private, of which {format_size(s['baseline_host_bytes'])} before the transfer)"
-        + (f", peak GPU {format_size(s['peak_gpu_bytes'])}" if s.get("peak_gpu_bytes") else "")
+        f"peak host memory: {format_size(s['peak_working_bytes'])} working (budget {format_size(s['host_budget_bytes'])}) "
+        f"+ {format_size(s['baseline_host_bytes'])} for Python and torch = {format_size(s['peak_host_bytes'])} private; "
+        f"{format_size(s['peak_mapped_file_bytes'])} of mapped files (reclaimable)"
+        + (f"; peak GPU {format_size(s['peak_gpu_bytes'])}" if s.get("peak_gpu_bytes") else "")
     )
     if s["skipped"]:
         reasons: dict[str, int] = {}

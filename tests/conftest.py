@@ -1,0 +1,241 @@
+"""Shared fixtures: tiny real checkpoints (transformers' own config and model classes, random
+weights, saved as safetensors, single-file and sharded) and real PEFT adapters for them.
+
+Everything is built lazily, once per session, under one session temp folder, so a test run only
+pays for the models it uses. Seeds are fixed, so every build is the same on every run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+CANONICAL_TO_NAME = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
+VOCAB = 128
+# Fixed token ids for forward passes.
+INPUT_IDS = torch.tensor([[1, 5, 17, 42, 99, 3, 64, 127, 8, 21, 77, 13]])
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A tiny model of one family: transformers config class name, model class name, config kwargs."""
+
+    family: str
+    config_cls: str
+    model_cls: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    dtype: str = "float32"
+
+
+def _spec(family: str, cfg: str, model: str, dtype: str = "float32", **kw: Any) -> Spec:
+    base = {"vocab_size": VOCAB, "max_position_embeddings": 64, "tie_word_embeddings": False}
+    base.update(kw)
+    return Spec(family, cfg, model, base, dtype)
+
+
+# GQA everywhere (num_key_value_heads < num_attention_heads); gemma2 and qwen3 have
+# head_dim != hidden / heads (q out 96 vs hidden 48; q out 128 vs hidden 64).
+SPECS: dict[str, Spec] = {
+    "llama": _spec("llama", "LlamaConfig", "LlamaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
+    "llama_wide": _spec("llama", "LlamaConfig", "LlamaForCausalLM", hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3),
+    "mistral": _spec("mistral", "MistralConfig", "MistralForCausalLM", hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1),
+    "qwen2": _spec("qwen2", "Qwen2Config", "Qwen2ForCausalLM", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "qwen3": _spec("qwen3", "Qwen3Config", "Qwen3ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
+    "gemma": _spec("gemma", "GemmaConfig", "GemmaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16),
+    "gemma2": _spec("gemma2", "Gemma2Config", "Gemma2ForCausalLM", hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    "gemma3_text": _spec(
+        "gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM", dtype="bfloat16",
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    ),
+}
+
+
+def stable_seed(*parts: Any) -> int:
+    return zlib.crc32("|".join(map(str, parts)).encode())
+
+
+def gapped_matrix(m: int, n: int, r: int, gen: np.random.Generator, top: float = 4.0, tail: float = 1e-4) -> np.ndarray:
+    """W = U diag(s) V^T with distinct, well separated s_i for i < r and tiny ones after:
+    the rank-r singular subspaces (and each of the first r singular vectors) are unique."""
+    k = min(m, n)
+    U, _ = np.linalg.qr(gen.standard_normal((m, k)))
+    V, _ = np.linalg.qr(gen.standard_normal((n, k)))
+    s = np.empty(k)
+    s[:r] = top * 0.8 ** np.arange(min(r, k))
+    if k > r:
+        s[r:] = tail * (1.0 - 0.5 * np.arange(k - r) / (k - r))
+    return (U * s) @ V.T
+
+
+def plant_gapped(model: torch.nn.Module, r: int, seed: int) -> None:
+    """Replace every q/k/v/o/gate/up/down weight with a gapped matrix (gap after index r)."""
+    gen = np.random.default_rng(seed)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if name.split(".")[-1] in LORA_TARGETS and isinstance(mod, torch.nn.Linear):
+                m, n = mod.weight.shape
+                mod.weight.copy_(torch.from_numpy(gapped_matrix(m, n, r, gen)).to(mod.weight.dtype))
+
+
+def make_model(spec: Spec) -> torch.nn.Module:
+    import transformers
+
+    cfg = getattr(transformers, spec.config_cls)(**spec.kwargs)
+    return getattr(transformers, spec.model_cls)(cfg)
+
+
+class Zoo:
+    """Lazily built, cached checkpoints and adapters for the session."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._models: dict[tuple[str, int | None], Path] = {}
+        self._adapters: dict[str, Path] = {}
+
+    def model(self, name: str, *, sharded: bool = False, gapped: int | None = None) -> Path:
+        """Folder of a tiny model: config.json + model.safetensors, or shards with an index."""
+        key = (name, gapped)
+        if key not in self._models:
+            spec = SPECS[name]
+            torch.manual_seed(stable_seed("model", name))
+            model = make_model(spec)
+            if gapped is not None:
+                plant_gapped(model, gapped, stable_seed("gap", name, gapped))
+            model = model.to(getattr(torch, spec.dtype))
+            stem = name if gapped is None else f"{name}-gap{gapped}"
+            single = self.root / "models" / stem
+            model.save_pretrained(single)
+            model.save_pretrained(self.root / "models" / f"{stem}-sharded", max_shard_size="24KB")
+            assert (single / "model.safetensors").exists()
+            assert (self.root / "models" / f"{stem}-sharded" / "model.safetensors.index.json").exists()
+            self._models[key] = single
+        single = self._models[key]
+        return single.parent / f"{single.name}-sharded" if sharded else single
+
+    def adapter(self, model_name: str, key: str = "default", *, gapped: int | None = None, kind: str = "lora", **peft_kwargs: Any) -> Path:
+        """A real PEFT adapter saved by peft for `model_name`. `key` names the variant for the cache."""
+        cache_key = f"{model_name}-gap{gapped}-{key}"
+        if cache_key in self._adapters:
+            return self._adapters[cache_key]
+        from peft import get_peft_model
+        from transformers import AutoModelForCausalLM
+
+        base = self.model(model_name, gapped=gapped)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        torch.manual_seed(stable_seed("adapter", cache_key))
+        if kind == "lora":
+            from peft import LoraConfig
+
+            kw: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": list(LORA_TARGETS), "init_lora_weights": False, "task_type": "CAUSAL_LM"}
+            kw.update(peft_kwargs)
+            cfg = LoraConfig(**kw)
+        elif kind == "ia3":
+            from peft import IA3Config
+
+            cfg = IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type="CAUSAL_LM", **peft_kwargs)
+        else:
+            raise ValueError(kind)
+        pm = get_peft_model(model, cfg)
+        out = self.root / "adapters" / cache_key
+        pm.save_pretrained(out)
+        assert (out / "adapter_model.safetensors").exists()
+        self._adapters[cache_key] = out
+        return out
+
+
+@pytest.fixture(scope="session")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Zoo:
+    return Zoo(tmp_path_factory.mktemp("zoo"))
+
+
+# ---- helpers shared by the test modules ------------------------------------------------------
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def read_weight(model_dir: Path, name: str) -> np.ndarray:
+    """One weight of a saved model as float64, found through the index when sharded."""
+    from safetensors import safe_open
+
+    index = model_dir / "model.safetensors.index.json"
+    file = model_dir / (json.loads(index.read_text())["weight_map"][name] if index.exists() else "model.safetensors")
+    with safe_open(str(file), framework="pt") as f:
+        return f.get_tensor(name).to(torch.float64).numpy()
+
+
+def lora_factors(adapter_dir: Path, module: str) -> tuple[np.ndarray, np.ndarray]:
+    """(A, B) of a PEFT module path such as model.layers.0.self_attn.q_proj, as float64."""
+    t = read_tensors(adapter_dir / "adapter_model.safetensors")
+    pre = f"base_model.model.{module}"
+    return t[f"{pre}.lora_A.weight"].double().numpy(), t[f"{pre}.lora_B.weight"].double().numpy()
+
+
+def np_fix_signs(U: np.ndarray, V: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Independent sign convention: the largest-|entry| of each u_i is positive."""
+    idx = np.abs(U).argmax(axis=0)
+    s = np.sign(U[idx, np.arange(U.shape[1])])
+    s[s == 0] = 1
+    return U * s, V * s
+
+
+def np_bases(W: np.ndarray, r: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Float64 dense rank-r SVD with the sign convention: U (m x r), S (r), V (n x r)."""
+    U, S, Vt = np.linalg.svd(W, full_matrices=False)
+    U, V = np_fix_signs(U[:, :r], Vt[:r].T)
+    return U, S[:r], V
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """Run lowmem_crosslora.cli.main in this process; return (exit code, stdout, stderr)."""
+    from lowmem_crosslora.cli import main
+
+    capsys.readouterr()
+    code: int | None = 0
+    try:
+        main(args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out, err = capsys.readouterr()
+    return int(code or 0), out, err
+
+
+def run_module(args: list[str], cwd: Path | None = None, timeout: float = 120) -> tuple[int, str, str]:
+    """Run `python -m lowmem_crosslora ARGS` in a fresh process."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
+    p = subprocess.run([sys.executable, "-m", "lowmem_crosslora", *args], capture_output=True, text=True, cwd=cwd or repo, env=env, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def peft_scale(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / math.sqrt(r) if rslora else alpha / r
