@@ -43,7 +43,7 @@ SMOLLM2_135M = ModelSpec("llama", 576, 1536, 30, 9, 3, 64, vocab=49152)
 PAIRS = {"small": (QWEN25_05B, SMOLLM2_135M), "3b": (QWEN25_15B, LLAMA32_3B)}
 
 
-def ensure_data(root: Path, pair: str) -> tuple[Path, Path, Path]:
+def ensure_data(root: Path, pair: str, device: str = "cpu") -> tuple[Path, Path, Path]:
     src_spec, tgt_spec = PAIRS[pair]
     base = root / pair
     src, tgt, ad = base / "source", base / "target", base / "adapter"
@@ -52,8 +52,9 @@ def ensure_data(root: Path, pair: str) -> tuple[Path, Path, Path]:
         if base.exists():
             shutil.rmtree(base)
         t0 = time.perf_counter()
-        write_model(src, src_spec, dtype="bfloat16", seed=0, shard_bytes=2 << 30)
-        write_model(tgt, tgt_spec, dtype="bfloat16", seed=1, shard_bytes=2 << 30)
+        gen = "cuda" if device.startswith("cuda") else "cpu"
+        write_model(src, src_spec, dtype="bfloat16", seed=0, shard_bytes=2 << 30, device=gen)
+        write_model(tgt, tgt_spec, dtype="bfloat16", seed=1, shard_bytes=2 << 30, device=gen)
         write_adapter(ad, src_spec, rank=16, alpha=32, seed=2, base=str(src))
         stamp.write_text("ok\n")
         print(f"generated {pair} pair in {time.perf_counter() - t0:.0f} s under {base}", file=sys.stderr)
@@ -168,7 +169,7 @@ def main() -> None:
     cases = args.cases.split(",")
     if args.device.startswith("cuda") and "gpu8" not in cases:
         cases += ["gpu8", "gpu2"]
-    src, tgt, ad = ensure_data(args.data, args.pair)
+    src, tgt, ad = ensure_data(args.data, args.pair, args.device)
     work = args.data / args.pair / "runs"
     work.mkdir(exist_ok=True)
     base = baseline_private()

@@ -119,7 +119,8 @@ class BlockedMatrix:
         m = self.stored_shape[0]
         for start in range(0, m, self.block_rows):
             stop = min(m, start + self.block_rows)
-            block = self.read_rows(start, stop).to(device=self.device, dtype=self.dtype)
+            # Copy in the stored dtype, then widen where the block will be used (on the device).
+            block = self.read_rows(start, stop).to(device=self.device).to(self.dtype)
             yield start, stop, block
             if self.check is not None:
                 self.check()

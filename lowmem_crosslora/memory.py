@@ -149,6 +149,9 @@ class Budget:
         if device.startswith("cuda") and torch.cuda.is_available():
             free, _total = torch.cuda.mem_get_info()
             self.max_gpu = int(max_gpu) if max_gpu is not None else int(0.8 * free)
+            torch.cuda.reset_peak_memory_stats()
+        elif device == "mps":  # unified memory: the device shares the host's
+            self.max_gpu = int(max_gpu) if max_gpu is not None else self.max_host
         else:
             self.max_gpu = int(max_gpu) if max_gpu is not None else 0
         self.peak_host = self.baseline
@@ -175,15 +178,16 @@ class Budget:
         room = self.host_room() - held
         if device != "cpu":
             gpu_room = self.max_gpu
-            # GPU: host keeps only a native block in flight plus the result copied back.
-            host_gpu = native * min(m, 4096) * n + F32 * (m + n) * r
-            if F32 * m * n + panels <= gpu_room and host_gpu <= room:
-                return MatrixPlan(device, "in-core", m, host_gpu, F32 * m * n + panels)
-            per_row = F32 * n
+            # GPU: the stored-dtype matrix is copied straight from the memory map (file pages, not
+            # private memory) and widened on the device; the host holds only the result copied back.
+            host_gpu = F32 * (m + n) * r
+            per_row = (F32 + native) * n
+            if per_row * m + panels <= gpu_room and host_gpu <= room:
+                return MatrixPlan(device, "in-core", m, host_gpu, per_row * m + panels)
             rows = (gpu_room - panels) // per_row if gpu_room > panels else 0
-            if rows >= MIN_BLOCK_ROWS and native * rows * n <= room:
+            if rows >= MIN_BLOCK_ROWS and host_gpu <= room:
                 rows = int(min(rows, m))
-                return MatrixPlan(device, "blocked", rows, native * rows * n + F32 * (m + n) * r, F32 * rows * n + panels)
+                return MatrixPlan(device, "blocked", rows, host_gpu, per_row * rows + panels)
         # CPU: in-core holds the widened matrix; blocked holds one native block and its widened copy.
         if F32 * m * n + native * min(m, 1024) * n + panels <= room:
             return MatrixPlan("cpu", "in-core", m, F32 * m * n + panels, 0)

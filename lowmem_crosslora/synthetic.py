@@ -77,6 +77,9 @@ def config_for(spec: ModelSpec, dtype: str) -> dict:
 def _weight(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype, spectrum: str) -> torch.Tensor:
     if len(shape) == 1:
         return torch.ones(shape, dtype=dtype)
+    if gen.device.type != "cpu":  # generated on an accelerator, for speed; brought back in the stored dtype
+        m, n = shape
+        return (torch.randn(m, n, generator=gen, device=gen.device) / math.sqrt(n)).to(dtype).cpu()
     m, n = shape
     if spectrum == "decaying" and min(m, n) <= 1024:
         # A power-law spectrum with random singular vectors, like trained weights (small sizes only).
@@ -105,11 +108,13 @@ def _model_tensors(spec: ModelSpec) -> Iterator[tuple[str, tuple[int, ...]]]:
     yield "lm_head.weight", (spec.vocab, spec.hidden)
 
 
-def write_model(path: Path, spec: ModelSpec, *, dtype: str = "bfloat16", seed: int = 0, shard_bytes: int = 1 << 30, spectrum: str = "gaussian") -> Path:
+def write_model(
+    path: Path, spec: ModelSpec, *, dtype: str = "bfloat16", seed: int = 0, shard_bytes: int = 1 << 30, spectrum: str = "gaussian", device: str = "cpu"
+) -> Path:
     """Write config.json and safetensors shards (with an index when there is more than one)."""
     path.mkdir(parents=True, exist_ok=True)
     tdtype = getattr(torch, dtype)
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator(device=device).manual_seed(seed)
     (path / "config.json").write_text(json.dumps(config_for(spec, dtype), indent=2) + "\n")
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
