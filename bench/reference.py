@@ -44,12 +44,12 @@ def floor(args: argparse.Namespace) -> dict:
     ad, src, tgt, plan = units(args.adapter, args.source, args.target, args.rank)
     t0 = time.perf_counter()
     svd_s = 0.0
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for u in plan.units:
-        for ck, name in ((src, u.source_weight), (tgt, u.target_weight)):
-            if name in seen:
+        for role, ck, name in (("source", src, u.source_weight), ("target", tgt, u.target_weight)):
+            if (role, name) in seen:  # both models use the same tensor names: key by model too
                 continue
-            seen.add(name)
+            seen.add((role, name))
             info = ck.info(name)
             with safe_open(str(info.file), framework="pt") as f:
                 W = f.get_tensor(name).to(args.device).float()

@@ -49,6 +49,7 @@ class Adapter:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"tensor": ..., "reason": ...}
     file: Path | None = None
+    _handle: Any = field(default=None, repr=False)
 
     @property
     def default_rank(self) -> int:
@@ -66,12 +67,17 @@ class Adapter:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
     def read(self, name: str) -> torch.Tensor:
+        """One factor, copied out of the map (adapters are small; the handle is opened once)."""
         assert self.file is not None
         try:
-            with safe_open(str(self.file), framework="pt", device="cpu") as f:
-                return f.get_tensor(name)
+            if self._handle is None:
+                self._handle = safe_open(str(self.file), framework="pt", device="cpu")
+            return self._handle.get_tensor(name).clone()
         except (SafetensorError, OSError, RuntimeError) as e:
             raise InputError(f"adapter: cannot read tensor {name} from {self.file}: {e}") from None
+
+    def close(self) -> None:
+        self._handle = None
 
 
 def load_adapter(path: str | os.PathLike[str]) -> Adapter:

@@ -181,5 +181,6 @@ def scipy_svd(W: np.ndarray, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def finish(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, method: str, device: str, t0: float) -> Basis:
-    U, V = fix_signs(U.to("cpu"), V.to("cpu"))
-    return Basis(U.contiguous(), S.to("cpu"), V.contiguous(), method, device, time.perf_counter() - t0)
+    """Fix the signs where the factors are (on the device), then bring them to the host."""
+    U, V = fix_signs(U, V)
+    return Basis(U.to("cpu").contiguous(), S.to("cpu"), V.to("cpu").contiguous(), method, device, time.perf_counter() - t0)

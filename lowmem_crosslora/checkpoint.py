@@ -201,4 +201,14 @@ class Checkpoint:
         return h.hexdigest()[:32]
 
     def close(self) -> None:
+        """Drop the open maps. Tensors already read keep their own pages until they are freed."""
         self._open.clear()
+
+    def release_pages(self, limit: int) -> None:
+        """Unmap the shards once this process holds more than `limit` bytes of mapped file pages,
+        so the pages of tensors already factored stop counting as this process's resident memory.
+        (Reopening a shard costs milliseconds, so this is done only past the limit.)"""
+        from .memory import host_file_bytes
+
+        if self._open and host_file_bytes() > limit:
+            self._open.clear()

@@ -34,6 +34,9 @@ from .report import build_report
 from .sizes import format_size
 
 COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Mapped checkpoint pages this process may keep resident before it unmaps the shards (they are
+# reclaimable either way; unmapping keeps the process's resident size honest on small machines).
+FILE_PAGES_KEPT = 256 * 1024**2
 Progress = Callable[[int, int, str], None]
 
 
@@ -194,6 +197,8 @@ class Engine:
     # (m, n, q, r, stored dtype, bytes of bases held) of every matrix the run factors, in order
     matrices: list[tuple[int, int, int, int, str, int]] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
+    # Wall seconds by phase: reading and widening base weights, SVDs, projection, writing.
+    phases: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "svd": 0.0, "project": 0.0, "write": 0.0})
     _pool: ThreadPoolExecutor | None = None
 
     def checks(self) -> None:
@@ -259,7 +264,13 @@ class Engine:
         dev = torch.device(mplan.device)
         try:
             if mplan.mode == "in-core":
-                W = preloaded if preloaded is not None else self.load(job, mplan.device)
+                if preloaded is not None:
+                    W = preloaded
+                else:
+                    t_read = time.perf_counter()
+                    W = self.load(job, mplan.device)
+                    self.phases["read"] += time.perf_counter() - t_read
+                t_svd = time.perf_counter()
                 if s.uses_exact(r, m, n):
                     U, S, V = exact_svd(W, r)
                     method = "exact"
@@ -268,10 +279,13 @@ class Engine:
                     method = "randomized"
                 del W
             else:
+                t_svd = time.perf_counter()  # blocked: reading is interleaved with the passes
                 op = BlockedMatrix(self.reader(job), (m, n), mplan.block_rows, dev, s.compute_dtype, check=self.checks)
                 U, S, V = randomized_svd(op, r, q, s.niter, seed, dev, s.compute_dtype)
                 method = "randomized-blocked"
-            return finish(U, S, V, method, mplan.device, t0), mplan
+            basis = finish(U, S, V, method, mplan.device, t0)
+            self.phases["svd"] += time.perf_counter() - t_svd
+            return basis, mplan
         except (CrossLoraError, KeyboardInterrupt):
             raise
         except (RuntimeError, NotImplementedError, MemoryError) as e:
@@ -316,11 +330,14 @@ class Engine:
                         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-read")
                     ahead = (i + 1, nplan, self._pool.submit(self._read_ahead, nxt, nplan.device))
             if preloaded is not None:
+                t_read = time.perf_counter()
                 preloaded = preloaded.to(device=mplan.device).to(self.settings.compute_dtype)
                 self._finite(job, preloaded)
+                self.phases["read"] += time.perf_counter() - t_read
             basis, used = self.factor(job, mplan, preloaded)
             del preloaded
             release_free_memory()
+            job.ckpt.release_pages(self.budget.file_baseline + FILE_PAGES_KEPT)
             yield job, basis, used
 
     def _read_ahead(self, job: MatrixJob, device: str) -> torch.Tensor:
@@ -483,6 +500,8 @@ def _transfer(
         peak_host=budget.peak_host,
         peak_file=budget.peak_file,
         peak_gpu=budget.peak_gpu,
+        gpu_baseline=budget.gpu_baseline,
+        phases=engine.phases,
         baseline_host=budget.baseline,
         budget_host=budget.max_host,
         fallbacks=engine.fallbacks,
@@ -543,10 +562,12 @@ def _run_units(
             engine.budget.sample()
             continue
         bs, splan = src_bases[u.source_weight]
+        t_proj = time.perf_counter()
         A = ad.read(u.lora.a_name)
         B = ad.read(u.lora.b_name)
         proj = project_factors(A, B, bs.U, bs.V, basis.U, basis.V)
         out_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[plan.out_dtype]
+        engine.phases["project"] += time.perf_counter() - t_proj
         seconds = time.perf_counter() - unit_t0
         record = {
             "uid": u.uid,
@@ -568,7 +589,9 @@ def _run_units(
         tensors = {u.out_a: proj.A.to(out_dtype).contiguous(), u.out_b: proj.B.to(out_dtype).contiguous()}
         # A finished unit is written and journaled before any stop: the stop flag is looked at
         # again before the next matrix (run_jobs) and between row blocks of a blocked SVD.
+        t_write = time.perf_counter()
         partial.write_unit(index_of[u.uid], u.uid, tensors, record)
+        engine.phases["write"] += time.perf_counter() - t_write
         records[u.uid] = record
         if last_use.get(u.source_weight) == ui:
             b, _ = src_bases.pop(u.source_weight)

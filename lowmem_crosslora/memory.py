@@ -135,11 +135,26 @@ def warm_up_libraries() -> None:
     release_free_memory()
 
 
+def warm_up_cuda(device: str) -> None:
+    """Create the CUDA context and the cuBLAS / cuSOLVER handles and workspaces before measuring:
+    they are fixed costs of using the GPU at all (hundreds of MB of host memory, tens of MB of GPU
+    memory), not working memory of the transfer."""
+    a = torch.randn(512, 256, device=device)
+    q = torch.linalg.qr(a).Q
+    torch.linalg.svd(q.T @ a, full_matrices=False)
+    torch.randn(8, 8, generator=torch.Generator(device=device).manual_seed(0), device=device)
+    torch.cuda.synchronize(device)
+    del a, q
+
+
 class Budget:
     def __init__(self, max_host: int | None = None, max_gpu: int | None = None, device: str = "cpu") -> None:
         self.device = device
         warm_up_libraries()
+        if device.startswith("cuda") and torch.cuda.is_available():
+            warm_up_cuda(device)
         self.baseline = host_anon_bytes()
+        self.file_baseline = host_file_bytes()
         if max_host is None:
             max_host = int(0.5 * psutil.virtual_memory().available)
             self.host_default = True
@@ -150,11 +165,13 @@ class Budget:
             free, _total = torch.cuda.mem_get_info()
             self.max_gpu = int(max_gpu) if max_gpu is not None else int(0.8 * free)
             torch.cuda.reset_peak_memory_stats()
+            self.gpu_baseline = int(torch.cuda.memory_allocated())
         elif device == "mps":  # unified memory: the device shares the host's
             self.max_gpu = int(max_gpu) if max_gpu is not None else self.max_host
         else:
             self.max_gpu = int(max_gpu) if max_gpu is not None else 0
         self.peak_host = self.baseline
+        self.gpu_baseline = getattr(self, "gpu_baseline", 0)
         self.peak_file = 0
         self.peak_gpu = 0
         self.exceeded: str | None = None
@@ -177,7 +194,7 @@ class Budget:
         held = max(retained, host_anon_bytes() - self.baseline)
         room = self.host_room() - held
         if device != "cpu":
-            gpu_room = self.max_gpu
+            gpu_room = self.max_gpu - self.gpu_baseline
             # GPU: the stored-dtype matrix is copied straight from the memory map (file pages, not
             # private memory) and widened on the device; the host holds only the result copied back.
             host_gpu = F32 * (m + n) * r

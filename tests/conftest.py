@@ -52,19 +52,26 @@ def _spec(family: str, cfg: str, model: str, dtype: str = "float32", **kw: Any) 
     return Spec(family, cfg, model, base, dtype)
 
 
+def _heads(heads: int, kv_heads: int, head_dim: int | None = None) -> dict[str, int]:
+    d = {"num_attention_heads": heads, "num_key_value_heads": kv_heads}
+    if head_dim is not None:
+        d["head_dim"] = head_dim
+    return d
+
+
 # GQA everywhere (num_key_value_heads < num_attention_heads); gemma2 and qwen3 have
 # head_dim != hidden / heads (q out 96 vs hidden 48; q out 128 vs hidden 64).
 SPECS: dict[str, Spec] = {
-    "llama": _spec("llama", "LlamaConfig", "LlamaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2),
-    "llama_wide": _spec("llama", "LlamaConfig", "LlamaForCausalLM", hidden_size=96, intermediate_size=160, num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=3),
-    "mistral": _spec("mistral", "MistralConfig", "MistralForCausalLM", hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1),
-    "qwen2": _spec("qwen2", "Qwen2Config", "Qwen2ForCausalLM", hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
-    "qwen3": _spec("qwen3", "Qwen3Config", "Qwen3ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=32),
-    "gemma": _spec("gemma", "GemmaConfig", "GemmaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1, head_dim=16),
-    "gemma2": _spec("gemma2", "Gemma2Config", "Gemma2ForCausalLM", hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+    "llama": _spec("llama", "LlamaConfig", "LlamaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=3, **_heads(4, 2)),
+    "llama_wide": _spec("llama", "LlamaConfig", "LlamaForCausalLM", hidden_size=96, intermediate_size=160, num_hidden_layers=4, **_heads(6, 3)),
+    "mistral": _spec("mistral", "MistralConfig", "MistralForCausalLM", hidden_size=64, intermediate_size=112, num_hidden_layers=2, **_heads(4, 1)),
+    "qwen2": _spec("qwen2", "Qwen2Config", "Qwen2ForCausalLM", hidden_size=48, intermediate_size=96, num_hidden_layers=2, **_heads(4, 2)),
+    "qwen3": _spec("qwen3", "Qwen3Config", "Qwen3ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=2, **_heads(4, 2, 32)),
+    "gemma": _spec("gemma", "GemmaConfig", "GemmaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2, **_heads(4, 1, 16)),
+    "gemma2": _spec("gemma2", "Gemma2Config", "Gemma2ForCausalLM", hidden_size=48, intermediate_size=96, num_hidden_layers=3, **_heads(4, 2, 24)),
     "gemma3_text": _spec(
         "gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM", dtype="bfloat16",
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, **_heads(4, 2, 16),
     ),
 }
 

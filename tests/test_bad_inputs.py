@@ -15,6 +15,8 @@ import torch
 from conftest import read_tensors, run_cli, run_module
 from safetensors.torch import load_file, save_file
 
+from lowmem_crosslora.output import state_dir_for
+
 
 class Boom:
     """Unpickling this creates a marker file: proof that a pickle was (or was not) opened."""
@@ -53,12 +55,15 @@ def assert_one_error_line(code: int, out: str, err: str, want_code: int = 2) -> 
     return lines[0]
 
 
-def expect_error(capsys, inputs: dict[str, Path], out: Path, *extra: str, match: str | None = None, code: int = 2) -> str:
+def expect_error(capsys, inputs: dict[str, Path], out: Path, *extra: str, match: str | None = None, code: int = 2, mid_run: bool = False) -> str:
     rc, stdout, stderr = run_cli(transfer_args(inputs, out, *extra), capsys)
     line = assert_one_error_line(rc, stdout, stderr, code)
     if match is not None:
         assert re.search(match, line, re.IGNORECASE), line
     assert not out.exists() or not any(out.iterdir()), f"something was left under {out}"
+    if not mid_run:
+        # refused while checking the inputs: not even the hidden resume state was started
+        assert not state_dir_for(out).exists()
     return line
 
 
@@ -232,7 +237,7 @@ def test_nan_in_a_base_weight(capsys, good, tmp_path, role):
     name = "model.layers.1.mlp.down_proj.weight"
     t[name][5, 7] = float("nan")
     save_file(t, str(f), metadata={"format": "pt"})
-    line = expect_error(capsys, with_(good, **{role: model}), tmp_path / "out", match="NaN or Inf")
+    line = expect_error(capsys, with_(good, **{role: model}), tmp_path / "out", match="NaN or Inf", mid_run=True)
     assert name in line and role in line
 
 

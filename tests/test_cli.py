@@ -17,7 +17,10 @@ def inputs(zoo):
 
 
 def io_args(inputs, *extra: str) -> list[str]:
-    return ["--adapter", str(inputs["adapter"]), "--source", str(inputs["source"]), "--target", str(inputs["target"]), "--rank", "16", "--device", "cpu", *extra]
+    return [
+        *("--adapter", str(inputs["adapter"]), "--source", str(inputs["source"]), "--target", str(inputs["target"])),
+        *("--rank", "16", "--device", "cpu", *extra),
+    ]
 
 
 def test_plan_json_agrees_with_the_transfer(capsys, inputs, tmp_path):
@@ -55,7 +58,8 @@ def test_plan_table(capsys, inputs):
 
 
 def test_plan_depth_map(capsys, zoo):
-    args = ["--adapter", str(zoo.adapter("llama")), "--source", str(zoo.model("llama")), "--target", str(zoo.model("llama_wide")), "--layer-map", "depth", "--json"]
+    args = ["--adapter", str(zoo.adapter("llama")), "--source", str(zoo.model("llama")), "--target", str(zoo.model("llama_wide"))]
+    args += ["--layer-map", "depth", "--json"]
     rc, out, err = run_cli(["plan", *args], capsys)
     assert rc == 0, err
     plan = json.loads(out)
@@ -150,7 +154,9 @@ def test_help(capsys):
         assert cmd in out
     rc, out, err = run_cli(["transfer", "--help"], capsys)
     assert rc == 0
-    for opt in ("--adapter", "--source", "--target", "--out", "--rank", "--layer-map", "--device", "--dtype", "--seed", "--max-memory", "--max-gpu-memory", "--resume", "--report", "--quiet", "--force"):
+    options = ["--adapter", "--source", "--target", "--out", "--rank", "--layer-map", "--device", "--dtype", "--seed"]
+    options += ["--max-memory", "--max-gpu-memory", "--resume", "--report", "--quiet", "--force"]
+    for opt in options:
         assert opt in out, opt
 
 

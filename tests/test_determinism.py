@@ -17,6 +17,7 @@ ADAPTER = "adapter_model.safetensors"
 
 def run(zoo, out, src="llama", tgt="qwen2", *, src_sharded=False, tgt_sharded=False, **kw):
     ad = zoo.adapter(src)
+    kw.setdefault("exact_ratio", 0.8)  # pinned: at rank 16 these shapes then take both SVD paths
     report = lowmem_crosslora.transfer(ad, zoo.model(src, sharded=src_sharded), zoo.model(tgt, sharded=tgt_sharded), out, rank=16, device="cpu", **kw)
     return report
 
@@ -81,7 +82,7 @@ def test_a_copy_of_the_models_in_another_folder_gives_identical_output(zoo, base
     src = shutil.copytree(zoo.model("llama"), tmp_path / "elsewhere" / "src")
     tgt = shutil.copytree(zoo.model("qwen2"), tmp_path / "elsewhere" / "tgt")
     out = tmp_path / "copy"
-    lowmem_crosslora.transfer(zoo.adapter("llama"), src, tgt, out, rank=16, device="cpu")
+    lowmem_crosslora.transfer(zoo.adapter("llama"), src, tgt, out, rank=16, device="cpu", exact_ratio=0.8)
     assert (out / ADAPTER).read_bytes() == (out_a / ADAPTER).read_bytes()
 
 

@@ -67,6 +67,9 @@ def child_env(kill: str | None = None, delay: float | None = None) -> dict[str, 
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.pop("LOWMEM_CROSSLORA_TEST_KILL", None)
     env.pop("LOWMEM_CROSSLORA_TEST_DELAY", None)
+    # One OpenMP thread per run, the reference included (the bytes are compared between runs with
+    # the same setting): on a busy machine torch's spinning OpenMP workers make each run crawl.
+    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
     if kill:
         env["LOWMEM_CROSSLORA_TEST_KILL"] = kill
     if delay:
@@ -127,7 +130,7 @@ class Models:
     root: Path
     ref_bytes: bytes
     units: int
-    loop_seconds: float  # from the journal's appearance to the end of an uninterrupted run
+    loop_seconds: float  # an uninterrupted run: from the journal's appearance to its removal at the end
 
     def args(self, out: Path, *extra: str, rank: int = RANK) -> list[str]:
         return cli_args(self.root, out, *extra, rank=rank)
@@ -136,7 +139,8 @@ class Models:
 def watch_run(args: list[str], out: Path, *, kill_after: float | None = None, env: dict[str, str] | None = None) -> tuple[int, float]:
     """Start a run; once its journal exists, wait `kill_after` seconds and SIGKILL it (None: let it end).
 
-    Returns the exit status and the seconds from the journal's appearance to the end."""
+    Returns the exit status and the seconds from the journal's appearance to its removal (the run
+    has then written every unit and moved the output into place; only the interpreter's exit is left)."""
     journal = state_dir_for(out) / JOURNAL_NAME
     p = subprocess.Popen(args, env=env or child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
     try:
@@ -147,8 +151,11 @@ def watch_run(args: list[str], out: Path, *, kill_after: float | None = None, en
         if kill_after is not None and p.poll() is None:
             time.sleep(kill_after)
             p.send_signal(signal.SIGKILL)
-        _, err = p.communicate(timeout=120)
-        return p.returncode, time.monotonic() - t0
+        while kill_after is None and journal.exists() and p.poll() is None:
+            time.sleep(0.0005)
+        window = time.monotonic() - t0
+        p.communicate(timeout=120)
+        return p.returncode, window
     finally:
         if p.poll() is None:
             p.kill()
@@ -179,8 +186,10 @@ def kill_at(models: Models, out: Path, point: str, k: int) -> KillResult:
 
 
 def kill_randomly(models: Models, out: Path, rng: random.Random) -> KillResult:
-    rc, _ = watch_run(models.args(out), out, kill_after=rng.uniform(0, 0.95 * models.loop_seconds))
-    if rc == 0:  # the kill came too late: the run had finished
+    rc, _ = watch_run(models.args(out), out, kill_after=rng.uniform(0, models.loop_seconds))
+    if rc == 0 or (rc == KILLED and out.exists() and not state_dir_for(out).exists()):
+        # the kill came too late: the run had finished (a kill between the final rename and the
+        # exit leaves the complete output, never a partial one)
         assert (out / ADAPTER_NAME).read_bytes() == models.ref_bytes
         return KillResult(models.units, 0, finished_early=True)
     assert rc == KILLED
@@ -196,8 +205,9 @@ def kill_randomly(models: Models, out: Path, rng: random.Random) -> KillResult:
 def _slow_only_when_asked(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("slow") is None:
         return
+    # selected by a -m expression that names slow (which "not slow" would have deselected): run
     expr = request.config.getoption("markexpr", "") or ""
-    if os.environ.get("LOWMEM_CROSSLORA_SLOW") != "1" and ("slow" not in expr or "not slow" in expr):
+    if os.environ.get("LOWMEM_CROSSLORA_SLOW") != "1" and "slow" not in expr:
         pytest.skip("slow kill/resume sweep: run with -m slow or LOWMEM_CROSSLORA_SLOW=1")
 
 
@@ -273,7 +283,7 @@ def test_sigkill_while_finishing_resumes(models: Models, tmp_path: Path) -> None
     assert res.resumed == models.units
 
 
-@pytest.mark.parametrize("seed", [0])
+@pytest.mark.parametrize("seed", [1])
 def test_sigkill_at_random_time(models: Models, tmp_path: Path, seed: int) -> None:
     res = kill_randomly(models, tmp_path / "out", random.Random(seed))
     if not res.finished_early:
@@ -281,7 +291,7 @@ def test_sigkill_at_random_time(models: Models, tmp_path: Path, seed: int) -> No
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 2, 3])
 def test_sigkill_at_random_time_more(models: Models, tmp_path: Path, seed: int) -> None:
     test_sigkill_at_random_time(models, tmp_path, seed)
 
@@ -531,7 +541,7 @@ def test_file_size_limit_mid_run_keeps_finished_work(models: Models, half_state:
 # ---- SIGTERM and SIGINT ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_signal_stops_cleanly_and_prints_resume_command(models: Models, tmp_path: Path, sig: signal.Signals) -> None:
     out = tmp_path / "out"
     # a test-only pause after each unit keeps the run inside its loop while the signal is on its way
