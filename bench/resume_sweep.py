@@ -220,8 +220,11 @@ def main() -> None:
             r = one_case(case, root, work, ref, units)
             done += 1
             flag = "ok" if r.get("byte_identical") else r["outcome"]
-            print(f"[{done:>3}/{len(cases)}] {case['name']:<20} {r['outcome']:<22} journaled={r.get('journaled', '-')!s:>3} "
-                  f"reused={r.get('resumed_units', '-')!s:>3} redone={r.get('redone_units', '-')!s:>2} {flag}", flush=True)
+            print(
+                f"[{done:>3}/{len(cases)}] {case['name']:<20} {r['outcome']:<22} journaled={r.get('journaled', '-')!s:>3} "
+                f"reused={r.get('resumed_units', '-')!s:>3} redone={r.get('redone_units', '-')!s:>2} {flag}",
+                flush=True,
+            )
             return r
 
         with ThreadPoolExecutor(max_workers=max(1, a.workers)) as pool:
@@ -243,12 +246,15 @@ def main() -> None:
     a.out.write_text(json.dumps(doc, indent=2) + "\n")
     s = summary
     print()
-    print(f"kill points tried (killed mid-run): {s['kill_points_tried']}  (hook {s['hook']['kills_mid_run']}, random {s['random']['kills_mid_run']}; "
-          f"{s['all']['finished_before_kill']} random kills came after the run had finished)")
+    print(
+        f"kill points tried (killed mid-run): {s['kill_points_tried']}  (hook {s['hook']['kills_mid_run']}, random {s['random']['kills_mid_run']}; "
+        f"{s['all']['finished_before_kill']} random kills came after the run had finished)"
+    )
     a_ = s["all"]
     print(f"resumed byte-identical: {s['byte_identical']} / {s['kill_points_tried']}; files left under the final name: {a_['left_files_under_final_name']}")
-    print(f"units redone per resume: mean {a_['redone_units_mean']}, max {a_['redone_units_max']} of {units}; "
-          f"journaled units lost: {a_['journaled_units_lost']}")
+    print(
+        f"units redone per resume: mean {a_['redone_units_mean']}, max {a_['redone_units_max']} of {units}; journaled units lost: {a_['journaled_units_lost']}"
+    )
     for p, v in s["by_point"].items():
         print(f"  {p:<15} kills {v['kills_mid_run']:>3}  identical {v['byte_identical']:>3}  redone mean {v['redone_units_mean']}  max {v['redone_units_max']}")
     r_ = s["random"]

@@ -7,8 +7,9 @@ module's (out, in) shape from config.json. Adding a family means adding a row, n
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import InputError
 
@@ -50,8 +51,7 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    name: Family(name, _LLAMA_MODULES, _LLAMA_SHAPES, _LLAMA_PREFIXES)
-    for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+    name: Family(name, _LLAMA_MODULES, _LLAMA_SHAPES, _LLAMA_PREFIXES) for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 }
 FAMILIES["gemma3"] = Family("gemma3", _LLAMA_MODULES, _LLAMA_SHAPES, _LLAMA_PREFIXES, config_section="text_config")
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -27,14 +28,17 @@ class SvdSettings:
     rank: int = 320
     oversample: int = 10
     niter: int = 2
-    exact_ratio: float = 0.8  # exact SVD when q >= exact_ratio * min(m, n)
+    exact_ratio: float = 0.5  # exact SVD when q >= exact_ratio * min(m, n)
     compute_dtype: torch.dtype = torch.float32
 
     def q_for(self, r: int, m: int, n: int) -> int:
         return min(r + self.oversample, m, n)
 
-    def uses_exact(self, r: int, m: int, n: int) -> bool:
-        return self.q_for(r, m, n) >= self.exact_ratio * min(m, n)
+    def uses_exact(self, r: int, m: int, n: int, device: str = "cpu") -> bool:
+        """LAPACK's exact SVD where r is close to min(m, n), on the CPU (where it is also the faster
+        choice). On a GPU the solver's exact SVD is slow on these shapes; there the range finder at
+        full width, q = min(m, n), is exact up to rounding and several times faster."""
+        return device == "cpu" and self.q_for(r, m, n) >= self.exact_ratio * min(m, n)
 
     def key(self) -> str:
         return f"q=r+{self.oversample},niter={self.niter},exact>={self.exact_ratio},{str(self.compute_dtype).replace('torch.', '')}"
@@ -148,15 +152,42 @@ def _orth(Y: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(Y, mode="reduced").Q
 
 
-def randomized_svd(op: MatrixOperator, r: int, q: int, niter: int, seed: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rank-r truncated SVD of the operator's matrix: q-column range finder, niter power iterations."""
+class Transposed:
+    """The transpose of an operator, without moving a byte."""
+
+    def __init__(self, op: MatrixOperator) -> None:
+        self.op = op
+        self.shape = (op.shape[1], op.shape[0])
+
+    def matmul(self, X: torch.Tensor) -> torch.Tensor:
+        return self.op.rmatmul(X)
+
+    def rmatmul(self, Y: torch.Tensor) -> torch.Tensor:
+        return self.op.matmul(Y)
+
+
+def randomized_svd(
+    op: MatrixOperator, r: int, q: int, niter: int, seed: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank-r truncated SVD of the operator's matrix: q-column range finder, niter power iterations.
+
+    A wide matrix is factored as its (tall) transpose, as torch.svd_lowrank does, so the small SVD
+    at the end is of a q x min(m, n) matrix. When q reaches min(m, n) the range finder spans the
+    whole column space in one pass, so the result is exact up to rounding and power iterations are
+    skipped.
+    """
     m, n = op.shape
+    if m < n:
+        U, S, V = randomized_svd(Transposed(op), r, q, niter, seed, device, dtype)
+        return V, S, U
+    if q >= n:
+        q, niter = n, 0
     # The test matrix is drawn where it is used: on CUDA from CUDA's own seeded generator (drawing on
     # the host and copying would cost more than the factorization); elsewhere from the CPU's.
     gen_device = device if device.type == "cuda" else torch.device("cpu")
     gen = torch.Generator(device=gen_device).manual_seed(seed)
     omega = torch.randn(n, q, generator=gen, dtype=torch.float32, device=gen_device).to(device=device, dtype=dtype)
-    Q = _orth(op.matmul(omega))
+    Q = _orth(op.matmul(omega))  # m x q
     del omega
     for _ in range(niter):
         Q = _orth(op.rmatmul(Q))
@@ -168,6 +199,11 @@ def randomized_svd(op: MatrixOperator, r: int, q: int, niter: int, seed: int, de
 
 
 def exact_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact SVD, truncated. LAPACK's divide and conquer is several times faster on a tall matrix
+    than on its wide transpose, so a wide W is factored as W^T."""
+    if W.shape[0] < W.shape[1]:
+        V, S, Uh = torch.linalg.svd(W.T, full_matrices=False)
+        return Uh[:r].T, S[:r], V[:, :r]
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     return U[:, :r], S[:r], Vh[:r].T
 
@@ -181,6 +217,6 @@ def scipy_svd(W: np.ndarray, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.
 
 
 def finish(U: torch.Tensor, S: torch.Tensor, V: torch.Tensor, method: str, device: str, t0: float) -> Basis:
-    """Fix the signs where the factors are (on the device), then bring them to the host."""
+    """Fix the signs. The factors stay where they were computed: the projection runs there too."""
     U, V = fix_signs(U, V)
-    return Basis(U.to("cpu").contiguous(), S.to("cpu"), V.to("cpu").contiguous(), method, device, time.perf_counter() - t0)
+    return Basis(U.contiguous(), S, V.contiguous(), method, device, time.perf_counter() - t0)

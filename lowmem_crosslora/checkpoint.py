@@ -101,6 +101,7 @@ class Checkpoint:
         self.tensors: dict[str, TensorInfo] = {}
         self._headers: dict[Path, dict[str, Any]] = {}
         self._open: dict[Path, Any] = {}
+        self._data_start: dict[Path, int] = {}
         for file in self._weight_files(where):
             header = read_safetensors_header(file, role)
             self._headers[file] = header
@@ -170,6 +171,29 @@ class Checkpoint:
             return self._handle(info.file).get_tensor(name)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise InputError(f"{self.role}: cannot read tensor {name} from {info.file}: {e}") from None
+
+    def advise(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes into the page cache (no-op where
+        posix_fadvise is missing). Nothing is mapped or copied: it only overlaps disk with compute."""
+        info = self.info(name)
+        advise = getattr(os, "posix_fadvise", None)
+        if advise is None:
+            return
+        header = self._headers[info.file]
+        begin, end = header[name]["data_offsets"]
+        start = self._data_start.get(info.file)
+        if start is None:
+            with open(info.file, "rb") as f:
+                start = 8 + struct.unpack("<Q", f.read(8))[0]
+            self._data_start[info.file] = start
+        try:
+            fd = os.open(info.file, os.O_RDONLY)
+            try:
+                advise(fd, start + begin, end - begin, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a 2-D tensor in its stored dtype, read from the map."""

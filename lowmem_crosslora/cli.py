@@ -8,8 +8,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import click
 
@@ -35,7 +36,13 @@ def common_inputs(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model folder (config.json + safetensors)."),
         click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model folder (config.json + safetensors)."),
         click.option("--rank", default=320, show_default=True, type=int, help="SVD rank r (clipped to each module's dimensions)."),
-        click.option("--layer-map", default="index", show_default=True, type=click.Choice(["index", "depth"]), help="index: same layer number; depth: target layer j takes source layer round(j(Ls-1)/(Lt-1))."),
+        click.option(
+            "--layer-map",
+            default="index",
+            show_default=True,
+            type=click.Choice(["index", "depth"]),
+            help="index: same layer number; depth: target layer j takes source layer round(j(Ls-1)/(Lt-1)).",
+        ),
         click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype [default: the source adapter's]."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
         click.option("--max-memory", default=None, callback=_size, help="Host memory budget, e.g. 2GB, 1.5GiB [default: half of what is available]."),
@@ -43,7 +50,9 @@ def common_inputs(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--seed", default=0, show_default=True, type=int, help="Seed mixed into every randomized SVD's key."),
         click.option("--oversample", default=10, show_default=True, type=int, help="Extra columns of the randomized range finder (q = r + oversample)."),
         click.option("--niter", default=2, show_default=True, type=int, help="Power iterations of the randomized SVD."),
-        click.option("--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of the SVD and projection."),
+        click.option(
+            "--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of the SVD and projection."
+        ),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -97,7 +106,9 @@ def transfer(out: Path, resume: bool, restart: bool, force: bool, report_path: P
     inputs = {k: kw.pop(k) for k in ("adapter", "source", "target")}
     kw["max_memory"] = kw.pop("max_memory")
     try:
-        report = run_transfer(inputs["adapter"], inputs["source"], inputs["target"], out, progress=progress, log=log, resume=resume, restart=restart, force=force, **kw)
+        report = run_transfer(
+            inputs["adapter"], inputs["source"], inputs["target"], out, progress=progress, log=log, resume=resume, restart=restart, force=force, **kw
+        )
     finally:
         close()
     if report_path is not None:
@@ -171,9 +182,11 @@ def demo(rank: int, keep: Path | None, quiet: bool) -> None:
         src = write_model(root / "source-llama", DEMO_SOURCE, dtype="float32", seed=0, spectrum="decaying")
         tgt = write_model(root / "target-qwen2", DEMO_TARGET, dtype="float32", seed=1, spectrum="decaying")
         ad = write_adapter(root / "lora-on-llama", DEMO_SOURCE, rank=8, alpha=16, seed=2, base=str(src))
-        click.echo(f"built a {DEMO_SOURCE.model_type} source (hidden {DEMO_SOURCE.hidden}, {DEMO_SOURCE.layers} layers), "
-                   f"a {DEMO_TARGET.model_type} target (hidden {DEMO_TARGET.hidden}, {DEMO_TARGET.layers} layers) and a rank-8 LoRA "
-                   f"in {root} ({time.perf_counter() - t0:.1f} s)")
+        click.echo(
+            f"built a {DEMO_SOURCE.model_type} source (hidden {DEMO_SOURCE.hidden}, {DEMO_SOURCE.layers} layers), "
+            f"a {DEMO_TARGET.model_type} target (hidden {DEMO_TARGET.hidden}, {DEMO_TARGET.layers} layers) and a rank-8 LoRA "
+            f"in {root} ({time.perf_counter() - t0:.1f} s)"
+        )
         out = root / "lora-on-qwen2"
         progress, close = _progress_printer(quiet)
         try:
@@ -183,8 +196,8 @@ def demo(rank: int, keep: Path | None, quiet: bool) -> None:
         click.echo(f"{'unit':<8} {'source':<22} {'target':<22} {'r':>4} {'energy':>7}")
         for u in report["units"]:
             click.echo(
-                f"{u['uid']:<8} {'L%d %dx%d' % (u['source_layer'], *u['source_shape']):<22} "
-                f"{'L%d %dx%d' % (u['target_layer'], *u['target_shape']):<22} {u['r']:>4} {u['energy_retained']:>7.3f}"
+                f"{u['uid']:<8} {'L{} {}x{}'.format(u['source_layer'], *u['source_shape']):<22} "
+                f"{'L{} {}x{}'.format(u['target_layer'], *u['target_shape']):<22} {u['r']:>4} {u['energy_retained']:>7.3f}"
             )
         for line in summary_lines(report):
             click.echo(line)
@@ -203,7 +216,9 @@ def main(argv: list[str] | None = None) -> None:
         e.show()
         sys.exit(2)
     except Interrupted as e:
-        cmd = " ".join(shlex.quote(a) for a in ["lowmem-crosslora", *args])
+        # The resume command is the same command without what would throw the finished work away.
+        kept = [a for a in args if a not in ("--restart", "--no-resume")]
+        cmd = " ".join(shlex.quote(a) for a in ["lowmem-crosslora", *kept])
         click.echo(f"{e}; to resume, run: {cmd}", err=True)
         sys.exit(e.exit_code)
     except CrossLoraError as e:

@@ -14,10 +14,11 @@ import math
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -49,7 +50,7 @@ class TransferOptions:
     seed: int = 0
     oversample: int = 10
     niter: int = 2
-    exact_ratio: float = 0.8
+    exact_ratio: float = 0.5
     compute_dtype: str = "float32"
     max_memory: int | None = None
     max_gpu_memory: int | None = None
@@ -130,7 +131,7 @@ def run_fingerprint(adapter: Adapter, source: Checkpoint, target: Checkpoint, op
         "source": source.fingerprint(),
         "target": target.fingerprint(),
         "options": opts.result_key(),
-        "version": 1,
+        "version": __version__,  # a release may change results: never mix two in one file
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -271,18 +272,18 @@ class Engine:
                     W = self.load(job, mplan.device)
                     self.phases["read"] += time.perf_counter() - t_read
                 t_svd = time.perf_counter()
-                if s.uses_exact(r, m, n):
+                if s.uses_exact(r, m, n, mplan.device):
                     U, S, V = exact_svd(W, r)
                     method = "exact"
                 else:
                     U, S, V = randomized_svd(InCoreMatrix(W), r, q, s.niter, seed, dev, s.compute_dtype)
-                    method = "randomized"
+                    method = "full-width" if q >= min(m, n) else "randomized"
                 del W
             else:
                 t_svd = time.perf_counter()  # blocked: reading is interleaved with the passes
                 op = BlockedMatrix(self.reader(job), (m, n), mplan.block_rows, dev, s.compute_dtype, check=self.checks)
                 U, S, V = randomized_svd(op, r, q, s.niter, seed, dev, s.compute_dtype)
-                method = "randomized-blocked"
+                method = "full-width-blocked" if q >= min(m, n) else "randomized-blocked"
             basis = finish(U, S, V, method, mplan.device, t0)
             self.phases["svd"] += time.perf_counter() - t_svd
             return basis, mplan
@@ -341,8 +342,10 @@ class Engine:
             yield job, basis, used
 
     def _read_ahead(self, job: MatrixJob, device: str) -> torch.Tensor:
-        """Pure I/O in the stored dtype (a copy out of the map, no torch kernels): running torch's
-        OpenMP kernels on a second thread beside the SVD oversubscribes the cores and slows both."""
+        """Pure I/O, no torch kernels (running torch's OpenMP kernels on a second thread beside the
+        SVD oversubscribes the cores and slows both): have the kernel read the tensor's bytes into
+        the page cache, and map it in its stored dtype; it is widened on the main thread."""
+        job.ckpt.advise(job.weight)
         return job.ckpt.read(job.weight)
 
     def close(self) -> None:
@@ -395,6 +398,9 @@ def _size_at_least(n: int) -> str:
 
 
 def basis_bytes(b: Basis) -> int:
+    """Host bytes a kept basis holds (one kept on a GPU is counted by the GPU's own figures)."""
+    if b.U.device.type != "cpu":
+        return 0
     return int(b.U.numel() + b.V.numel() + b.S.numel()) * b.U.element_size()
 
 
@@ -554,7 +560,7 @@ def _run_units(
     src_bases: dict[str, tuple[Basis, MatrixPlan]] = {}
     unit_t0 = time.perf_counter()
     index_of = {u.uid: k for k, u in enumerate(plan.units)}
-    for (job, basis, mplan), ui in zip(engine.run_jobs(jobs), job_unit):
+    for (job, basis, mplan), ui in zip(engine.run_jobs(jobs), job_unit, strict=True):
         u = pending[ui]
         if job.role == "source":
             src_bases[job.weight] = (basis, mplan)
@@ -563,9 +569,11 @@ def _run_units(
             continue
         bs, splan = src_bases[u.source_weight]
         t_proj = time.perf_counter()
-        A = ad.read(u.lora.a_name)
-        B = ad.read(u.lora.b_name)
-        proj = project_factors(A, B, bs.U, bs.V, basis.U, basis.V)
+        # Project where the target basis is (the GPU when there is one): only the small factors move.
+        dev = basis.U.device
+        A = ad.read(u.lora.a_name).to(dev)
+        B = ad.read(u.lora.b_name).to(dev)
+        proj = project_factors(A, B, bs.U.to(dev), bs.V.to(dev), basis.U, basis.V)
         out_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[plan.out_dtype]
         engine.phases["project"] += time.perf_counter() - t_proj
         seconds = time.perf_counter() - unit_t0
@@ -586,7 +594,7 @@ def _run_units(
             "method": {"source": bs.method, "target": basis.method},
             "mode": {"source": splan.mode, "target": mplan.mode},
         }
-        tensors = {u.out_a: proj.A.to(out_dtype).contiguous(), u.out_b: proj.B.to(out_dtype).contiguous()}
+        tensors = {u.out_a: proj.A.to(out_dtype).cpu().contiguous(), u.out_b: proj.B.to(out_dtype).cpu().contiguous()}
         # A finished unit is written and journaled before any stop: the stop flag is looked at
         # again before the next matrix (run_jobs) and between row blocks of a blocked SVD.
         t_write = time.perf_counter()
@@ -626,5 +634,3 @@ def adapter_config(plan: Plan, ad: Adapter, target_name: str) -> dict[str, Any]:
         "use_dora": False,
         "use_rslora": ad.use_rslora,
     }
-
-

@@ -80,9 +80,7 @@ def source_layer_for(target_layer: int, source_layers: int, target_layers: int, 
 
 def _source_units(adapter: Adapter, source: Checkpoint, skipped: list[dict[str, Any]]) -> dict[tuple[int, str], LoraModule]:
     fam = source.family
-    patterns = {
-        name: re.compile(rf"^{re.escape(source.layer_prefix)}\.(\d+)\.{re.escape(path)}$") for name, path in fam.modules.items()
-    }
+    patterns = {name: re.compile(rf"^{re.escape(source.layer_prefix)}\.(\d+)\.{re.escape(path)}$") for name, path in fam.modules.items()}
     found: dict[tuple[int, str], LoraModule] = {}
     for module_path, lora in sorted(adapter.modules.items()):
         hit = None
@@ -96,7 +94,10 @@ def _source_units(adapter: Adapter, source: Checkpoint, skipped: list[dict[str, 
             continue
         layer, name = hit
         if layer >= source.dims.num_layers:
-            raise InputError(f"adapter: module {module_path} is on layer {layer}, but the source model has {source.dims.num_layers} layers; is this adapter for this source model?")
+            raise InputError(
+                f"adapter: module {module_path} is on layer {layer}, but the source model has {source.dims.num_layers} layers; "
+                "is this adapter for this source model?"
+            )
         w = source.info(source.weight_name(layer, name))
         m_rows, n_cols = w.shape
         if lora.b_shape[0] != m_rows or lora.a_shape[1] != n_cols:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors.torch import save_file
@@ -81,6 +81,14 @@ def _weight(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype, sp
         m, n = shape
         return (torch.randn(m, n, generator=gen, device=gen.device) / math.sqrt(n)).to(dtype).cpu()
     m, n = shape
+    if spectrum.startswith("gap:") and min(m, n) <= 2048:
+        # K well-separated leading singular values (2.0 down to 1.0), then a tail 1000x smaller:
+        # the rank-K subspaces are unique and every SVD method must find the same ones.
+        k, K = min(m, n), int(spectrum.split(":")[1])
+        U, _ = torch.linalg.qr(torch.randn(m, k, generator=gen))
+        V, _ = torch.linalg.qr(torch.randn(n, k, generator=gen))
+        s = torch.cat([torch.linspace(2.0, 1.0, min(K, k)), 1e-3 * torch.rand(max(k - K, 0), generator=gen)])
+        return ((U * s) @ V.T).to(dtype)
     if spectrum == "decaying" and min(m, n) <= 1024:
         # A power-law spectrum with random singular vectors, like trained weights (small sizes only).
         k = min(m, n)
@@ -149,7 +157,17 @@ def write_model(
     return path
 
 
-def write_adapter(path: Path, spec: ModelSpec, *, rank: int = 16, alpha: float = 32, modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down"), dtype: str = "float32", seed: int = 1, base: str = "source-model") -> Path:
+def write_adapter(
+    path: Path,
+    spec: ModelSpec,
+    *,
+    rank: int = 16,
+    alpha: float = 32,
+    modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down"),
+    dtype: str = "float32",
+    seed: int = 1,
+    base: str = "source-model",
+) -> Path:
     """A PEFT LoRA adapter folder for a model of `spec`, with non-zero A and B."""
     path.mkdir(parents=True, exist_ok=True)
     fam = FAMILIES[spec.model_type]

@@ -70,8 +70,14 @@ SPECS: dict[str, Spec] = {
     "gemma": _spec("gemma", "GemmaConfig", "GemmaForCausalLM", hidden_size=64, intermediate_size=128, num_hidden_layers=2, **_heads(4, 1, 16)),
     "gemma2": _spec("gemma2", "Gemma2Config", "Gemma2ForCausalLM", hidden_size=48, intermediate_size=96, num_hidden_layers=3, **_heads(4, 2, 24)),
     "gemma3_text": _spec(
-        "gemma3_text", "Gemma3TextConfig", "Gemma3ForCausalLM", dtype="bfloat16",
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, **_heads(4, 2, 16),
+        "gemma3_text",
+        "Gemma3TextConfig",
+        "Gemma3ForCausalLM",
+        dtype="bfloat16",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        **_heads(4, 2, 16),
     ),
 }
 

@@ -40,8 +40,21 @@ def good(zoo):
 
 def transfer_args(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
-        "transfer", "--adapter", str(inputs["adapter"]), "--source", str(inputs["source"]), "--target", str(inputs["target"]),
-        "--out", str(out), "--rank", "16", "--device", "cpu", "--quiet", *extra,
+        "transfer",
+        "--adapter",
+        str(inputs["adapter"]),
+        "--source",
+        str(inputs["source"]),
+        "--target",
+        str(inputs["target"]),
+        "--out",
+        str(out),
+        "--rank",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
     ]
 
 

@@ -94,7 +94,23 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _transfer_args(p: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return ["transfer", "--adapter", str(p["ad"]), "--source", str(p["src"]), "--target", str(p["tgt"]), "--out", str(out), "--rank", "16", "--device", "cpu", "--quiet", *extra]
+    return [
+        "transfer",
+        "--adapter",
+        str(p["ad"]),
+        "--source",
+        str(p["src"]),
+        "--target",
+        str(p["tgt"]),
+        "--out",
+        str(out),
+        "--rank",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]
 
 
 def test_budget_below_one_float32_matrix_is_kept(big_pair: dict[str, Path]) -> None:
