@@ -141,12 +141,21 @@ def warm_up_cuda(device: str) -> None:
     """Create the CUDA context and the cuBLAS / cuSOLVER handles and workspaces before measuring:
     they are fixed costs of using the GPU at all (hundreds of MB of host memory, tens of MB of GPU
     memory), not working memory of the transfer."""
-    a = torch.randn(512, 256, device=device)
-    q = torch.linalg.qr(a).Q
-    torch.linalg.svd(q.T @ a, full_matrices=False)
-    torch.randn(8, 8, generator=torch.Generator(device=device).manual_seed(0), device=device)
+    from .bases import InCoreMatrix, finish, randomized_svd
+    from .project import project_factors
+
+    # A miniature of one unit, so that the kernels it uses are loaded (CUDA loads modules lazily, on
+    # first use, into host memory) before the baseline is read.
+    dev = torch.device(device)
+    w = torch.randn(300, 200).to(torch.bfloat16).to(dev).float()
+    bool(torch.isfinite(w.sum()))
+    for W in (w, w.T.contiguous()):
+        U, S, V = randomized_svd(InCoreMatrix(W), 16, 26, 1, 0, dev, torch.float32)
+        b = finish(U, S, V, "warm-up", device, 0.0)
+        U, S, V = randomized_svd(InCoreMatrix(W), 200, 200, 0, 0, dev, torch.float32)
+    project_factors(torch.randn(4, W.shape[1], device=dev), torch.randn(W.shape[0], 4, device=dev), b.U, b.V, b.U, b.V)
     torch.cuda.synchronize(device)
-    del a, q
+    del w, W, U, S, V, b
 
 
 class Budget:
