@@ -32,7 +32,7 @@ F32 = 4
 SLACK = 4 * 1024**2
 MIN_BLOCK_ROWS = 16
 # GPU headroom for the solvers' own workspaces (cuSOLVER QR and SVD), which grow with the panels.
-GPU_SLACK = 8 * 1024**2
+GPU_SLACK = 16 * 1024**2
 
 
 def _status_kib(field: str) -> int | None:
@@ -116,8 +116,14 @@ class MatrixPlan:
 
 
 def panel_bytes(m: int, n: int, q: int, r: int) -> int:
-    """The range finder's panels and the result: Y/Q (m x q), Z (n x q), QR work, U/V (r cols)."""
-    return F32 * (3 * m * q + 3 * n * q + 2 * q * q + (m + n) * r)
+    """Peak memory of the range finder beside the matrix, for the tall orientation M x N it uses.
+
+    A power step holds the old basis, the new panel and the QR's output (2Mq + Nq); the last step
+    holds Q, Bt = W^T Q, the small SVD's factors and workspace, and U = Q Vh^T (Mq + Mr + 3Nq + 4q^2).
+    The kept result (U, V: (M + N) r) is counted by whoever keeps it.
+    """
+    M, N = max(m, n), min(m, n)
+    return F32 * max(2 * M * q + N * q, M * q + M * r + 3 * N * q + 4 * q * q)
 
 
 def stored_bytes(dtype: str) -> int:

@@ -19,7 +19,6 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 SRC = ModelSpec("llama", 256, 768, 2, 4, 2, 64, vocab=64)
 TGT = ModelSpec("qwen2", 320, 896, 2, 5, 1, 64, vocab=64)
-SAME = ModelSpec("qwen2", 256, 768, 2, 4, 2, 64, vocab=64)  # the source's shapes, another family
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +27,6 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "src": write_model(root / "src", SRC, dtype="float32", seed=0, spectrum="gap:32"),
         "tgt": write_model(root / "tgt", TGT, dtype="float32", seed=1, spectrum="gap:32"),
-        "tgt_same": write_model(root / "tgt_same", SAME, dtype="float32", seed=3, spectrum="decaying"),
         "ad": write_adapter(root / "ad", SRC, rank=8, alpha=16, seed=2),
         "root": root,
     }
@@ -41,10 +39,12 @@ def _deltas(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("case", ["randomized", "full-rank"])
 def test_cuda_agrees_with_cpu(pair: dict[str, Path], case: str) -> None:
-    """CPU and GPU find the same subspaces where they are unique: rank 32 on weights with a clear gap
-    after index 32 (randomized on both), and full rank on a target of the source's shapes (LAPACK's
-    exact SVD on the CPU, the full-width range finder on the GPU)."""
-    tgt, rank = (pair["tgt"], 32) if case == "randomized" else (pair["tgt_same"], 4096)
+    """CPU and GPU agree where the answer is unique: rank 32 on weights with a clear gap after index 32
+    (randomized on both), and self-transfer at full rank (LAPACK's exact SVD on the CPU, the
+    full-width range finder on the GPU), where dW_t = U U^T dW V V^T depends on subspaces only.
+    (Across two models at full rank, P_U = U_t U_s^T pairs individual singular vectors, which float
+    rounding rotates inside clusters of nearly equal singular values: no tolerance is meaningful.)"""
+    tgt, rank = (pair["tgt"], 32) if case == "randomized" else (pair["src"], 4096)
     cpu = transfer(pair["ad"], pair["src"], tgt, pair["root"] / f"cpu-{case}", rank=rank, device="cpu")
     gpu = transfer(pair["ad"], pair["src"], tgt, pair["root"] / f"gpu-{case}", rank=rank, device="cuda")
     assert gpu["summary"]["device"].startswith("cuda")
