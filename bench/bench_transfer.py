@@ -36,6 +36,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from lowmem_crosslora.memory import host_resident  # noqa: E402
 from lowmem_crosslora.synthetic import LLAMA32_3B, QWEN25_15B, ModelSpec, write_adapter, write_model  # noqa: E402
 
 QWEN25_05B = ModelSpec("qwen2", 896, 4864, 24, 14, 2, 64, vocab=151936)
@@ -72,20 +73,6 @@ def warm(paths: list[Path]) -> None:
                         pass
 
 
-def _status(pid: int) -> tuple[int, int]:
-    anon = file = 0
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    anon = int(line.split()[1]) * 1024
-                elif line.startswith("RssFile:"):
-                    file = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return anon, file
-
-
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
     """Run cmd, sampling its private and file-backed resident memory; return wall time, peaks, stdout."""
     t0 = time.perf_counter()
@@ -94,7 +81,7 @@ def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
 
     def sample() -> None:
         while proc.poll() is None:
-            a, f = _status(proc.pid)
+            a, f = host_resident(proc.pid)
             peaks["anon"] = max(peaks["anon"], a)
             peaks["file"] = max(peaks["file"], f)
             time.sleep(0.01)

@@ -46,11 +46,11 @@ def _status_kib(field: str) -> int | None:
     return None
 
 
-def host_resident() -> tuple[int, int]:
-    """(private, file-backed) resident bytes of this process."""
+def host_resident(pid: int | str = "self") -> tuple[int, int]:
+    """(private, file-backed) resident bytes of a process (this one by default)."""
     anon = file = None
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 if line.startswith("RssAnon:"):
                     anon = int(line.split()[1]) * 1024
@@ -59,7 +59,7 @@ def host_resident() -> tuple[int, int]:
     except OSError:
         pass
     if anon is None:
-        return host_anon_bytes(), 0
+        return (host_anon_bytes(), 0) if pid == "self" else (0, 0)
     return anon, file or 0
 
 

@@ -252,3 +252,24 @@ def copy_tree(src: Path, dst: Path) -> Path:
 
 def peft_scale(r: int, alpha: float, rslora: bool) -> float:
     return alpha / math.sqrt(r) if rslora else alpha / r
+
+
+def transfer_args(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    """CLI arguments of a small CPU transfer of inputs["adapter"] from inputs["source"] to inputs["target"]."""
+    return [
+        "transfer",
+        "--adapter",
+        str(inputs["adapter"]),
+        "--source",
+        str(inputs["source"]),
+        "--target",
+        str(inputs["target"]),
+        "--out",
+        str(out),
+        "--rank",
+        "16",
+        "--device",
+        "cpu",
+        "--quiet",
+        *extra,
+    ]

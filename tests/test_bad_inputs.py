@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_tensors, run_cli, run_module
+from conftest import read_tensors, run_cli, run_module, transfer_args
 from safetensors.torch import load_file, save_file
 
 from lowmem_crosslora.output import state_dir_for
@@ -36,26 +36,6 @@ def write_pickle_bomb(path: Path, marker: Path) -> None:
 def good(zoo):
     """Valid inputs: a llama adapter, llama source, qwen2 target."""
     return {"adapter": zoo.adapter("llama"), "source": zoo.model("llama"), "target": zoo.model("qwen2")}
-
-
-def transfer_args(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [
-        "transfer",
-        "--adapter",
-        str(inputs["adapter"]),
-        "--source",
-        str(inputs["source"]),
-        "--target",
-        str(inputs["target"]),
-        "--out",
-        str(out),
-        "--rank",
-        "16",
-        "--device",
-        "cpu",
-        "--quiet",
-        *extra,
-    ]
 
 
 def assert_one_error_line(code: int, out: str, err: str, want_code: int = 2) -> str:

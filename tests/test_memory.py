@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import transfer_args
 from safetensors.torch import load_file
 
 from lowmem_crosslora import memory, transfer
@@ -37,7 +38,7 @@ def big_pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     src = write_model(root / "src", BIG_SRC, dtype="bfloat16", seed=3)
     tgt = write_model(root / "tgt", BIG_TGT, dtype="bfloat16", seed=4)
     ad = write_adapter(root / "ad", BIG_SRC, rank=8, alpha=16, seed=5)
-    return {"src": src, "tgt": tgt, "ad": ad, "root": root}
+    return {"source": src, "target": tgt, "adapter": ad, "root": root}
 
 
 def test_parse_and_format_sizes() -> None:
@@ -93,31 +94,11 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "lowmem_crosslora", *args], capture_output=True, text=True, timeout=600)
 
 
-def _transfer_args(p: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [
-        "transfer",
-        "--adapter",
-        str(p["ad"]),
-        "--source",
-        str(p["src"]),
-        "--target",
-        str(p["tgt"]),
-        "--out",
-        str(out),
-        "--rank",
-        "16",
-        "--device",
-        "cpu",
-        "--quiet",
-        *extra,
-    ]
-
-
 def test_budget_below_one_float32_matrix_is_kept(big_pair: dict[str, Path]) -> None:
     budget = int(0.75 * LARGEST_F32)
     out_small = big_pair["root"] / "out-small"
     out_ref = big_pair["root"] / "out-ref"
-    r = _run_cli(*_transfer_args(big_pair, out_small, "--max-memory", str(budget)))
+    r = _run_cli(*transfer_args(big_pair, out_small, "--max-memory", str(budget)))
     assert r.returncode == 0, r.stderr
     report = json.loads((out_small / "crosslora_report.json").read_text())
     s = report["summary"]
@@ -125,7 +106,7 @@ def test_budget_below_one_float32_matrix_is_kept(big_pair: dict[str, Path]) -> N
     assert s["peak_working_bytes"] <= budget, (format_size(s["peak_working_bytes"]), format_size(budget))
     modes = {u["mode"]["source"] for u in report["units"]} | {u["mode"]["target"] for u in report["units"]}
     assert "blocked" in modes
-    r = _run_cli(*_transfer_args(big_pair, out_ref))
+    r = _run_cli(*transfer_args(big_pair, out_ref))
     assert r.returncode == 0, r.stderr
     ref_report = json.loads((out_ref / "crosslora_report.json").read_text())
     assert {u["mode"]["target"] for u in ref_report["units"]} == {"in-core"}
@@ -143,7 +124,7 @@ def test_budget_below_one_float32_matrix_is_kept(big_pair: dict[str, Path]) -> N
 
 def test_budget_too_small_exits_3_naming_the_smallest(big_pair: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "out"
-    r = _run_cli(*_transfer_args(big_pair, out, "--max-memory", "1MB"))
+    r = _run_cli(*transfer_args(big_pair, out, "--max-memory", "1MB"))
     assert r.returncode == 3, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and "smallest budget that works is" in lines[0]
@@ -166,9 +147,9 @@ def test_crossing_the_budget_stops_cleanly_and_keeps_units(big_pair: dict[str, P
 
     monkeypatch.setattr(memory, "host_resident", fake)
     with pytest.raises(BudgetError, match="over the --max-memory budget"):
-        transfer(big_pair["ad"], big_pair["src"], big_pair["tgt"], out, rank=16, device="cpu", max_memory=parse_size("2GB"), progress=progress)
+        transfer(big_pair["adapter"], big_pair["source"], big_pair["target"], out, rank=16, device="cpu", max_memory=parse_size("2GB"), progress=progress)
     assert not out.exists()
     monkeypatch.setattr(memory, "host_resident", real)
-    report = transfer(big_pair["ad"], big_pair["src"], big_pair["tgt"], out, rank=16, device="cpu")
+    report = transfer(big_pair["adapter"], big_pair["source"], big_pair["target"], out, rank=16, device="cpu")
     assert report["summary"]["resumed_units"] > 0
     assert (out / "adapter_model.safetensors").exists()
