@@ -27,7 +27,7 @@ from .adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
 from .bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, finish, randomized_svd, scipy_svd, seed_for
 from .checkpoint import Checkpoint
 from .errors import BudgetError, CrossLoraError, InputError, Interrupted
-from .memory import Budget, MatrixPlan, release_free_memory, stored_bytes, tune_allocator
+from .memory import Budget, MatrixPlan, host_anon_bytes, release_free_memory, stored_bytes, tune_allocator
 from .output import Layout, PartialOutput, journal_fingerprint, state_dir_for
 from .plan import Plan, Unit, build_plan
 from .project import project_factors
@@ -250,10 +250,13 @@ class Engine:
                 raise
             # Name the budget that works for the whole run, not just for this matrix: a larger
             # matrix later on would otherwise refuse the figure this message gives.
-            need = smallest_budget(self.budget, self.matrices)
+            # What the planner needs now, plus room for what the process's own figure creeps up by
+            # over a run (allocator fragmentation, kept bases measured rather than modelled).
+            creep = max(0, host_anon_bytes() - self.budget.baseline - self.retained)
+            need = int(smallest_budget(self.budget, self.matrices, creep) * 1.25) + (8 << 20)
             raise BudgetError(
                 f"--max-memory {format_size(self.budget.max_host)} is too small for this transfer "
-                f"(a {m} x {n} matrix at q={q} does not fit): the smallest budget that works is {_size_at_least(need)}"
+                f"(a {m} x {n} matrix at q={q} does not fit): the smallest budget that works is about {_size_at_least(need)}"
             ) from None
 
     def factor(self, job: MatrixJob, mplan: MatrixPlan, preloaded: torch.Tensor | None = None) -> tuple[Basis, MatrixPlan]:
@@ -364,16 +367,17 @@ def all_finite(t: torch.Tensor) -> bool:
     return all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
 
 
-def smallest_budget(budget: Budget, matrices: list[tuple[int, int, int, int, str, int]]) -> int:
+def smallest_budget(budget: Budget, matrices: list[tuple[int, int, int, int, str, int]], creep: int = 0) -> int:
     """The smallest --max-memory under which the budget's own planner fits every matrix of a run
-    (with the bases held at that point), found by bisection over that planner."""
+    (with the bases held at that point, plus `creep`: what the measured figure runs above the
+    modelled one), found by bisection over that planner."""
 
     def fits(limit: int) -> bool:
         probe = copy.copy(budget)
         probe.max_host = limit
         try:
             for m, n, q, r, dtype, retained in matrices:
-                probe.plan_matrix(m, n, q, r, dtype, retained=retained)
+                probe.plan_matrix(m, n, q, r, dtype, retained=retained, held=retained + creep)
         except BudgetError:
             return False
         return True

@@ -202,7 +202,9 @@ class Budget:
     def host_room(self) -> int:
         return self.max_host - SLACK
 
-    def plan_matrix(self, m: int, n: int, q: int, r: int, dtype: str, retained: int = 0, prefer_device: str | None = None) -> MatrixPlan:
+    def plan_matrix(
+        self, m: int, n: int, q: int, r: int, dtype: str, retained: int = 0, prefer_device: str | None = None, held: int | None = None
+    ) -> MatrixPlan:
         """Pick device, in-core or blocked, and block size for one m x n matrix; BudgetError if none fits.
 
         `retained` is memory already held for the unit (the other model's basis).
@@ -211,7 +213,8 @@ class Budget:
         panels = panel_bytes(m, n, q, r)
         native = stored_bytes(dtype)
         # What is held now, measured (it includes the retained bases and any allocator creep).
-        held = max(retained, host_anon_bytes() - self.baseline)
+        if held is None:  # what is held now, measured (includes the retained bases and allocator creep)
+            held = max(retained, host_anon_bytes() - self.baseline)
         room = self.host_room() - held
         if device != "cpu":
             # What the GPU holds now (kept bases, the caching allocator's live blocks), measured.

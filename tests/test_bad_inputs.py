@@ -398,16 +398,15 @@ def test_budget_too_small_exits_3_naming_the_smallest_budget(capsys, good, tmp_p
     out = tmp_path / "out"
     rc, stdout, stderr = run_cli(transfer_args(good, out, "--max-memory", "1MB"), capsys)
     line = assert_one_error_line(rc, stdout, stderr, want_code=3)
-    m = re.search(r"smallest budget that works is ([0-9.]+ ?[KMG]i?B)", line)
+    m = re.search(r"smallest budget that works is (?:about )?([0-9.]+ ?[KMG]i?B)", line)
     assert m, line
     from lowmem_crosslora.sizes import parse_size
 
     named = parse_size(m.group(1).replace(" ", ""))
     assert named > 1_000_000
     assert not out.exists()
-    # and the budget it names does work (with a quarter more for what the planner measures live:
-    # allocator creep between the refusal and the rerun)
-    rc, stdout, stderr = run_cli(transfer_args(good, out, "--max-memory", str(int(named * 1.25))), capsys)
+    # and the budget it names does work (the figure includes headroom for the allocator's creep)
+    rc, stdout, stderr = run_cli(transfer_args(good, out, "--max-memory", str(named)), capsys)
     assert rc == 0, stderr
     assert (out / "adapter_model.safetensors").exists()
 
