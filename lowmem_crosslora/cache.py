@@ -177,7 +177,11 @@ class BasisCache:
         mismatching entry is deleted (with a warning) and None returned."""
         path = self.path_for(key)
         try:
-            data = bytearray(path.read_bytes())
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                data = bytearray(size)
+                if f.readinto(data) != size:
+                    data = data[: f.tell()]  # shrank under us: verification rejects it
         except FileNotFoundError:
             self.misses += 1
             return None
@@ -212,8 +216,6 @@ class BasisCache:
         header = json.loads(bytes(data[8 : 8 + n]))
         meta = header.get("__metadata__") or {}
         payload = memoryview(data)[8 + n :]
-        if meta.get("payload_sha256") != hashlib.sha256(payload).hexdigest():
-            raise ValueError("checksum mismatch")
         if json.loads(meta["key"]) != key.fields():
             raise ValueError("key mismatch")
         m, ncols = key.shape
@@ -224,6 +226,7 @@ class BasisCache:
             return None
         want = {"U": [m, stored_r], "S": [stored_r], "V": [ncols, stored_r]}
         out: dict[str, torch.Tensor] = {}
+        check = hashlib.sha256()
         for name, shape in want.items():
             info = header[name]
             dtype = _DTYPES[info["dtype"]]
@@ -235,14 +238,17 @@ class BasisCache:
                 count *= d
             if end - begin != count * dtype.itemsize or end > len(payload):
                 raise ValueError(f"tensor {name} has corrupt offsets")
+            check.update(payload[begin:end])
             out[name] = torch.frombuffer(payload, dtype=dtype, count=count, offset=begin).reshape(shape)
+        if meta.get("payload_sha256") != check.hexdigest():
+            raise ValueError("checksum mismatch")
         U, S, V = out["U"], out["S"], out["V"]
         if not bool(torch.isfinite(S).all()):
             raise ValueError("non-finite singular values")
-        if stored_r != r:
-            U, S, V = U[:, :r], S[:r], V[:, :r]
-        # Own the bytes (the buffer goes away), contiguous as a computed basis is.
-        return U.contiguous().clone(), S.clone(), V.contiguous().clone(), str(meta.get("method", key.method))
+        method = str(meta.get("method", key.method))
+        if stored_r == r:  # views of the buffer, which they keep alive (no copy)
+            return U, S, V, method
+        return U[:, :r].contiguous(), S[:r].clone(), V[:, :r].contiguous(), method
 
     # ---- writing ----------------------------------------------------------------------------
     def put(self, key: CacheKey, basis: Basis, name: str = "", model: str = "") -> None:
@@ -261,11 +267,11 @@ class BasisCache:
             "model": model,
             "created": f"{time.time():.3f}",
         }
-        # The checksum covers the data section, which does not depend on the metadata: build once
-        # without it to learn the payload bytes, then again with it.
-        raw = save(tensors, metadata=meta)
-        (n,) = struct.unpack("<Q", raw[:8])
-        meta["payload_sha256"] = hashlib.sha256(raw[8 + n :]).hexdigest()
+        # The checksum covers the tensors' bytes, U then S then V.
+        check = hashlib.sha256()
+        for t in (U, S, V):
+            check.update(t.numpy().data.cast("B") if t.numel() else b"")
+        meta["payload_sha256"] = check.hexdigest()
         raw = save(tensors, metadata=meta)
         tmp: str | None = None
         try:

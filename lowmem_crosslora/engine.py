@@ -208,6 +208,10 @@ class Engine:
     phases: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "svd": 0.0, "project": 0.0, "write": 0.0})
     _pool: ThreadPoolExecutor | None = None
     _hashes: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The cache write in flight (one at a time, on its own thread, overlapping the next SVD) and
+    # the host bytes it holds (the basis and its serialized copy), counted as retained meanwhile.
+    _writer: ThreadPoolExecutor | None = None
+    _pending: tuple[Future[None], int] | None = None
 
     def checks(self) -> None:
         self.stop.check()
@@ -370,12 +374,42 @@ class Engine:
 
     def store(self, job: MatrixJob, basis: Basis) -> None:
         """Keep a freshly computed basis (never a fallback's: scipy's LAPACK driver is not the
-        engine's method, and a rerun should try the engine's again)."""
-        if self.cache is None or not self.cache.writable or basis.method.startswith(("scipy", "cached")):
+        engine's method, and a rerun should try the engine's again). The write (serializing,
+        checksum, fsync) runs on a thread of its own while the next matrix is factored; one write
+        is in flight at a time, and its bytes count as held memory until it ends."""
+        if self.cache is None or basis.method.startswith(("scipy", "cached")):
             return
+        self.flush_cache()
+        if not self.cache.writable:
+            return
+        key = self.cache_key(job, basis.device)
+        cost = 2 * int(basis.U.numel() + basis.S.numel() + basis.V.numel()) * basis.U.element_size()
+        if not self.budget.fits_host(cost, self.retained):  # no room beside the next matrix: write now
+            t0 = time.perf_counter()
+            self.cache.put(key, basis, name=job.weight, model=str(job.ckpt.path))
+            self.phases["cache"] = self.phases.get("cache", 0.0) + time.perf_counter() - t0
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-cache")
+        self.retained += cost
+        self._pending = (self._writer.submit(self.cache.put, key, basis, job.weight, str(job.ckpt.path)), cost)
+
+    def flush_cache(self) -> None:
+        """Wait for the cache write in flight, if any."""
+        if self._pending is None:
+            return
+        fut, cost = self._pending
+        self._pending = None
         t0 = time.perf_counter()
-        self.cache.put(self.cache_key(job, basis.device), basis, name=job.weight, model=str(job.ckpt.path))
-        self.phases["cache"] = self.phases.get("cache", 0.0) + time.perf_counter() - t0
+        try:
+            fut.result()
+        except Exception as e:  # noqa: BLE001 - the cache is an optimisation: never a reason to fail
+            if self.cache is not None:
+                self.cache.writable = False
+                self.cache._warn(f"basis cache: writing an entry failed ({e}); continuing without storing bases")
+        finally:
+            self.retained -= cost
+            self.phases["cache"] = self.phases.get("cache", 0.0) + time.perf_counter() - t0
 
     def _prefetch_bytes(self, job: MatrixJob, device: str) -> int:
         m, n = job.shape
@@ -435,6 +469,10 @@ class Engine:
         return job.ckpt.read(job.weight)
 
     def close(self) -> None:
+        self.flush_cache()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None

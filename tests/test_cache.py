@@ -308,26 +308,34 @@ def _env(kill: str | None) -> dict[str, str]:
     return env
 
 
-@pytest.mark.parametrize("kill, hits", [("after_unit:3", 0), ("mid_write:4", 2)])
-def test_resume_recomputes_nothing_cached(models: Path, tmp_path: Path, kill: str, hits: int) -> None:
+@pytest.mark.parametrize("kill", ["after_unit:3", "mid_write:4"])
+def test_resume_recomputes_nothing_cached(models: Path, tmp_path: Path, kill: str) -> None:
+    """Units 0..3 are journaled in both cases; mid_write:4 also factored unit 4's two weights.
+    A basis is written to the cache on a thread of its own while the next matrix is factored, and a
+    write waits for the one before, so the kill may catch the last write in flight: every earlier
+    basis is in the cache, the last one may be."""
     cache, out = tmp_path / "cache", tmp_path / "out"
     p = subprocess.run(_cli(models, out, cache), env=_env(kill), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.returncode == -signal.SIGKILL, p.stderr
     before = {f.name: f.stat().st_ino for f in entry_files(cache)}
-    done = 4  # units 0..3 are journaled in both cases; mid_write:4 also factored unit 4's two weights
-    assert len(before) == 2 * done + hits
+    done = 4
+    factored = 2 * done + (2 if kill.startswith("mid_write") else 0)
+    assert len(before) in (factored - 1, factored), len(before)
+    hits = max(0, len(before) - 2 * done)  # the entries of unit 4, which the resume needs
     p = subprocess.run(_cli(models, out, cache), env=_env(None), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.returncode == 0, p.stderr
     report = json.loads((out / "crosslora_report.json").read_text())
     c = report["summary"]["cache"]
     assert report["summary"]["resumed_units"] == done
-    assert c["hits"] == hits and c["stored"] == MATRICES - len(before), c
+    assert c["hits"] == hits and c["stored"] == 2 * (UNITS - done) - hits, c
     after = {f.name: f.stat().st_ino for f in entry_files(cache)}
-    assert len(after) == MATRICES
+    assert len(after) == len(before) + c["stored"]
     assert all(after[name] == ino for name, ino in before.items())  # no entry of the killed run was rewritten
-    if hits:  # unit 4 (0.gate) was factored but not journaled by the killed run: redone from the cache
+    if kill.startswith("mid_write"):  # unit 4 (0.gate) was factored, not journaled: redone from the cache
+        assert hits >= 1
         unit4 = next(u for u in report["units"] if u["uid"] == "0.gate")
-        assert unit4["method"]["source"].startswith("cached:") and unit4["method"]["target"].startswith("cached:")
+        assert unit4["method"]["source"].startswith("cached:")
+        assert unit4["method"]["target"].startswith("cached:") == (hits == 2)
     # The result equals an uninterrupted run's with the same thread settings.
     ref = tmp_path / "ref"
     p = subprocess.run([*_cli(models, ref, tmp_path / "c2"), "--no-cache"], env=_env(None), capture_output=True, text=True, timeout=120, cwd=REPO)
