@@ -341,3 +341,26 @@ def test_resume_recomputes_nothing_cached(models: Path, tmp_path: Path, kill: st
     p = subprocess.run([*_cli(models, ref, tmp_path / "c2"), "--no-cache"], env=_env(None), capture_output=True, text=True, timeout=120, cwd=REPO)
     assert p.returncode == 0, p.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
+
+
+def test_entries_that_do_not_fit_the_budget_are_computed(models: Path, reference: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reading an entry is planned inside --max-memory: when the planner says it does not fit, the
+    basis is computed instead (and a write that does not fit beside the next matrix is done at once)."""
+    from lowmem_crosslora.memory import Budget
+
+    cache = tmp_path / "cache"
+    run(models, tmp_path / "a", cache)
+    asked: list[int] = []
+
+    def no_room(self: Budget, nbytes: int, retained: int = 0) -> bool:
+        asked.append(nbytes)
+        return False
+
+    monkeypatch.setattr(Budget, "fits_host", no_room)
+    rep, data, msgs = run(models, tmp_path / "b", cache)
+    assert data == reference and msgs == []
+    c = rep["summary"]["cache"]
+    assert c["hits"] == 0 and c["stored"] == MATRICES
+    assert not any(m.startswith("cached:") for m in methods(rep))
+    # Each lookup asked for at least the basis it would hold: 4 (m + n + 1) r bytes.
+    assert len(asked) >= MATRICES and min(asked) >= 4 * (32 + 64 + 1) * RANK
