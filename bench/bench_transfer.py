@@ -105,8 +105,13 @@ def baseline_private() -> int:
 
 
 def ours(src: Path, tgt: Path, ad: Path, out: Path, device: str, extra: list[str]) -> dict:
+    """A cold run: a fresh, empty basis cache (the run fills it, as a first run does)."""
     if out.exists():
         shutil.rmtree(out)
+    cache = out.parent / f"{out.name}-cache"
+    if cache.exists():
+        shutil.rmtree(cache)
+    extra = ["--cache-dir", str(cache), *extra]
     cmd = [
         sys.executable,
         "-m",

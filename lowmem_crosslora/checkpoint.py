@@ -181,11 +181,7 @@ class Checkpoint:
             return
         header = self._headers[info.file]
         begin, end = header[name]["data_offsets"]
-        start = self._data_start.get(info.file)
-        if start is None:
-            with open(info.file, "rb") as f:
-                start = 8 + struct.unpack("<Q", f.read(8))[0]
-            self._data_start[info.file] = start
+        start = self._data_offset(info.file)
         try:
             fd = os.open(info.file, os.O_RDONLY)
             try:
@@ -194,6 +190,26 @@ class Checkpoint:
                 os.close(fd)
         except OSError:
             pass
+
+    def _data_offset(self, file: Path) -> int:
+        start = self._data_start.get(file)
+        if start is None:
+            with open(file, "rb") as f:
+                start = 8 + struct.unpack("<Q", f.read(8))[0]
+            self._data_start[file] = start
+        return start
+
+    def content_hash(self, name: str) -> str:
+        """BLAKE2b-256 of a tensor's bytes as stored (the basis cache's content key), read once
+        through a memory map; the pages stay in the page cache for the read that may follow."""
+        from .cache import content_hash
+
+        info = self.info(name)
+        begin, end = self._headers[info.file][name]["data_offsets"]
+        try:
+            return content_hash(info.file, self._data_offset(info.file) + begin, end - begin)
+        except (OSError, ValueError) as e:
+            raise InputError(f"{self.role}: cannot read tensor {name} from {info.file}: {e}") from None
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows [start, stop) of a 2-D tensor in its stored dtype, read from the map."""

@@ -65,14 +65,14 @@ def cli() -> None:
     """Move a LoRA adapter onto a different base model (Cross-LoRA), data-free, in bounded memory."""
 
 
-def _progress_printer(quiet: bool) -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:
+def _progress_printer(quiet: bool, label: str = "transfer") -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:
     if quiet:
         return None, lambda: None
     state: dict[str, Any] = {"bar": None, "last": 0}
 
     def progress(done: int, total: int, uid: str) -> None:
         if state["bar"] is None:
-            state["bar"] = click.progressbar(length=total, label="transfer", file=sys.stderr, show_pos=True, show_eta=True, item_show_func=lambda x: x)
+            state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True, item_show_func=lambda x: x)
             state["bar"].__enter__()
         bar = state["bar"]
         bar.current_item = uid or None
@@ -87,6 +87,25 @@ def _progress_printer(quiet: bool) -> tuple[Callable[[int, int, str], None] | No
     return progress, close
 
 
+def _warn(msg: str) -> None:
+    click.echo(f"warning: {msg}", err=True)
+
+
+def cache_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option(
+        "--cache-limit",
+        default=None,
+        callback=_size,
+        help="Size limit of the basis cache; least recently used entries are evicted past it [default: 20GB].",
+    )(f)
+    return click.option(
+        "--cache-dir",
+        default=None,
+        type=click.Path(path_type=Path),
+        help="Basis cache folder [default: the platform's user cache folder, e.g. ~/.cache/lowmem-crosslora].",
+    )(f)
+
+
 @cli.command()
 @common_inputs
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output adapter folder (created; must be empty unless --force).")
@@ -96,7 +115,9 @@ def _progress_printer(quiet: bool) -> tuple[Callable[[int, int, str], None] | No
 @click.option("--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def transfer(out: Path, resume: bool, restart: bool, force: bool, report_path: Path | None, quiet: bool, as_json: bool, **kw: Any) -> None:
+@cache_options
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the basis cache.")
+def transfer(out: Path, resume: bool, restart: bool, force: bool, report_path: Path | None, quiet: bool, as_json: bool, no_cache: bool, **kw: Any) -> None:
     """Transfer --adapter from --source onto --target, writing a PEFT adapter folder at --out."""
     from .engine import transfer as run_transfer
     from .report import summary_lines
@@ -105,9 +126,21 @@ def transfer(out: Path, resume: bool, restart: bool, force: bool, report_path: P
     log = (lambda msg: click.echo(msg, err=True)) if not quiet else None
     inputs = {k: kw.pop(k) for k in ("adapter", "source", "target")}
     kw["max_memory"] = kw.pop("max_memory")
+    kw["cache_dir"] = str(kw["cache_dir"]) if kw["cache_dir"] is not None else None
     try:
         report = run_transfer(
-            inputs["adapter"], inputs["source"], inputs["target"], out, progress=progress, log=log, resume=resume, restart=restart, force=force, **kw
+            inputs["adapter"],
+            inputs["source"],
+            inputs["target"],
+            out,
+            progress=progress,
+            log=log,
+            warn=_warn,
+            resume=resume,
+            restart=restart,
+            force=force,
+            use_cache=not no_cache,
+            **kw,
         )
     finally:
         close()
@@ -119,6 +152,91 @@ def transfer(out: Path, resume: bool, restart: bool, force: bool, report_path: P
         for line in summary_lines(report):
             click.echo(line)
         click.echo(f"wrote {out}")
+
+
+@cli.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("--rank", required=True, type=int, help="SVD rank R; each weight is stored at min(R, m, n).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps (the device of the transfers that will use them).")
+@click.option("--max-memory", default=None, callback=_size, help="Host memory budget [default: half of what is available].")
+@click.option("--max-gpu-memory", default=None, callback=_size, help="GPU memory budget [default: 80% of free GPU memory].")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed mixed into every randomized SVD's key.")
+@click.option("--oversample", default=10, show_default=True, type=int, help="Extra columns of the randomized range finder.")
+@click.option("--niter", default=2, show_default=True, type=int, help="Power iterations of the randomized SVD.")
+@click.option("--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of the SVD.")
+@cache_options
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def bases(model: Path, rank: int, quiet: bool, as_json: bool, cache_dir: Path | None, **kw: Any) -> None:
+    """Precompute MODEL's SVD factors (q, k, v, o, gate, up, down of every layer) into the basis cache,
+    so that a later transfer with the same --rank, --seed, SVD settings and device type only projects."""
+    from .engine import precompute_bases
+
+    progress, close = _progress_printer(quiet or as_json, label="bases")
+    try:
+        summary = precompute_bases(model, rank, cache_dir=cache_dir, progress=progress, warn=_warn, **kw)
+    finally:
+        close()
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, sort_keys=True))
+    elif not quiet:
+        c = summary["cache"]
+        how = ", ".join(f"{v} {k}" for k, v in summary["methods"].items())
+        click.echo(f"{summary['matrices']} matrices of {summary['model']} in {summary['seconds']:.1f} s ({how})")
+        click.echo(f"cache {c['dir']}: {c['stored']} stored, {c['hits']} already there")
+
+
+@cli.group()
+def cache() -> None:
+    """The basis cache: list, prune or clear stored SVD factors."""
+
+
+def _open_cache(cache_dir: Path | None) -> Any:
+    from .cache import BasisCache
+
+    return BasisCache(cache_dir, warn=_warn)
+
+
+@cache.command("ls")
+@click.option("--cache-dir", default=None, type=click.Path(path_type=Path), help="Basis cache folder [default: the platform's].")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
+    """List the entries, least recently used first, and the total size."""
+    from .sizes import format_size
+
+    c = _open_cache(cache_dir)
+    rows = [c.describe(e) for e in c.entries()]
+    total = sum(r["size"] for r in rows)
+    if as_json:
+        click.echo(json.dumps({"dir": str(c.root), "entries": rows, "total_bytes": total}, indent=2, sort_keys=True))
+        return
+    for r in rows:
+        shape = "x".join(str(d) for d in r["shape"]) if r["shape"] else "?"
+        used = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["last_used"]))
+        click.echo(f"{used}  {format_size(r['size']):>10}  r={r['r'] or '?':<4} {shape:<11} {r['method'] or '?':<12} {r['tensor'] or r['file']}")
+    click.echo(f"{len(rows)} entries, {format_size(total)} in {c.root}")
+
+
+@cache.command("prune")
+@click.option("--cache-dir", default=None, type=click.Path(path_type=Path), help="Basis cache folder [default: the platform's].")
+@click.option("--max-size", default="20GB", show_default=True, callback=_size, help="Evict least recently used entries until the cache is at most this size.")
+def cache_prune(cache_dir: Path | None, max_size: int) -> None:
+    """Evict least recently used entries down to --max-size."""
+    from .sizes import format_size
+
+    c = _open_cache(cache_dir)
+    removed = c.prune(max_size)
+    left = sum(e.size for e in c.entries())
+    click.echo(f"removed {len(removed)} entries; {format_size(left)} left in {c.root}")
+
+
+@cache.command("clear")
+@click.option("--cache-dir", default=None, type=click.Path(path_type=Path), help="Basis cache folder [default: the platform's].")
+def cache_clear(cache_dir: Path | None) -> None:
+    """Delete every entry."""
+    c = _open_cache(cache_dir)
+    n = c.clear()
+    click.echo(f"removed {n} entries from {c.root}")
 
 
 @cli.command()

@@ -14,6 +14,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -25,6 +26,7 @@ import torch
 from . import __version__
 from .adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
 from .bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, finish, randomized_svd, scipy_svd, seed_for
+from .cache import BasisCache, CacheKey
 from .checkpoint import Checkpoint
 from .errors import BudgetError, CrossLoraError, InputError, Interrupted
 from .memory import Budget, MatrixPlan, host_anon_bytes, release_free_memory, stored_bytes, tune_allocator
@@ -58,6 +60,9 @@ class TransferOptions:
     restart: bool = False
     force: bool = False
     prefetch: bool = True
+    cache_dir: str | None = None  # the basis cache's folder; None: the platform's user cache folder
+    use_cache: bool = True
+    cache_limit: int | None = None  # bytes; None: cache.DEFAULT_LIMIT
 
     def result_key(self) -> dict[str, Any]:
         """The options that change the output's bytes (the budget and device only move rounding)."""
@@ -187,13 +192,14 @@ class MatrixJob:
 
 @dataclass
 class Engine:
-    plan: Plan
+    plan: Plan | None
     settings: SvdSettings
     budget: Budget
     device: str
     seed: int
     stop: StopFlag
     prefetch: bool = True
+    cache: BasisCache | None = None
     retained: int = 0  # bytes of bases held for later units
     # (m, n, q, r, stored dtype, bytes of bases held) of every matrix the run factors, in order
     matrices: list[tuple[int, int, int, int, str, int]] = field(default_factory=list)
@@ -201,6 +207,11 @@ class Engine:
     # Wall seconds by phase: reading and widening base weights, SVDs, projection, writing.
     phases: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "svd": 0.0, "project": 0.0, "write": 0.0})
     _pool: ThreadPoolExecutor | None = None
+    _hashes: dict[tuple[str, str], str] = field(default_factory=dict)
+    # The cache write in flight (one at a time, on its own thread, overlapping the next SVD) and
+    # the host bytes it holds (the basis and its serialized copy), counted as retained meanwhile.
+    _writer: ThreadPoolExecutor | None = None
+    _pending: tuple[Future[None], int] | None = None
 
     def checks(self) -> None:
         self.stop.check()
@@ -305,6 +316,104 @@ class Engine:
             U, S, V = scipy_svd(W64, r)
             return finish(U.to(s.compute_dtype), S.to(s.compute_dtype), V.to(s.compute_dtype), "scipy-exact", "cpu", t0), MatrixPlan("cpu", "in-core", m, 0, 0)
 
+    # ---- the basis cache -------------------------------------------------------------------
+    def _content(self, job: MatrixJob) -> str:
+        """The weight's content hash, computed once per run (one pass over its stored bytes)."""
+        k = (str(job.ckpt.path), job.weight)
+        h = self._hashes.get(k)
+        if h is None:
+            t0 = time.perf_counter()
+            h = job.ckpt.content_hash(job.weight)
+            self.phases["hash"] = self.phases.get("hash", 0.0) + time.perf_counter() - t0
+            self._hashes[k] = h
+        return h
+
+    def cache_key(self, job: MatrixJob, device: str) -> CacheKey:
+        """The key of the basis this engine would compute for the job on `device`."""
+        m, n = job.shape
+        s = self.settings
+        cd = str(s.compute_dtype).replace("torch.", "")
+        dtype = job.ckpt.info(job.weight).dtype
+        if s.uses_exact(job.r, m, n, device):
+            return CacheKey(self._content(job), dtype, (m, n), "exact", cd)
+        seed = seed_for(job.identity, job.weight, job.r, self.seed)
+        return CacheKey(self._content(job), dtype, (m, n), "randomized", cd, job.r, s.q_for(job.r, m, n), s.niter, seed, torch.device(device).type)
+
+    def _lookup_device(self, job: MatrixJob) -> str:
+        """The device the job would be factored on (what the planner picks now, else the engine's)."""
+        try:
+            return self._plan(job, self.retained).device
+        except BudgetError:
+            return self.device
+
+    def cached(self, job: MatrixJob) -> tuple[Basis, MatrixPlan] | None:
+        """The job's basis from the cache, verified, on the device it would have been computed on;
+        None when absent, damaged, or when loading it would not fit the memory budget."""
+        if self.cache is None:
+            return None
+        device = self._lookup_device(job)
+        key = self.cache_key(job, device)
+        t0 = time.perf_counter()
+        size = self.cache.entry_bytes(key)
+        if size is None:
+            self.cache.misses += 1
+            return None
+        m, n = job.shape
+        held = self.settings.compute_dtype.itemsize * (m + n + 1) * job.r
+        # Loading holds the entry's bytes and the basis taken from them, then the basis alone.
+        if not self.budget.fits_host(size + held, self.retained):
+            self.cache.misses += 1
+            return None
+        got = self.cache.get(key, job.r)
+        if got is None:
+            self.phases["cache"] = self.phases.get("cache", 0.0) + time.perf_counter() - t0
+            return None
+        U, S, V, method = got
+        if device != "cpu":
+            U, S, V = U.to(device), S.to(device), V.to(device)
+        basis = Basis(U, S, V, f"cached:{method}", device, time.perf_counter() - t0)
+        self.phases["cache"] = self.phases.get("cache", 0.0) + time.perf_counter() - t0
+        return basis, MatrixPlan(device, "cached", 0, held if device == "cpu" else 0, 0 if device == "cpu" else held)
+
+    def store(self, job: MatrixJob, basis: Basis) -> None:
+        """Keep a freshly computed basis (never a fallback's: scipy's LAPACK driver is not the
+        engine's method, and a rerun should try the engine's again). The write (serializing,
+        checksum, fsync) runs on a thread of its own while the next matrix is factored; one write
+        is in flight at a time, and its bytes count as held memory until it ends."""
+        if self.cache is None or basis.method.startswith(("scipy", "cached")):
+            return
+        self.flush_cache()
+        if not self.cache.writable:
+            return
+        key = self.cache_key(job, basis.device)
+        cost = 2 * int(basis.U.numel() + basis.S.numel() + basis.V.numel()) * basis.U.element_size()
+        if not self.budget.fits_host(cost, self.retained):  # no room beside the next matrix: write now
+            t0 = time.perf_counter()
+            self.cache.put(key, basis, name=job.weight, model=str(job.ckpt.path))
+            self.phases["cache"] = self.phases.get("cache", 0.0) + time.perf_counter() - t0
+            return
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-cache")
+        self.retained += cost
+        self._pending = (self._writer.submit(self.cache.put, key, basis, job.weight, str(job.ckpt.path)), cost)
+
+    def flush_cache(self) -> None:
+        """Wait for the cache write in flight, if any."""
+        if self._pending is None:
+            return
+        fut, cost = self._pending
+        self._pending = None
+        t0 = time.perf_counter()
+        try:
+            fut.result()
+        except Exception as e:  # noqa: BLE001 - the cache is an optimisation: never a reason to fail
+            if self.cache is not None:
+                self.cache.writable = False
+                self.cache._warn(f"basis cache: writing an entry failed ({e}); continuing without storing bases")
+        finally:
+            self.retained -= cost
+            self.phases["cache"] = self.phases.get("cache", 0.0) + time.perf_counter() - t0
+
     def _prefetch_bytes(self, job: MatrixJob, device: str) -> int:
         m, n = job.shape
         return stored_bytes(job.ckpt.info(job.weight).dtype) * m * n
@@ -314,6 +423,13 @@ class Engine:
         ahead: tuple[int, MatrixPlan, Future[torch.Tensor]] | None = None
         for i, job in enumerate(jobs):
             self.checks()
+            hit = self.cached(job)
+            if hit is not None:
+                if ahead is not None and ahead[0] == i:  # read ahead for nothing: drop it
+                    ahead[2].result()
+                    ahead = None
+                yield job, hit[0], hit[1]
+                continue
             preloaded: torch.Tensor | None = None
             if ahead is not None and ahead[0] == i:
                 mplan, fut = ahead[1], ahead[2]
@@ -322,7 +438,7 @@ class Engine:
                 mplan = self.matrix_plan(job, self.retained)
             ahead = None
             nxt = jobs[i + 1] if i + 1 < len(jobs) else None
-            if self.prefetch and nxt is not None and mplan.mode == "in-core":
+            if self.prefetch and nxt is not None and mplan.mode == "in-core" and not self._is_cached(nxt):
                 try:
                     nplan: MatrixPlan | None = self._plan(nxt, self.retained + mplan.host_bytes)
                 except BudgetError:  # no room to read ahead: the next matrix is planned on its own
@@ -340,9 +456,13 @@ class Engine:
                 self.phases["read"] += time.perf_counter() - t_read
             basis, used = self.factor(job, mplan, preloaded)
             del preloaded
+            self.store(job, basis)
             release_free_memory()
             job.ckpt.release_pages(self.budget.file_baseline + FILE_PAGES_KEPT)
             yield job, basis, used
+
+    def _is_cached(self, job: MatrixJob) -> bool:
+        return self.cache is not None and self.cache.entry_bytes(self.cache_key(job, self._lookup_device(job))) is not None
 
     def _read_ahead(self, job: MatrixJob, device: str) -> torch.Tensor:
         """Pure I/O, no torch kernels (running torch's OpenMP kernels on a second thread beside the
@@ -352,6 +472,10 @@ class Engine:
         return job.ckpt.read(job.weight)
 
     def close(self) -> None:
+        self.flush_cache()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -416,17 +540,19 @@ def transfer(
     *,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Transfer a PEFT LoRA adapter from `source` to `target`, writing a PEFT adapter folder at `out`.
 
     Options are the fields of TransferOptions. Returns the report (also written as
     crosslora_report.json in the output folder). SIGINT and SIGTERM raise Interrupted at the next
-    clean point; the hidden state folder next to `out` then resumes with the same call.
+    clean point; the hidden state folder next to `out` then resumes with the same call. Warnings
+    (the basis cache's: it never fails a transfer) go to `warn`, or to warnings.warn.
     """
     with StopFlag() as stop:
         try:
-            return _transfer(adapter, source, target, out, stop=stop, progress=progress, log=log, **options)
+            return _transfer(adapter, source, target, out, stop=stop, progress=progress, log=log, warn=warn, **options)
         except KeyboardInterrupt:  # a second Ctrl-C: the state on disk is crash-safe, so this is resumable too
             raise Interrupted("stopped by SIGINT; finished units are kept") from None
 
@@ -440,9 +566,12 @@ def _transfer(
     stop: StopFlag,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     opts = TransferOptions(**options)
+    if opts.cache_dir is not None:
+        opts.cache_dir = str(opts.cache_dir)
     say = log or (lambda msg: None)
     t_start = time.perf_counter()
     tune_allocator()
@@ -486,7 +615,8 @@ def _transfer(
         progress(done_count, len(plan.units), "")
 
     with stop:
-        engine = Engine(plan, settings, budget, device, opts.seed, stop, prefetch=opts.prefetch)
+        cache = open_cache(opts.cache_dir, opts.cache_limit, warn) if opts.use_cache else None
+        engine = Engine(plan, settings, budget, device, opts.seed, stop, prefetch=opts.prefetch, cache=cache)
         budget.start()
         try:
             _run_units(engine, plan, pending, src, tgt, ad, partial, records, progress, done_count)
@@ -518,9 +648,23 @@ def _transfer(
         resumed_units=done_count,
         version=__version__,
     )
+    report["summary"]["cache"] = cache.stats() if cache is not None else None
     config = adapter_config(plan, ad, str(target))
     partial.finish(config, report, opts.force)
     return report
+
+
+class CacheWarning(UserWarning):
+    """The basis cache could not be read or written (the transfer goes on without it)."""
+
+
+def open_cache(cache_dir: str | Path | None, limit: int | None, warn: Callable[[str], None] | None) -> BasisCache:
+    if warn is None:
+
+        def warn(msg: str) -> None:
+            warnings.warn(msg, CacheWarning, stacklevel=2)
+
+    return BasisCache(cache_dir, limit, warn)
 
 
 def _run_units(
@@ -637,4 +781,85 @@ def adapter_config(plan: Plan, ad: Adapter, target_name: str) -> dict[str, Any]:
         "task_type": "CAUSAL_LM",
         "use_dora": False,
         "use_rslora": ad.use_rslora,
+    }
+
+
+def precompute_bases(
+    model: str | Path,
+    rank: int,
+    *,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    cache_limit: int | None = None,
+    seed: int = 0,
+    oversample: int = 10,
+    niter: int = 2,
+    exact_ratio: float = 0.5,
+    compute_dtype: str = "float32",
+    max_memory: int | None = None,
+    max_gpu_memory: int | None = None,
+    progress: Progress | None = None,
+    warn: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Factor every q, k, v, o, gate, up, down weight of every layer of `model` at
+    r = min(rank, m, n) into the basis cache, so that a later transfer only projects.
+
+    A transfer's r is min(rank, m, n, m', n'): exact-SVD entries serve any r up to the stored one;
+    randomized entries serve only the same r (see cache.py), that is, a transfer with the same
+    --rank, seed and SVD settings whose other model does not clip r further.
+    """
+    from .architectures import CANONICAL
+
+    opts = TransferOptions(rank=rank, device=device, seed=seed, oversample=oversample, niter=niter, exact_ratio=exact_ratio, compute_dtype=compute_dtype)
+    settings = opts.svd_settings()
+    if rank < 1:
+        raise InputError(f"--rank must be at least 1 (got {rank})")
+    t_start = time.perf_counter()
+    tune_allocator()
+    ckpt = Checkpoint(model, "model")
+    dev = resolve_device(device)
+    ident = ckpt.identity()
+    jobs = []
+    for layer in range(ckpt.dims.num_layers):
+        for name in CANONICAL:
+            w = ckpt.weight_name(layer, name)
+            if not ckpt.has(w):
+                continue
+            info = ckpt.info(w)
+            if len(info.shape) != 2:
+                continue
+            m, n = int(info.shape[0]), int(info.shape[1])
+            jobs.append(MatrixJob(ckpt, w, (m, n), min(rank, m, n), "model", ident))
+    if not jobs:
+        raise InputError(f"model {ckpt.path}: none of the weights q, k, v, o, gate, up, down was found")
+    budget = Budget(max_memory, max_gpu_memory, dev)
+    cache = open_cache(cache_dir, cache_limit, warn)
+    with StopFlag() as stop:
+        engine = Engine(None, settings, budget, dev, seed, stop, prefetch=True, cache=cache)
+        for job in jobs:
+            m, n = job.shape
+            engine.matrices.append((m, n, settings.q_for(job.r, m, n), job.r, ckpt.info(job.weight).dtype, 0))
+        budget.start()
+        methods: dict[str, int] = {}
+        try:
+            if progress:
+                progress(0, len(jobs), "")
+            for k, (job, basis, _mplan) in enumerate(engine.run_jobs(jobs), start=1):
+                methods[basis.method] = methods.get(basis.method, 0) + 1
+                del basis
+                if progress:
+                    progress(k, len(jobs), job.weight)
+        finally:
+            engine.close()
+            budget.stop()
+    return {
+        "kind": "bases",
+        "model": str(ckpt.path),
+        "rank": rank,
+        "device": dev,
+        "matrices": len(jobs),
+        "methods": dict(sorted(methods.items())),
+        "cache": cache.stats(),
+        "seconds": round(time.perf_counter() - t_start, 3),
+        "phase_seconds": {k: round(v, 3) for k, v in engine.phases.items()},
     }

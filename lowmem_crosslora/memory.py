@@ -245,6 +245,11 @@ class Budget:
             f"(on top of the {format_size(self.baseline)} the process holds for Python and torch)"
         )
 
+    def fits_host(self, nbytes: int, retained: int = 0) -> bool:
+        """Whether nbytes more of host memory fit the budget beside what is held now."""
+        held = max(retained, host_anon_bytes() - self.baseline)
+        return nbytes <= self.host_room() - held
+
     def minimum_host(self, shapes: list[tuple[int, int, int, int]]) -> int:
         """The smallest --max-memory (working memory) under which every (m, n, q, r) matrix can be factored."""
         worst = 0

@@ -111,6 +111,9 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             reasons[item["reason"]] = reasons.get(item["reason"], 0) + 1
         lines.append(f"skipped {s['skipped']} tensors:")
         lines.extend(f"  {n} x {reason}" for reason, n in sorted(reasons.items()))
+    c = s.get("cache")
+    if c:
+        lines.append(f"basis cache: {c['hits']} bases read, {c['stored']} computed and stored ({c['dir']})")
     for f in s.get("fallbacks", []):
         lines.append(f"fallback: {f}")
     lines.append("energy retained is not behaviour: measure the transferred adapter before trusting it.")

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +175,36 @@ class Zoo:
         assert (out / "adapter_model.safetensors").exists()
         self._adapters[cache_key] = out
         return out
+
+
+CACHE_ENV = "LOWMEM_CROSSLORA_CACHE_DIR"
+_cache_root: dict[str, Any] = {}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Tests never touch the user's basis cache: the default location points into a temporary folder."""
+    _cache_root["old"] = os.environ.get(CACHE_ENV)
+    _cache_root["path"] = Path(tempfile.mkdtemp(prefix="crosslora-test-caches-"))
+    os.environ[CACHE_ENV] = str(_cache_root["path"] / "session")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    if "path" in _cache_root:
+        shutil.rmtree(_cache_root.pop("path"), ignore_errors=True)
+        old = _cache_root.pop("old", None)
+        if old is None:
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = old
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Any:
+    """Each test starts with an empty basis cache of its own, module- and session-scoped fixtures
+    that its setup builds included (subprocesses inherit it), so no test sees another's bases."""
+    if "path" in _cache_root:
+        os.environ[CACHE_ENV] = tempfile.mkdtemp(prefix="t-", dir=_cache_root["path"])
+    yield
 
 
 @pytest.fixture(scope="session")
