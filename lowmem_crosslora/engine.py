@@ -257,6 +257,15 @@ class Engine:
         try:
             return self._plan(job, retained, device)
         except BudgetError:
+            if self._pending is not None:
+                # A cache write in flight holds memory the matrix needs: finish it, plan again.
+                cost = self._pending[1]
+                self.flush_cache()
+                release_free_memory()
+                try:
+                    return self._plan(job, max(0, retained - cost), device)
+                except BudgetError:
+                    pass
             if not self.matrices:
                 raise
             # Name the budget that works for the whole run, not just for this matrix: a larger
