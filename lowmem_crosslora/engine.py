@@ -208,6 +208,10 @@ class Engine:
     phases: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "svd": 0.0, "project": 0.0, "write": 0.0})
     _pool: ThreadPoolExecutor | None = None
     _hashes: dict[tuple[str, str], str] = field(default_factory=dict)
+    # On an accelerator the host is idle while the device factors: the next weights' content
+    # hashes (hashlib releases the GIL) are computed there, ahead, on a thread of their own.
+    _hasher: ThreadPoolExecutor | None = None
+    _hash_futs: dict[tuple[str, str], Future[str]] = field(default_factory=dict)
     # The cache write in flight (one at a time, on its own thread, overlapping the next SVD) and
     # the host bytes it holds (the basis and its serialized copy), counted as retained meanwhile.
     _writer: ThreadPoolExecutor | None = None
@@ -332,10 +336,24 @@ class Engine:
         h = self._hashes.get(k)
         if h is None:
             t0 = time.perf_counter()
-            h = job.ckpt.content_hash(job.weight)
+            fut = self._hash_futs.pop(k, None)
+            h = fut.result() if fut is not None else job.ckpt.content_hash(job.weight)
             self.phases["hash"] = self.phases.get("hash", 0.0) + time.perf_counter() - t0
             self._hashes[k] = h
         return h
+
+    def prehash(self, jobs: list[MatrixJob]) -> None:
+        """Start hashing these jobs' weights ahead, when the engine runs on an accelerator (on the
+        CPU a hashing thread would only take cycles from the SVD)."""
+        if self.cache is None or self.device == "cpu":
+            return
+        for job in jobs:
+            k = (str(job.ckpt.path), job.weight)
+            if k in self._hashes or k in self._hash_futs:
+                continue
+            if self._hasher is None:
+                self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-hash")
+            self._hash_futs[k] = self._hasher.submit(job.ckpt.content_hash, job.weight)
 
     def cache_key(self, job: MatrixJob, device: str) -> CacheKey:
         """The key of the basis this engine would compute for the job on `device`."""
@@ -432,6 +450,7 @@ class Engine:
         ahead: tuple[int, MatrixPlan, Future[torch.Tensor]] | None = None
         for i, job in enumerate(jobs):
             self.checks()
+            self.prehash(jobs[i + 1 : i + 3])
             hit = self.cached(job)
             if hit is not None:
                 if ahead is not None and ahead[0] == i:  # read ahead for nothing: drop it
@@ -482,6 +501,11 @@ class Engine:
 
     def close(self) -> None:
         self.flush_cache()
+        if self._hasher is not None:
+            for fut in self._hash_futs.values():
+                fut.cancel()
+            self._hasher.shutdown(wait=True)
+            self._hasher = None
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None

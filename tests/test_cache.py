@@ -364,3 +364,34 @@ def test_entries_that_do_not_fit_the_budget_are_computed(models: Path, reference
     assert not any(m.startswith("cached:") for m in methods(rep))
     # Each lookup asked for at least the basis it would hold: 4 (m + n + 1) r bytes.
     assert len(asked) >= MATRICES and min(asked) >= 4 * (32 + 64 + 1) * RANK
+
+
+def test_hashing_ahead_on_a_thread_gives_the_same_keys_and_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On an accelerator the next weights are hashed ahead on a thread; the keys and the output must
+    be those of hashing inline (forced here on the CPU by making the engine think it is elsewhere)."""
+    import lowmem_crosslora.engine as engine_mod
+    from lowmem_crosslora import transfer as run
+    from lowmem_crosslora.synthetic import DEMO_SOURCE, DEMO_TARGET, write_adapter, write_model
+
+    s = write_model(tmp_path / "s", DEMO_SOURCE, dtype="float32")
+    t = write_model(tmp_path / "t", DEMO_TARGET, dtype="float32", seed=1)
+    a = write_adapter(tmp_path / "a", DEMO_SOURCE)
+    real = engine_mod.Engine.prehash
+    calls = {"n": 0}
+
+    def ahead(self, jobs):  # noqa: ANN001, ANN202
+        device, self.device = self.device, "accelerator"
+        try:
+            real(self, jobs)
+            calls["n"] += len(self._hash_futs)
+        finally:
+            self.device = device
+
+    monkeypatch.setattr(engine_mod.Engine, "prehash", ahead)
+    run(a, s, t, tmp_path / "o1", rank=16, device="cpu", cache_dir=str(tmp_path / "c1"))
+    monkeypatch.undo()
+    assert calls["n"] > 0
+    run(a, s, t, tmp_path / "o2", rank=16, device="cpu", cache_dir=str(tmp_path / "c2"))
+    assert (tmp_path / "o1" / "adapter_model.safetensors").read_bytes() == (tmp_path / "o2" / "adapter_model.safetensors").read_bytes()
+    keys = [sorted(p.name for p in (tmp_path / c).rglob("*") if p.is_file()) for c in ("c1", "c2")]
+    assert keys[0] == keys[1] and keys[0]
