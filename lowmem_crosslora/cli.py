@@ -308,7 +308,7 @@ def demo(rank: int, keep: Path | None, quiet: bool) -> None:
         out = root / "lora-on-qwen2"
         progress, close = _progress_printer(quiet)
         try:
-            report = run_transfer(ad, src, tgt, out, progress=progress, rank=rank, device="cpu", force=True)
+            report = run_transfer(ad, src, tgt, out, progress=progress, rank=rank, device="cpu", force=True, cache_dir=str(root / "basis-cache"))
         finally:
             close()
         click.echo(f"{'unit':<8} {'source':<22} {'target':<22} {'r':>4} {'energy':>7}")
