@@ -66,7 +66,7 @@ def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[s
                 svd[role] = "reused"
                 continue
             seen.add(name)
-            exact = settings.uses_exact(u.r, m, n, "cpu" if device == "cpu" else device)
+            exact = settings.uses_exact(u.r, m, n, device)
             mp = budget.plan_matrix(m, n, q, u.r, ckpt.info(name).dtype)
             svd[role] = ("exact" if exact and mp.mode == "in-core" else "randomized") + ("" if mp.mode == "in-core" else f" blocked/{mp.block_rows}")
             secs += svd_flops(m, n, q, settings.niter, exact and mp.mode == "in-core") / (gflops * 1e9)
