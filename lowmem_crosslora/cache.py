@@ -42,6 +42,7 @@ import torch
 from safetensors.torch import save
 
 from .bases import Basis
+from .output import fsync_dir
 
 DEFAULT_LIMIT = 20 * 1000**3
 SCHEMA = "lowmem-crosslora/basis-cache/1"
@@ -283,7 +284,7 @@ class BasisCache:
                 os.fsync(f.fileno())
             os.replace(tmp, path)
             tmp = None
-            _fsync_dir(self.root)
+            fsync_dir(self.root)
         except OSError as e:
             self.writable = False
             self._warn(f"basis cache: cannot write to {self.root} ({e.strerror or e}); continuing without storing bases")
@@ -390,16 +391,3 @@ class BasisCache:
 
 def key_dtype_tag(key: CacheKey) -> str:
     return {"float32": "F32", "float64": "F64"}[key.compute_dtype]
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

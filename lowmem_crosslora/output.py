@@ -121,7 +121,8 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (renames, new files) durable; best effort where folders cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -216,7 +217,7 @@ class PartialOutput:
         finally:
             os.close(fd)
         os.replace(tmp, self.journal_path)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
 
     def read_journal(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """The header and the unit records whose line check holds; anything else is skipped (counted in bad_lines)."""
@@ -420,7 +421,7 @@ class PartialOutput:
             os.replace(self.partial, self.dir / ADAPTER_NAME)
             _test_hook("finish", 0)  # a state folder caught here is resumed: the file goes back to .partial
             self.journal_path.unlink()
-            _fsync_dir(self.dir)
+            fsync_dir(self.dir)
             old = None
             if self.out.exists():
                 if any(self.out.iterdir()):
@@ -433,7 +434,7 @@ class PartialOutput:
                 else:
                     self.out.rmdir()
             os.replace(self.dir, self.out)
-            _fsync_dir(self.out.parent)
+            fsync_dir(self.out.parent)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         except OSError as e:
