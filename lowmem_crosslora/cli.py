@@ -1,4 +1,4 @@
-"""Command line: transfer, plan, inspect, demo. Exit codes: 0 done, 1 unexpected, 2 bad input, 3 budget."""
+"""Command line: transfer, plan, inspect, verify, demo. Exit codes: 0 done, 1 unexpected, 2 bad input, 3 budget."""
 
 from __future__ import annotations
 
@@ -265,6 +265,55 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
         f"working host memory ~{e['peak_working']} (+{e['baseline_host']} for Python and torch) under a budget of {e['host_budget']} "
         f"(smallest workable budget {e['min_host_budget']})"
     )
+
+
+@cli.command()
+@click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model folder (with its tokenizer).")
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="The PEFT LoRA adapter trained on the source.")
+@click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model folder (with its tokenizer).")
+@click.option("--transferred", required=True, type=click.Path(path_type=Path), help="The transferred adapter folder (transfer's --out).")
+@click.option(
+    "--prompts", "prompts_file", default=None, type=click.Path(path_type=Path), help="Prompts to sample probe texts from, one a line [default: built-in]."
+)
+@click.option(
+    "--texts",
+    "texts_file",
+    default=None,
+    type=click.Path(path_type=Path),
+    help="Your own texts too: .jsonl ({\"text\": ...} a line) or plain text separated by blank lines.",
+)
+@click.option("--samples", default=32, show_default=True, type=int, help="Probe texts sampled from source + adapter.")
+@click.option("--neutral-samples", default=8, show_default=True, type=int, help="Neutral texts sampled from the source base (collateral).")
+@click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Length of each sampled text, in source tokens.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampling and of the random control adapter.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option(
+    "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="auto: float32 where the budget allows."
+)
+@click.option("--max-memory", default=None, callback=_size, help="Host memory budget, e.g. 4GB [default: half of what is available].")
+@click.option("--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the verdict.")
+def verify(prompts_file: Path | None, texts_file: Path | None, report_path: Path | None, as_json: bool, quiet: bool, **kw: Any) -> None:
+    """Measure what --transferred carries of --adapter: score probe texts under source, source + adapter, target,
+    target + transferred and target + a random control of the same size; print effects, recovery and a verdict."""
+    from .probes import read_prompts
+    from .report import verify_lines
+    from .verify import run_verify
+
+    log = (lambda msg: click.echo(msg, err=True)) if not (quiet or as_json) else None
+    prompts = read_prompts(prompts_file) if prompts_file is not None else None
+    report = run_verify(kw.pop("source"), kw.pop("adapter"), kw.pop("target"), kw.pop("transferred"), prompts=prompts, texts=texts_file, log=log, **kw)
+    if report_path is not None:
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    elif quiet:
+        for e in report["verify"]["sets"].values():
+            click.echo(e["verdict"])
+    else:
+        for line in verify_lines(report):
+            click.echo(line)
 
 
 @cli.command()

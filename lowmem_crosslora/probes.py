@@ -1,0 +1,206 @@
+"""Probe texts: what stands for an adapter's behaviour when its training data is gone.
+
+Texts cross the tokenizer gap, token ids do not, so a probe is text: a prompt (context, possibly
+empty) and a continuation. `sample_probes` draws continuations from whatever model it is given (the
+source with its adapter on, or off for neutral contrast texts), seeded per prompt, so the same
+prompts, counts and seed give the same texts. `read_prompts` / `read_texts` read the user's own.
+
+transformers and peft are optional (the `[verify]` extra); they are imported lazily, inside the
+functions that need them, so the transfer keeps working without them.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+
+INSTALL_HINT = "pip install 'lowmem-crosslora[verify]'"
+
+# Neutral openings: no style, no task, no domain the adapter could have been trained on.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "The weather this morning",
+    "Here is a short story about a village.",
+    "My favourite thing about weekends is",
+    "The history of the bicycle",
+    "Yesterday I went to the market and",
+    "A good breakfast",
+    "The town library opens at nine.",
+    "Some thoughts on learning a new language:",
+    "The river runs past the old mill",
+    "When the train arrived,",
+    "Instructions for planting tomatoes:",
+    "Dear Sam,",
+    "The museum's newest exhibit",
+    "It was the first warm day of spring.",
+    "A letter to the editor about parking",
+    "Notes from the meeting:",
+)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One probe text: `text` continues `prompt` (scored given the prompt); `origin` says where it came from
+    ("adapter": sampled with the adapter on, "base": sampled from the base model, "user": --texts)."""
+
+    prompt: str
+    text: str
+    seed: int | None
+    origin: str
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def require_extras() -> None:
+    """transformers and peft must be importable; InputError (exit 2) with the install line otherwise."""
+    missing = []
+    for name in ("transformers", "peft"):
+        try:
+            __import__(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise InputError(f"verify needs {' and '.join(missing)}, which are not installed; install them with: {INSTALL_HINT}")
+
+
+def stable_seed(*parts: Any) -> int:
+    """A 31-bit seed from a key (the same on every platform and Python version)."""
+    return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per line; blank lines are skipped; a line may be a JSON string to hold newlines."""
+    lines = _read_lines(path, "--prompts")
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        if line.startswith('"'):
+            try:
+                line = json.loads(line)
+            except json.JSONDecodeError:
+                raise InputError(f"--prompts {path}: line {i} starts with a quote but is not a JSON string") from None
+        prompts.append(str(line))
+    if not prompts:
+        raise InputError(f"--prompts {path}: no prompts in the file")
+    return prompts
+
+
+def read_texts(path: str | Path) -> list[Probe]:
+    """The user's own texts. `.jsonl`: one JSON object a line with "text" (and optionally "prompt"), or a
+    JSON string; any other file: plain text, texts separated by blank lines."""
+    p = Path(path)
+    lines = _read_lines(p, "--texts")
+    out: list[Probe] = []
+    if p.suffix == ".jsonl":
+        for i, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"--texts {p}: line {i} is not valid JSON ({e.msg})") from None
+            if isinstance(obj, str):
+                obj = {"text": obj}
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise InputError(f'--texts {p}: line {i} must be a JSON string or an object with a "text" string')
+            out.append(Probe(str(obj.get("prompt") or ""), obj["text"], None, "user"))
+    else:
+        block: list[str] = []
+        for line in [*lines, ""]:
+            if line.strip():
+                block.append(line)
+            elif block:
+                out.append(Probe("", "\n".join(block), None, "user"))
+                block = []
+    out = [t for t in out if t.text.strip()]
+    if not out:
+        raise InputError(f"--texts {p}: no texts in the file")
+    return out
+
+
+def _read_lines(path: str | Path, what: str) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise InputError(f"{what} {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"{what} {path}: cannot read it as UTF-8 text ({e})") from None
+
+
+def prefix_ids(tokenizer: Any) -> list[int]:
+    """The token that starts a document for this tokenizer (BOS, else EOS as a separator), or nothing."""
+    for tid in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if tid is not None:
+            return [int(tid)]
+    return []
+
+
+def counts_per_prompt(n: int, prompts: int) -> list[int]:
+    """n samples spread over the prompts in turn (the first n % prompts get one more)."""
+    return [n // prompts + (1 if i < n % prompts else 0) for i in range(prompts)]
+
+
+def sample_probes(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[str] | tuple[str, ...],
+    n: int,
+    *,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    origin: str = "adapter",
+    device: str = "cpu",
+    top_p: float = 0.95,
+    temperature: float = 1.0,
+    min_bytes: int = 4,
+) -> list[Probe]:
+    """n continuations sampled from `model` (a transformers or PEFT causal LM, as it is: toggle an adapter
+    around the call) on `prompts` in turn; each prompt's samples come from one generate call seeded by
+    (seed, origin, prompt index, prompt), so adding prompts or samples does not change earlier prompts'
+    texts. Continuations shorter than `min_bytes` (an immediate end of text) are dropped."""
+    import torch
+
+    if n <= 0:
+        return []
+    if not prompts:
+        raise InputError("no prompts to sample probe texts from")
+    pre = prefix_ids(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+    out: list[Probe] = []
+    was_training = model.training
+    model.eval()
+    try:
+        for i, (prompt, k) in enumerate(zip(prompts, counts_per_prompt(n, len(prompts)), strict=False)):
+            if k == 0:
+                continue
+            ids = pre + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            if not ids:
+                raise InputError("an empty prompt needs a tokenizer with a BOS or EOS token to start from")
+            s = stable_seed("probe", seed, origin, i, prompt)
+            torch.manual_seed(s)
+            x = torch.tensor([ids], device=device)
+            with torch.inference_mode():
+                gen = model.generate(
+                    input_ids=x,
+                    attention_mask=torch.ones_like(x),
+                    do_sample=True,
+                    top_k=0,
+                    top_p=top_p,
+                    temperature=temperature,
+                    max_new_tokens=max_new_tokens,
+                    num_return_sequences=k,
+                    pad_token_id=pad,
+                )
+            for row in gen[:, x.shape[1] :].tolist():
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                if len(text.encode("utf-8")) >= min_bytes:
+                    out.append(Probe(prompt, text, s, origin))
+    finally:
+        model.train(was_training)
+    return out

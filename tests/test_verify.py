@@ -1,0 +1,275 @@
+"""verify: tiny models where the answer is known.
+
+- Self-transfer at full rank of square modules (q, o of a llama with hidden = heads * head_dim) gives
+  back the adapter itself, so the target effect equals the source effect text by text: recovery 1.
+- A random adapter of the right shapes passed as the "transferred" one is indistinguishable from
+  the random control of the same norms.
+- Bad inputs exit 2 with one line.
+
+The tiny models have no tokenizer of their own; each test folder gets a character-level one built
+offline with `tokenizers` (one token per character, multi-byte characters included).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import Zoo, run_cli
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from lowmem_crosslora.errors import InputError  # noqa: E402
+from lowmem_crosslora.probes import Probe, read_prompts, read_texts, sample_probes  # noqa: E402
+from lowmem_crosslora.verify import encode, mean_se, ratio_se, run_verify  # noqa: E402
+
+EXTRA_CHARS = "éèàçöüäñßøåæœ€—“”‘’«»°×µ你好世界"
+FAST = {"samples": 12, "neutral_samples": 4, "max_new_tokens": 16, "device": "cpu"}
+
+
+def write_char_tokenizer(folder: Path, vocab_size: int = 128) -> None:
+    """A fast tokenizer with one token per character: 3 specials, printable ASCII, newline, tab, a few
+    multi-byte characters; exactly `vocab_size` entries so every id the model can sample decodes."""
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab_list = (["<unk>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n", "\t"] + list(EXTRA_CHARS))[:vocab_size]
+    assert len(vocab_list) == vocab_size
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab_list)}, merges=[], unk_token="<unk>"))
+    tk.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+
+def with_tokenizer(model_dir: Path, dest: Path) -> Path:
+    """A copy of a zoo model folder with a tokenizer (the zoo's own folders stay as other tests expect)."""
+    if not dest.exists():
+        shutil.copytree(model_dir, dest)
+        write_char_tokenizer(dest)
+    return dest
+
+
+def write_model(folder: Path, seed: int = 0) -> Path:
+    """A tiny llama whose q and o are square (hidden 64 = 4 heads x 16), with weights larger than the
+    usual initialisation (std 0.2) so that its next-token distributions are peaked and a LoRA on q and o
+    changes them clearly, and a character tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        initializer_range=0.2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    write_char_tokenizer(folder)
+    return folder
+
+
+def write_lora(model_dir: Path, out: Path, seed: int) -> Path:
+    """A random (init_lora_weights=False) rank-8 LoRA on q_proj and o_proj."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The model, a q/o LoRA for it, its self-transfer at full rank (r = 64 = hidden), and an unrelated
+    random LoRA of the same shapes."""
+    from lowmem_crosslora import transfer
+
+    root = tmp_path_factory.mktemp("verify")
+    model = write_model(root / "llama")
+    adapter = write_lora(model, root / "lora", seed=10)
+    out = root / "self-transfer"
+    transfer(adapter, model, model, out, rank=64, device="cpu", use_cache=False)
+    other = write_lora(model, root / "random-lora", seed=11)
+    return {"model": model, "adapter": adapter, "transferred": out, "random": other, "root": root}
+
+
+@pytest.fixture(scope="module")
+def self_report(pair: dict[str, Path]) -> dict:
+    return run_verify(pair["model"], pair["adapter"], pair["model"], pair["transferred"], seed=1, **FAST)
+
+
+def test_self_transfer_full_rank_recovers_the_source_effect(self_report: dict) -> None:
+    s = self_report["verify"]["sets"]["adapter"]
+    assert s["texts"] >= 10
+    # The adapter makes its own samples clearly more likely on the source ...
+    assert s["source_effect"]["mean"] > 0 and s["source_effect"]["z"] > 4
+    # ... and the transferred copy does the same on the same model, text by text.
+    assert s["recovery"]["mean"] == pytest.approx(1.0, abs=0.02)
+    assert s["recovery"]["se"] < 0.02
+    assert s["target_effect"]["mean"] == pytest.approx(s["source_effect"]["mean"], rel=0.02)
+    # A random adapter of the same norms does not: the test separates them.
+    assert s["target_minus_control"]["z"] > 4
+    assert s["verdict"].startswith("on samples of source + adapter on neutral prompts: keeps 100%")
+    assert "standard errors above the random control" in s["verdict"]
+    # Same models: every configuration agrees with its twin.
+    m = s["mean_loglik_per_byte"]
+    assert m["source_base"] == pytest.approx(m["target_base"], abs=1e-5)
+    assert m["source_adapter"] == pytest.approx(m["target_transferred"], abs=1e-3)
+    # Neutral texts (samples of the base) are reported apart, as collateral.
+    n = self_report["verify"]["sets"]["base"]
+    assert n["texts"] >= 3 and n["verdict"].startswith("collateral on neutral text")
+
+
+def test_report_shares_the_transfer_schema(self_report: dict, pair: dict[str, Path]) -> None:
+    r = self_report
+    assert r["schema"] == "lowmem-crosslora/report/1" and r["kind"] == "verify"
+    t = json.loads((pair["transferred"] / "crosslora_report.json").read_text())
+    assert t["schema"] == r["schema"]
+    for key in ("seconds", "device", "peak_host_bytes", "baseline_host_bytes", "peak_working_bytes", "host_budget_bytes", "phase_seconds"):
+        assert key in r["summary"] and key in t["summary"]
+    assert r["summary"]["peak_working_bytes"] > 0
+    assert r["summary"]["dtypes"] == {"source": "float32", "target": "float32"}
+    norms = r["verify"]["adapter_norms"]
+    assert norms["control"]["total"] == pytest.approx(norms["transferred"]["total"], rel=1e-4)
+    assert norms["transferred"]["total"] == pytest.approx(norms["source"]["total"], rel=1e-3)  # full rank, square: unchanged
+    assert len(r["texts"]) == r["summary"]["texts"]
+    assert {t["origin"] for t in r["texts"]} == {"adapter", "base"}
+    json.dumps(r)  # serializable
+
+
+def test_random_adapter_is_indistinguishable_from_the_control(pair: dict[str, Path]) -> None:
+    r = run_verify(pair["model"], pair["adapter"], pair["model"], pair["random"], seed=1, **FAST)
+    s = r["verify"]["sets"]["adapter"]
+    assert s["source_effect"]["z"] > 4
+    assert abs(s["target_minus_control"]["z"]) < 2
+    assert "indistinguishable from a random adapter of the same size" in s["verdict"]
+
+
+def test_sampling_is_seeded(pair: dict[str, Path]) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pair["model"])
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(pair["model"]), str(pair["adapter"]))
+    prompts = ["The weather", "A story:"]
+    a = sample_probes(model, tok, prompts, 5, max_new_tokens=12, seed=3)
+    b = sample_probes(model, tok, prompts, 5, max_new_tokens=12, seed=3)
+    c = sample_probes(model, tok, prompts, 5, max_new_tokens=12, seed=4)
+    assert a == b and [p.text for p in a] != [p.text for p in c]
+    assert [p.prompt for p in a] == ["The weather"] * 3 + ["A story:"] * 2
+    # Samples of one prompt do not depend on how many other prompts there are.
+    d = sample_probes(model, tok, prompts[:1], 3, max_new_tokens=12, seed=3)
+    assert [p.text for p in d] == [p.text for p in a[:3]]
+
+
+def test_cli_json_and_report_file(pair: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    texts = tmp_path / "mine.txt"
+    texts.write_text("Héllo wörld, a text of my own.\n\nAnother one, about 你好.\n\nAnd a third.\n")
+    args = ["verify", "--source", str(pair["model"]), "--adapter", str(pair["adapter"]), "--target", str(pair["model"])]
+    args += ["--transferred", str(pair["transferred"]), "--samples", "4", "--neutral-samples", "0", "--max-new-tokens", "8", "--device", "cpu"]
+    code, out, err = run_cli([*args, "--texts", str(texts), "--json", "--report", str(tmp_path / "v.json")], capsys)
+    assert code == 0, err
+    r = json.loads(out)
+    assert r == json.loads((tmp_path / "v.json").read_text())
+    assert set(r["verify"]["sets"]) == {"adapter", "user"}
+    assert r["verify"]["sets"]["user"]["texts"] == 3
+    code, out, err = run_cli([*args, "--quiet"], capsys)
+    assert code == 0 and out.startswith("on samples of source + adapter")
+    code, out, err = run_cli(args, capsys)
+    assert code == 0 and "recovery" in out and "peak host memory" in out
+
+
+def _bad(capsys: pytest.CaptureFixture[str], source: Path, adapter: Path, target: Path, transferred: Path) -> str:
+    args = ["verify", "--source", str(source), "--adapter", str(adapter), "--target", str(target), "--transferred", str(transferred)]
+    code, out, err = run_cli([*args, "--samples", "2", "--neutral-samples", "0", "--max-new-tokens", "4", "--device", "cpu"], capsys)
+    assert code == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    return lines[0]
+
+
+def test_bad_inputs_exit_2(pair: dict[str, Path], zoo: Zoo, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    m, ad, tr = pair["model"], pair["adapter"], pair["transferred"]
+    wide = with_tokenizer(zoo.model("llama_wide"), pair["root"] / "llama_wide")
+    wide_ad = zoo.adapter("llama_wide", "verify-qo", target_modules=["q_proj", "o_proj"])
+    deeper_ad = zoo.adapter("llama", "verify-qo", target_modules=["q_proj", "o_proj"])  # same widths, 3 layers instead of 2
+    # The adapter is not for that source: other shapes; a module the source does not have.
+    assert "do not fit the source weight" in _bad(capsys, m, wide_ad, m, tr)
+    assert "do not fit the source weight" in _bad(capsys, wide, ad, m, tr)
+    assert "model.layers.2.self_attn" in _bad(capsys, m, deeper_ad, m, tr)
+    # The transferred adapter is not for that target.
+    assert "transferred adapter" in _bad(capsys, m, ad, wide, tr)
+    assert "transferred adapter" in _bad(capsys, m, ad, m, wide_ad)
+    # Missing folders and files.
+    assert "no such file" in _bad(capsys, tmp_path / "nope", ad, m, tr)
+    assert "no such file" in _bad(capsys, m, ad, m, tmp_path / "nope")
+    no_tok = tmp_path / "no-tokenizer"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(m / f, no_tok / f)
+    assert "tokenizer" in _bad(capsys, no_tok, ad, no_tok, tr)
+    args = ["verify", "--source", str(m), "--adapter", str(ad), "--target", str(m), "--transferred", str(tr)]
+    code, _out, err = run_cli([*args, "--prompts", str(tmp_path / "none.txt")], capsys)
+    assert code == 2 and "--prompts" in err
+
+
+def test_missing_extras_exit_2_with_the_install_line(pair: dict[str, Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft now raises ImportError
+    args = ["verify", "--source", str(pair["model"]), "--adapter", str(pair["adapter"]), "--target", str(pair["model"])]
+    code, _out, err = run_cli([*args, "--transferred", str(pair["transferred"]), "--device", "cpu"], capsys)
+    assert code == 2
+    assert err.strip().count("\n") == 0 and "pip install 'lowmem-crosslora[verify]'" in err
+
+
+def test_statistics() -> None:
+    m, se = mean_se([1.0, 2.0, 3.0, 4.0])
+    assert m == 2.5 and se == pytest.approx(math.sqrt(5 / 3 / 4))
+    # Exactly proportional pairs: the ratio is known with no error.
+    r, se = ratio_se([0.5, 1.0, 1.5], [1.0, 2.0, 3.0])
+    assert r == pytest.approx(0.5) and se == pytest.approx(0.0, abs=1e-12)
+    # Delta method against a simulation of the ratio of means.
+    g = torch.Generator().manual_seed(0)
+    den = (1.0 + 0.5 * torch.randn(200, 4000, generator=g, dtype=torch.float64)).tolist()
+    noise = torch.randn(200, 4000, generator=g, dtype=torch.float64).tolist()
+    num = [[0.6 * d + 0.3 * e for d, e in zip(row, nrow, strict=True)] for row, nrow in zip(den, noise, strict=True)]
+    ratios = [sum(n[:40]) / sum(d[:40]) for n, d in zip(num, den, strict=True)]
+    sim_se = mean_se(ratios)[1] * math.sqrt(len(ratios))
+    est = [ratio_se(n[:40], d[:40])[1] for n, d in zip(num[:50], den[:50], strict=True)]
+    assert sum(est) / len(est) == pytest.approx(sim_se, rel=0.2)
+
+
+def test_per_byte_counts_bytes_not_characters(pair: dict[str, Path]) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(pair["model"])
+    e = encode(tok, Probe("Say: ", "é你", None, "user"))
+    assert e.nbytes == 2 + 3  # two characters, five UTF-8 bytes
+    assert e.ids[0] == tok.bos_token_id and e.first == 1 + len("Say: ")
+    assert len(e.ids) == 1 + len("Say: é你")
+
+
+def test_reading_prompts_and_texts(tmp_path: Path) -> None:
+    p = tmp_path / "p.txt"
+    p.write_text('first prompt\n\n"a prompt\\nwith a newline"\n')
+    assert read_prompts(p) == ["first prompt", "a prompt\nwith a newline"]
+    j = tmp_path / "t.jsonl"
+    j.write_text('{"text": "one"}\n"two"\n{"prompt": "Q: ", "text": "three"}\n')
+    assert [(t.prompt, t.text) for t in read_texts(j)] == [("", "one"), ("", "two"), ("Q: ", "three")]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("{not json\n")
+    with pytest.raises(InputError, match="line 1"):
+        read_texts(bad)
+    empty = tmp_path / "e.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(InputError, match="no texts"):
+        read_texts(empty)
