@@ -163,7 +163,8 @@ def score(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[f
     i = 0
     model.eval()
     while i < len(order):
-        longest = len(encoded[order[min(len(order) - 1, i)]].ids)
+        # Texts are sorted by length: the 16th from here bounds the longest a batch could hold.
+        longest = len(encoded[order[min(len(order) - 1, i + 15)]].ids)
         batch = max(1, min(16, LOGITS_BYTES // max(1, 8 * longest * vocab)))
         idx = order[i : i + batch]
         T = max(len(encoded[j].ids) for j in idx)

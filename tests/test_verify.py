@@ -273,3 +273,25 @@ def test_reading_prompts_and_texts(tmp_path: Path) -> None:
     empty.write_text("\n\n")
     with pytest.raises(InputError, match="no texts"):
         read_texts(empty)
+
+
+def test_transfer_works_without_the_verify_extra(pair: dict[str, Path], tmp_path: Path) -> None:
+    """transformers and peft are imported only by verify: with both unimportable, transfer runs and verify says how to install them."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[1]
+    code = (
+        "import sys\n"
+        "sys.modules['transformers'] = None; sys.modules['peft'] = None\n"
+        "from lowmem_crosslora.cli import main\n"
+        "main(sys.argv[1:])\n"
+    )
+    m, ad = str(pair["model"]), str(pair["adapter"])
+    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
+    args = ["transfer", "--adapter", ad, "--source", m, "--target", m, "--out", str(tmp_path / "out"), "--rank", "16", "--device", "cpu", "-q", "--no-cache"]
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert (tmp_path / "out" / "adapter_model.safetensors").exists()
+    args = ["verify", "--source", m, "--adapter", ad, "--target", m, "--transferred", str(tmp_path / "out")]
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 2 and "pip install 'lowmem-crosslora[verify]'" in p.stderr and p.stderr.strip().count("\n") == 0

