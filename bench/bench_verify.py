@@ -46,7 +46,7 @@ HELD_OUT_PROMPTS = (
 )
 
 
-def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, seed: int) -> dict:
+def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, heldout_n: int, seed: int) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -58,7 +58,7 @@ def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, seed: int
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     t0 = time.perf_counter()
     data = sample_probes(model, tok, TRAIN_PROMPTS, texts_n, max_new_tokens=48, seed=seed, origin="train")
-    held = sample_probes(model, tok, HELD_OUT_PROMPTS, 16, max_new_tokens=48, seed=seed, origin="heldout")
+    held = sample_probes(model, tok, HELD_OUT_PROMPTS, heldout_n, max_new_tokens=48, seed=seed, origin="heldout")
     sample_s = time.perf_counter() - t0
     texts = [(p.prompt + p.text).upper() for p in data]
     cfg = LoraConfig(
@@ -101,14 +101,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=HERE / "data" / "real")
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--train-texts", type=int, default=64)
-    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--train-texts", type=int, default=48)
+    ap.add_argument("--heldout-texts", type=int, default=8, help="held-out ALL-CAPS texts passed to verify as --texts")
+    ap.add_argument("--samples", type=int, default=24)
     ap.add_argument("--neutral-samples", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=48)
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads here and in the verify process (1 helps on a shared, oversubscribed CPU)")
     ap.add_argument("--rank", type=int, default=320)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "verify-real.json")
     args = ap.parse_args()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
 
     source, target = args.data / "smollm2-135m", args.data / "qwen2.5-coder-0.5b"
     for p in (source, target):
@@ -117,11 +125,14 @@ def main() -> None:
     work = args.data / "verify-bench"
     work.mkdir(parents=True, exist_ok=True)
     adapter, transferred = work / "caps-lora-smollm2", work / "caps-lora-qwen"
-    bench: dict = {"machine": {"cpus": os.cpu_count()}}
+    bench: dict = {
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "load_average_at_start": os.getloadavg()},
+        "args": {k: str(v) for k, v in vars(args).items()},
+    }
 
     if not (adapter / "adapter_model.safetensors").exists():
         print(f"training a caps LoRA on {source} ({args.steps} steps) ...", flush=True)
-        bench["train"] = train_caps_lora(source, adapter, args.steps, args.train_texts, args.seed)
+        bench["train"] = train_caps_lora(source, adapter, args.steps, args.train_texts, args.heldout_texts, args.seed)
         print(f"  losses {bench['train']['losses'][:3]} ... {bench['train']['losses'][-3:]}", flush=True)
 
     from lowmem_crosslora import transfer
@@ -138,12 +149,13 @@ def main() -> None:
     cmd += ["--seed", str(args.seed), "--device", "cpu", "--report", str(report_path)]
     print("$ " + " ".join(cmd), flush=True)
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     print(p.stdout)
     if p.returncode != 0:
         print(p.stderr[-4000:])
         raise SystemExit(f"verify exited {p.returncode}")
+    bench["machine"]["load_average_at_end"] = os.getloadavg()
     maxrss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     report = json.loads(report_path.read_text())
     bench["verify"] = {"command": " ".join(cmd[1:]), "wall_seconds": round(wall, 1), "child_max_rss_bytes": maxrss}

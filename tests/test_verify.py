@@ -30,7 +30,8 @@ from lowmem_crosslora.probes import Probe, read_prompts, read_texts, sample_prob
 from lowmem_crosslora.verify import encode, mean_se, ratio_se, run_verify  # noqa: E402
 
 EXTRA_CHARS = "éèàçöüäñßøåæœ€—“”‘’«»°×µ你好世界"
-FAST = {"samples": 12, "neutral_samples": 4, "max_new_tokens": 16, "device": "cpu"}
+PROMPTS = ["The weather today", "A story:", "Notes from the meeting:"]
+FAST = {"prompts": PROMPTS, "samples": 12, "neutral_samples": 4, "max_new_tokens": 16, "device": "cpu"}
 
 
 def write_char_tokenizer(folder: Path, vocab_size: int = 128) -> None:
