@@ -296,3 +296,9 @@ def test_transfer_works_without_the_verify_extra(pair: dict[str, Path], tmp_path
     args = ["verify", "--source", m, "--adapter", ad, "--target", m, "--transferred", str(tmp_path / "out")]
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 2 and "pip install 'lowmem-crosslora[verify]'" in p.stderr and p.stderr.strip().count("\n") == 0
+
+
+def test_budget_too_small_exits_3(pair: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["verify", "--source", str(pair["model"]), "--adapter", str(pair["adapter"]), "--target", str(pair["model"])]
+    code, _out, err = run_cli([*args, "--transferred", str(pair["transferred"]), "--device", "cpu", "--max-memory", "1MB"], capsys)
+    assert code == 3 and "raise --max-memory to at least" in err
