@@ -4,7 +4,7 @@
     python bench/bench_verify.py [--steps 30] [--samples 32]
 
 1. A LoRA that changes the source a lot: rank 16 on all seven modules of SmolLM2, trained with peft for
-   a few steps on ALL-CAPS text (samples of the source base on training prompts, upper-cased).
+   a few steps (40 at lr 5e-4, batch 8, 96 texts) on ALL-CAPS text (samples of the source base on training prompts, upper-cased).
 2. Transferred to Qwen2.5-Coder-0.5B with lowmem_crosslora.transfer (rank 320, CPU).
 3. `lowmem-crosslora verify` in a fresh process (wall time and peak memory of the whole process), on
    probe texts sampled from source + adapter, neutral samples of the source base, and held-out ALL-CAPS
@@ -46,19 +46,27 @@ HELD_OUT_PROMPTS = (
 )
 
 
-def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, heldout_n: int, seed: int) -> dict:
+def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, heldout_n: int, seed: int, lr: float) -> dict:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowmem_crosslora.probes import prefix_ids, sample_probes
+    from lowmem_crosslora.probes import Probe, prefix_ids, sample_probes
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     t0 = time.perf_counter()
-    data = sample_probes(model, tok, TRAIN_PROMPTS, texts_n, max_new_tokens=48, seed=seed, origin="train")
-    held = sample_probes(model, tok, HELD_OUT_PROMPTS, heldout_n, max_new_tokens=48, seed=seed, origin="heldout")
+    # The base model's samples depend only on (model, prompts, counts, seed): kept beside the models, so
+    # that trying other training settings does not sample again.
+    cache = out.parent.parent / f"caps-texts-{texts_n}-{heldout_n}-seed{seed}.json"
+    if cache.exists():
+        saved = json.loads(cache.read_text())
+        data, held = [Probe(**p) for p in saved["train"]], [Probe(**p) for p in saved["heldout"]]
+    else:
+        data = sample_probes(model, tok, TRAIN_PROMPTS, texts_n, max_new_tokens=48, seed=seed, origin="train")
+        held = sample_probes(model, tok, HELD_OUT_PROMPTS, heldout_n, max_new_tokens=48, seed=seed, origin="heldout")
+        cache.write_text(json.dumps({"train": [p.to_json() for p in data], "heldout": [p.to_json() for p in held]}))
     sample_s = time.perf_counter() - t0
     texts = [(p.prompt + p.text).upper() for p in data]
     cfg = LoraConfig(
@@ -69,7 +77,7 @@ def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, heldout_n
         task_type="CAUSAL_LM",
     )
     pm = get_peft_model(model, cfg)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=2e-3)
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
     pre = prefix_ids(tok)
     enc = [pre + tok(t, add_special_tokens=False)["input_ids"][:80] for t in texts]
     losses = []
@@ -89,19 +97,20 @@ def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, heldout_n
         loss.backward()
         opt.step()
         opt.zero_grad()
-        losses.append(round(float(loss), 4))
+        losses.append(round(float(loss.detach()), 4))
     train_s = time.perf_counter() - t0
     pm.save_pretrained(out)
     heldout = out.parent / "heldout-caps.jsonl"
     heldout.write_text("".join(json.dumps({"prompt": p.prompt.upper(), "text": p.text.upper()}) + "\n" for p in held))
-    return {"train_texts": len(texts), "steps": steps, "losses": losses, "sample_seconds": round(sample_s, 1), "train_seconds": round(train_s, 1)}
+    return {"train_texts": len(texts), "steps": steps, "lr": lr, "losses": losses, "sample_seconds": round(sample_s, 1), "train_seconds": round(train_s, 1)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=HERE / "data" / "real")
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--train-texts", type=int, default=48)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--train-texts", type=int, default=96)
     ap.add_argument("--heldout-texts", type=int, default=8, help="held-out ALL-CAPS texts passed to verify as --texts")
     ap.add_argument("--samples", type=int, default=24)
     ap.add_argument("--neutral-samples", type=int, default=8)
@@ -122,7 +131,7 @@ def main() -> None:
     for p in (source, target):
         if not (p / "config.json").exists():
             raise SystemExit(f"{p} is missing: run `pip install gguf && python bench/fetch_models.py` first")
-    work = args.data / "verify-bench"
+    work = args.data / f"verify-bench-{args.steps}x{args.train_texts}-lr{args.lr:g}"
     work.mkdir(parents=True, exist_ok=True)
     adapter, transferred = work / "caps-lora-smollm2", work / "caps-lora-qwen"
     bench: dict = {
@@ -132,14 +141,14 @@ def main() -> None:
 
     if not (adapter / "adapter_model.safetensors").exists():
         print(f"training a caps LoRA on {source} ({args.steps} steps) ...", flush=True)
-        bench["train"] = train_caps_lora(source, adapter, args.steps, args.train_texts, args.heldout_texts, args.seed)
+        bench["train"] = train_caps_lora(source, adapter, args.steps, args.train_texts, args.heldout_texts, args.seed, args.lr)
         print(f"  losses {bench['train']['losses'][:3]} ... {bench['train']['losses'][-3:]}", flush=True)
 
     from lowmem_crosslora import transfer
 
     print(f"transferring to {target} at rank {args.rank} ...", flush=True)
     t0 = time.perf_counter()
-    rep = transfer(adapter, source, target, transferred, rank=args.rank, device="cpu", force=True)
+    rep = transfer(adapter, source, target, transferred, rank=args.rank, device="cpu", force=True, cache_dir=work / "basis-cache")
     bench["transfer"] = {"seconds": round(time.perf_counter() - t0, 1), "energy_retained": rep["summary"]["energy_retained"]}
 
     report_path = work / "verify-report.json"
