@@ -121,8 +121,10 @@ def verdict(eff: dict[str, Any], what: str) -> str:
     if z is None or abs(z) < Z_CUTOFF:
         zs = "n/a" if z is None else f"{z:+.1f}"
         return f"on {what}: indistinguishable from a random adapter of the same size ({keeps}; the random control differs by {zs} standard errors)"
-    side = "above" if z > 0 else "below"
-    tail = "" if z > 0 else " (worse than a random adapter of the same size)"
+    # "Above" means beyond the control in the direction of the source effect (which may be negative).
+    along = z if s["mean"] > 0 else -z
+    side = "above" if along > 0 else "below"
+    tail = "" if along > 0 else " (further from the source effect than a random adapter of the same size)"
     return f"on {what}: {keeps}, {abs(z):.0f} standard errors {side} the random control{tail}"
 
 

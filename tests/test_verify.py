@@ -302,3 +302,24 @@ def test_budget_too_small_exits_3(pair: dict[str, Path], capsys: pytest.CaptureF
     args = ["verify", "--source", str(pair["model"]), "--adapter", str(pair["adapter"]), "--target", str(pair["model"])]
     code, _out, err = run_cli([*args, "--transferred", str(pair["transferred"]), "--device", "cpu", "--max-memory", "1MB"], capsys)
     assert code == 3 and "raise --max-memory to at least" in err
+
+
+def test_verdicts() -> None:
+    from lowmem_crosslora.verify import effects, verdict
+
+    def ll(src: list[float], tgt: list[float], ctl: list[float]) -> dict[str, list[float]]:
+        zero = [0.0] * len(src)
+        return {"source_base": zero, "source_adapter": src, "target_base": zero, "target_transferred": tgt, "target_control": ctl}
+
+    src = [1.0, 1.2, 0.8, 1.1, 0.9, 1.0]
+    e = effects(ll(src, [0.6 * v for v in src], [0.01, -0.01, 0.02, 0.0, -0.02, 0.01]))
+    assert e["recovery"]["mean"] == pytest.approx(0.6) and e["recovery"]["se"] == pytest.approx(0.0, abs=1e-9)
+    assert verdict(e, "x").startswith("on x: keeps 60% (+/- 0) of the source effect,") and "standard errors above the random control" in verdict(e, "x")
+    # A negative source effect: moving with it is "above" the control.
+    neg = [-v for v in src]
+    e = effects(ll(neg, [0.5 * v for v in neg], [0.01, -0.01, 0.02, 0.0, -0.02, 0.01]))
+    assert "above the random control" in verdict(e, "x")
+    e = effects(ll(src, [0.01, -0.02, 0.0, 0.02, -0.01, 0.0], [0.0, 0.01, -0.02, 0.01, 0.0, -0.01]))
+    assert "indistinguishable from a random adapter of the same size" in verdict(e, "x")
+    e = effects(ll([0.1, -0.1, 0.05, -0.05], [0.0] * 4, [0.0] * 4))
+    assert "no effect to recover" in verdict(e, "x")
