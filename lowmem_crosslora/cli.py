@@ -53,6 +53,15 @@ def common_inputs(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of the SVD and projection."
         ),
+        click.option(
+            "--for",
+            "target_format",
+            default="peft",
+            show_default=True,
+            type=click.Choice(["peft", "vllm"]),
+            help="vllm: one r and lora_alpha for every module (exactly rescaled), as vLLM requires.",
+        ),
+        click.option("--allow-pickle", is_flag=True, help="Read a pickled adapter_model.bin with torch.load(weights_only=True)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -258,6 +267,8 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
         click.echo(f"{u['uid']:<12} {src:<34} {tgt:<34} {u['rank']:>3} {u['r']:>4}  {how:<24} {u['estimated_seconds']:>6.2f}")
     for s in summary["skipped"]:
         click.echo(f"skip {s['tensor']}: {s['reason']}")
+    for msg in summary.get("warnings", []):
+        _warn(msg)
     e = summary["estimate"]
     click.echo(
         f"{len(summary['units'])} units, {e['base_matrices']} base matrices to factor; "

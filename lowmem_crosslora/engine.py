@@ -29,6 +29,7 @@ from .bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, f
 from .cache import BasisCache, CacheKey
 from .checkpoint import Checkpoint
 from .errors import BudgetError, CrossLoraError, InputError, Interrupted
+from .fused import unit_tensors
 from .memory import Budget, MatrixPlan, host_anon_bytes, release_free_memory, stored_bytes, tune_allocator
 from .output import Layout, PartialOutput, journal_fingerprint, state_dir_for
 from .plan import Plan, Unit, build_plan
@@ -63,6 +64,8 @@ class TransferOptions:
     cache_dir: str | None = None  # the basis cache's folder; None: the platform's user cache folder
     use_cache: bool = True
     cache_limit: int | None = None  # bytes; None: cache.DEFAULT_LIMIT
+    target_format: str = "peft"  # "vllm": one r and lora_alpha for every module (see vllm.py)
+    allow_pickle: bool = False  # read an adapter_model.bin with torch.load(weights_only=True)
 
     def result_key(self) -> dict[str, Any]:
         """The options that change the output's bytes (the budget and device only move rounding)."""
@@ -75,6 +78,7 @@ class TransferOptions:
             "niter": self.niter,
             "exact_ratio": self.exact_ratio,
             "compute_dtype": self.compute_dtype,
+            "target_format": self.target_format,
         }
 
     def svd_settings(self) -> SvdSettings:
@@ -609,17 +613,22 @@ def _transfer(
     t_start = time.perf_counter()
     tune_allocator()
     settings = opts.svd_settings()
-    ad = load_adapter(adapter)
+    ad = load_adapter(adapter, allow_pickle=opts.allow_pickle)
     src = Checkpoint(source, "source")
     tgt = Checkpoint(target, "target")
     out_path = Path(out)
     check_output_dir(out_path, [ad.path, src.path, tgt.path], opts.force)
-    plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype)
+    plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype, target_format=opts.target_format)
+    for msg in plan.warnings:  # skipped biases / modules_to_save, a rank vLLM needs --max-lora-rank for
+        if warn is not None:
+            warn(msg)
+        else:
+            warnings.warn(msg, UserWarning, stacklevel=2)
     check_finite(ad)
     device = resolve_device(opts.device)
     budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
     fingerprint = run_fingerprint(ad, src, tgt, opts)
-    layout = Layout(plan.layout())
+    layout = Layout(plan.layout(), regions=plan.regions())
 
     state = state_dir_for(out_path)
     if state.exists() and opts.resume and not opts.restart:
@@ -775,7 +784,8 @@ def _run_units(
             "method": {"source": bs.method, "target": basis.method},
             "mode": {"source": splan.mode, "target": mplan.mode},
         }
-        tensors = {u.out_a: proj.A.to(out_dtype).cpu().contiguous(), u.out_b: proj.B.to(out_dtype).cpu().contiguous()}
+        # Fused target modules and padded ranks write their rows of the output tensors (fused.py).
+        tensors = unit_tensors(u.out_a, u.out_b, u.placement, proj.A, proj.B, out_dtype)
         # A finished unit is written and journaled before any stop: the stop flag is looked at
         # again before the next matrix (run_jobs) and between row blocks of a blocked SVD.
         t_write = time.perf_counter()
@@ -798,22 +808,22 @@ def adapter_config(plan: Plan, ad: Adapter, target_name: str) -> dict[str, Any]:
         "alpha_pattern": plan.alpha_pattern,
         "base_model_name_or_path": target_name,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": plan.fan_in_fan_out,
         "inference_mode": True,
         "init_lora_weights": True,
         "layers_pattern": None,
         "layers_to_transform": plan.layers_to_transform,
-        "lora_alpha": ad.default_alpha if ad.default_alpha != int(ad.default_alpha) else int(ad.default_alpha),
+        "lora_alpha": plan.out_alpha if plan.out_alpha != int(plan.out_alpha) else int(plan.out_alpha),
         "lora_dropout": float(src.get("lora_dropout", 0.0) or 0.0),
         "modules_to_save": None,
         "peft_type": "LORA",
-        "r": ad.default_rank,
+        "r": plan.out_rank,
         "rank_pattern": plan.rank_pattern,
         "revision": None,
         "target_modules": plan.target_modules,
         "task_type": "CAUSAL_LM",
         "use_dora": False,
-        "use_rslora": ad.use_rslora,
+        "use_rslora": plan.use_rslora,
     }
 
 
