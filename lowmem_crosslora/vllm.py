@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 # The ranks vLLM accepts for --max-lora-rank.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
+# Families whose vLLM model classes have not, as far as we know, declared LoRA support.
+NO_VLLM_LORA = ("gpt2", "gpt_neox")
 
 
 def uniform_rank_alpha(units: list[Unit], family: Family, adapter: Adapter, warnings: list[str]) -> tuple[int, float]:
@@ -46,4 +48,6 @@ def uniform_rank_alpha(units: list[Unit], family: Family, adapter: Adapter, warn
         warnings.append(
             f"vllm: this adapter has rank {R}, above vLLM's default --max-lora-rank {VLLM_DEFAULT_MAX_LORA_RANK}; start vLLM with --max-lora-rank {fit}"
         )
+    if family.name in NO_VLLM_LORA:
+        warnings.append(f"vllm: vLLM may not serve LoRA adapters on {family.name} models; check its supported-models table (LoRA column) first")
     return R, alpha
