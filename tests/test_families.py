@@ -252,7 +252,7 @@ def test_fused_target_stacks_ranks_and_keeps_each_parts_scale(zoo: Any, runs: Ru
     """A source with per-module ranks and alphas (rslora) onto phi3: qkv_proj gets rank 8 + 4 + 8,
     one scale, and each part's delta keeps the scale the source gave it."""
     kw = {"use_rslora": True, "rank_pattern": {"k_proj": 4}, "alpha_pattern": {"v_proj": 32, "up_proj": 4}}
-    ad, out, report = runs.get("llama", "phi3", "patterned", adapter_kw=kw)
+    ad, out, report = runs.get("llama", "phi3", "fused-patterned", adapter_kw=kw)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["use_rslora"] is True and cfg["r"] == 8
     assert cfg["rank_pattern"]["model.layers.0.self_attn.qkv_proj"] == 20

@@ -27,7 +27,7 @@ def logits(model_dir: Path, adapter: Path) -> torch.Tensor:
 
 @pytest.mark.parametrize("tgt,rank", [("qwen2", 8), ("phi3", 20)])
 def test_vllm_output_is_uniform_and_exact(zoo: Any, tmp_path: Path, tgt: str, rank: int) -> None:
-    ad = zoo.adapter("llama", "patterned", **PATTERNED)
+    ad = zoo.adapter("llama", "vllm-patterned", **PATTERNED)
     kw = {"rank": 16, "device": "cpu", "dtype": "float32"}
     lowmem_crosslora.transfer(ad, zoo.model("llama"), zoo.model(tgt), tmp_path / "peft", **kw)
     msgs: list[str] = []
