@@ -27,7 +27,7 @@ from . import __version__
 from .adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
 from .architectures import CANONICAL
 from .bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, finish, randomized_svd, scipy_svd, seed_for
-from .cache import BasisCache, CacheKey
+from .cache import BasisCache, CacheKey, HashMemo
 from .checkpoint import Checkpoint
 from .errors import BudgetError, CrossLoraError, InputError, Interrupted
 from .memory import Budget, MatrixPlan, host_anon_bytes, release_free_memory, stored_bytes, tune_allocator
@@ -338,10 +338,13 @@ class Engine:
         if h is None:
             t0 = time.perf_counter()
             fut = self._hash_futs.pop(k, None)
-            h = fut.result() if fut is not None else job.ckpt.content_hash(job.weight)
+            h = fut.result() if fut is not None else job.ckpt.content_hash(job.weight, self._memo())
             self.phases["hash"] = self.phases.get("hash", 0.0) + time.perf_counter() - t0
             self._hashes[k] = h
         return h
+
+    def _memo(self) -> HashMemo | None:
+        return self.cache.memo if self.cache is not None else None
 
     def prehash(self, jobs: list[MatrixJob]) -> None:
         """Start hashing these jobs' weights ahead, when the engine runs on an accelerator (on the
@@ -354,7 +357,7 @@ class Engine:
                 continue
             if self._hasher is None:
                 self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-hash")
-            self._hash_futs[k] = self._hasher.submit(job.ckpt.content_hash, job.weight)
+            self._hash_futs[k] = self._hasher.submit(job.ckpt.content_hash, job.weight, self._memo())
 
     def cache_key(self, job: MatrixJob, device: str) -> CacheKey:
         """The key of the basis this engine would compute for the job on `device`."""
@@ -374,25 +377,43 @@ class Engine:
         except BudgetError:
             return self.device
 
-    def cached(self, job: MatrixJob) -> tuple[Basis, MatrixPlan] | None:
-        """The job's basis from the cache, verified, on the device it would have been computed on;
-        None when absent, damaged, or when loading it would not fit the memory budget."""
+    def cache_lookup(self, job: MatrixJob, extra: int = 0) -> tuple[CacheKey, str, int] | None:
+        """(key, device, bytes held once loaded) of the job's cache entry when there is one and
+        loading it fits the memory budget beside `extra` bytes more; None otherwise."""
         if self.cache is None:
             return None
         device = self._lookup_device(job)
         key = self.cache_key(job, device)
-        t0 = time.perf_counter()
         size = self.cache.entry_bytes(key)
         if size is None:
-            self.cache.misses += 1
             return None
         m, n = job.shape
         held = self.settings.compute_dtype.itemsize * (m + n + 1) * job.r
         # Loading holds the entry's bytes and the basis taken from them, then the basis alone.
-        if not self.budget.fits_host(size + held, self.retained):
-            self.cache.misses += 1
+        if not self.budget.fits_host(size + held, self.retained + extra):
             return None
+        return key, device, held
+
+    def _load_cached(self, job: MatrixJob, key: CacheKey) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str] | None, float]:
+        t0 = time.perf_counter()
+        assert self.cache is not None
         got = self.cache.get(key, job.r)
+        return got, time.perf_counter() - t0
+
+    def cached(self, job: MatrixJob, loading: Future[Any] | None = None) -> tuple[Basis, MatrixPlan] | None:
+        """The job's basis from the cache, verified, on the device it would have been computed on;
+        None when absent, damaged, or when loading it would not fit the memory budget. `loading`
+        is a read of the entry already started on the read-ahead thread."""
+        t0 = time.perf_counter()
+        found = self.cache_lookup(job)
+        if found is None:
+            if self.cache is not None:
+                self.cache.misses += 1
+            if loading is not None:
+                loading.result()
+            return None
+        key, device, held = found
+        got, _ = loading.result() if loading is not None else self._load_cached(job, key)
         if got is None:
             self.phases["cache"] = self.phases.get("cache", 0.0) + time.perf_counter() - t0
             return None
@@ -449,14 +470,25 @@ class Engine:
     def run_jobs(self, jobs: list[MatrixJob]) -> Iterator[tuple[MatrixJob, Basis, MatrixPlan]]:
         """Factor jobs in order, reading the next in-core matrix while this one computes."""
         ahead: tuple[int, MatrixPlan, Future[torch.Tensor]] | None = None
+        entry_ahead: tuple[int, Future[Any]] | None = None
         for i, job in enumerate(jobs):
             self.checks()
             self.prehash(jobs[i + 1 : i + 3])
-            hit = self.cached(job)
+            loading = entry_ahead[1] if entry_ahead is not None and entry_ahead[0] == i else None
+            entry_ahead = None
+            hit = self.cached(job, loading)
             if hit is not None:
                 if ahead is not None and ahead[0] == i:  # read ahead for nothing: drop it
                     ahead[2].result()
                     ahead = None
+                # Read and verify the next entry (file I/O and hashing, which release the GIL)
+                # while this basis is projected, when the budget holds both.
+                nxt = jobs[i + 1] if i + 1 < len(jobs) else None
+                found = self.cache_lookup(nxt, extra=hit[1].host_bytes) if nxt is not None and self.prefetch else None
+                if found is not None:
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-read")
+                    entry_ahead = (i + 1, self._pool.submit(self._load_cached, nxt, found[0]))
                 yield job, hit[0], hit[1]
                 continue
             preloaded: torch.Tensor | None = None
@@ -507,6 +539,8 @@ class Engine:
                 fut.cancel()
             self._hasher.shutdown(wait=True)
             self._hasher = None
+        if self.cache is not None:
+            self.cache.memo.save()
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None
