@@ -5,7 +5,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .engine import TransferOptions, transfer  # noqa: E402
+from .engine import TransferOptions, transfer, transfer_batch  # noqa: E402
 from .errors import BudgetError, CrossLoraError, InputError  # noqa: E402
 
-__all__ = ["transfer", "TransferOptions", "CrossLoraError", "InputError", "BudgetError", "__version__"]
+__all__ = ["transfer", "transfer_batch", "TransferOptions", "CrossLoraError", "InputError", "BudgetError", "__version__"]

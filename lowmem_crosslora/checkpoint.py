@@ -18,13 +18,16 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from .architectures import Family, ModelDims, family_for, fused_rows, model_dims
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .cache import HashMemo
 
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -279,22 +282,30 @@ class Checkpoint:
             self._data_start[file] = start
         return start
 
-    def content_hash(self, name: str) -> str:
+    def content_hash(self, name: str, memo: HashMemo | None = None) -> str:
         """BLAKE2b-256 of a tensor's bytes as stored (the basis cache's content key), read once
-        through a memory map; the pages stay in the page cache for the read that may follow."""
+        through a memory map; the pages stay in the page cache for the read that may follow.
+        `memo` remembers hashes of unchanged files between runs (see cache.HashMemo)."""
         from .cache import content_hash
 
         view = self.views.get(name)
         if view is not None:  # the stored tensor's hash, plus which of its rows the view takes
             real = self._real_hashes.get(view.real)
             if real is None:
-                real = self._real_hashes[view.real] = self.content_hash(view.real)
+                real = self._real_hashes[view.real] = self.content_hash(view.real, memo)
             key = json.dumps([real, list(map(list, view.rows)), view.transpose]).encode()
             return hashlib.blake2b(key, digest_size=32).hexdigest()
         info = self.info(name)
         begin, end = self._headers[info.file][name]["data_offsets"]
         try:
-            return content_hash(info.file, self._data_offset(info.file) + begin, end - begin)
+            offset = self._data_offset(info.file) + begin
+            known = memo.get(info.file, offset, end - begin) if memo is not None else None
+            if known is not None:
+                return known
+            h = content_hash(info.file, offset, end - begin)
+            if memo is not None:
+                memo.put(info.file, offset, end - begin, h)
+            return h
         except (OSError, ValueError) as e:
             raise InputError(f"{self.role}: cannot read tensor {name} from {info.file}: {e}") from None
 

@@ -337,3 +337,18 @@ def test_killed_fused_target_resumes_byte_identical(zoo: Any, tmp_path: Path) ->
     assert (out / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
     report = json.loads((out / "crosslora_report.json").read_text())
     assert report["summary"]["resumed_units"] == 4
+
+
+def test_batch_onto_a_fused_target_matches_lone_transfers(zoo: Any, runs: Runs, tmp_path: Path) -> None:
+    """Two adapters with different ranks per module onto phi3 in one batch: each output has its own
+    stacked layout and is byte-identical to that adapter's lone transfer."""
+    from lowmem_crosslora.engine import transfer_batch
+
+    kw = {"use_rslora": True, "rank_pattern": {"k_proj": 4}, "alpha_pattern": {"v_proj": 32, "up_proj": 4}}
+    alone = [runs.get("llama", "phi3"), runs.get("llama", "phi3", "fused-patterned", adapter_kw=kw)]
+    options = {"rank": 512, "device": "cpu", "exact_ratio": 0.0, "compute_dtype": "float64"}
+    pairs = [(ad, tmp_path / f"out{i}") for i, (ad, _, _) in enumerate(alone)]
+    transfer_batch(pairs, zoo.model("llama"), zoo.model("phi3"), **options)
+    for (_, out), (_, ref, _) in zip(pairs, alone, strict=True):
+        assert (out / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
+        assert json.loads((out / "adapter_config.json").read_text()) == json.loads((ref / "adapter_config.json").read_text())
