@@ -5,8 +5,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .engine import TransferOptions, transfer  # noqa: E402
+from .engine import TransferOptions, transfer, transfer_batch  # noqa: E402
 from .errors import BudgetError, CrossLoraError, InputError  # noqa: E402
 from .verify import run_verify  # noqa: E402  (imports transformers and peft only when called)
 
-__all__ = ["transfer", "run_verify", "TransferOptions", "CrossLoraError", "InputError", "BudgetError", "__version__"]
+__all__ = ["transfer", "transfer_batch", "run_verify", "TransferOptions", "CrossLoraError", "InputError", "BudgetError", "__version__"]

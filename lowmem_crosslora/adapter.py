@@ -49,7 +49,18 @@ class Adapter:
     modules: dict[str, LoraModule] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"tensor": ..., "reason": ...}
     file: Path | None = None
+    warnings: list[str] = field(default_factory=list)  # one line each, for the user
+    # `<lora_B name>#<part>` -> (lora_B name, rows): one part's rows of a fused module's B
+    views: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = field(default_factory=dict)
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # a pickled adapter, loaded
     _handle: Any = field(default=None, repr=False)
+
+    def part(self, lora: LoraModule, part: str, rows: tuple[tuple[int, int], ...]) -> LoraModule:
+        """One part of a fused module's LoRA: the shared A, and B's rows of that part."""
+        name = f"{lora.b_name}#{part}"
+        self.views[name] = (lora.b_name, tuple(rows))
+        m = sum(b - a for a, b in rows)
+        return LoraModule(lora.module, lora.a_name, name, lora.rank, lora.alpha, lora.scale, lora.a_shape, (m, lora.b_shape[1]), lora.dtype)
 
     @property
     def default_rank(self) -> int:
@@ -69,6 +80,12 @@ class Adapter:
     def read(self, name: str) -> torch.Tensor:
         """One factor, copied out of the map (adapters are small; the handle is opened once)."""
         assert self.file is not None
+        view = self.views.get(name)
+        if view is not None:
+            whole = self.read(view[0])
+            return torch.cat([whole[a:b] for a, b in view[1]], dim=0)
+        if self.state is not None:
+            return self.state[name].clone()
         try:
             if self._handle is None:
                 self._handle = safe_open(str(self.file), framework="pt", device="cpu")
@@ -80,9 +97,41 @@ class Adapter:
         self._handle = None
 
 
-def load_adapter(path: str | os.PathLike[str]) -> Adapter:
-    """Read an adapter folder's config and tensor layout (headers only) and check it is a plain LoRA."""
-    p = Path(path)
+_TORCH_TAGS = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+
+
+def _load_pickled(file: Path, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """adapter_model.bin through torch.load(weights_only=True): tensors only, no code runs."""
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to unpickle is bad input
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise InputError(f"{where}: cannot load {file.name} with torch.load(weights_only=True): {first}") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise InputError(f"{where}: {file.name} does not hold a state dict of tensors")
+    header = {k: {"shape": list(v.shape), "dtype": _TORCH_TAGS.get(v.dtype, str(v.dtype))} for k, v in state.items()}
+    return header, state
+
+
+def _module_of(name: str) -> str:
+    """The module path of a saved tensor name, without PEFT's prefix and the parameter name."""
+    module = name.rsplit(".", 1)[0]
+    return module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module
+
+
+def _in_modules_to_save(module: str, modules_to_save: list[str]) -> bool:
+    parts = module.split(".")
+    return any(m in parts or module == m or module.endswith("." + m) for m in modules_to_save)
+
+
+def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Adapter:
+    """Read an adapter folder's config and tensor layout (headers only) and check it is a plain LoRA.
+
+    A pickled adapter_model.bin is refused unless `allow_pickle`; then it is read with
+    torch.load(weights_only=True), which unpickles tensors and plain containers only."""
+    from .hub import resolve
+
+    p = resolve(path, "adapter")
     where = f"adapter {p}"
     if not p.exists():
         raise InputError(f"{where}: no such file or directory")
@@ -95,15 +144,25 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
     if config.get("use_dora"):
         raise InputError(f"{where}: DoRA adapters (use_dora=true) are not supported; only plain LoRA can be transferred")
     file = p / "adapter_model.safetensors"
+    state: dict[str, torch.Tensor] | None = None
     if not file.exists():
-        if (p / "adapter_model.bin").exists():
+        if not (p / "adapter_model.bin").exists():
+            raise InputError(f"{where}: adapter_model.safetensors not found")
+        if not allow_pickle:
             raise InputError(
-                f"{where}: only a pickled adapter_model.bin found; convert it to adapter_model.safetensors first "
-                "(pickle files can run code when loaded, so they are never opened here)"
+                f"{where}: only a pickled adapter_model.bin found; pass --allow-pickle to read it with "
+                "torch.load(weights_only=True), or convert it to adapter_model.safetensors"
             )
-        raise InputError(f"{where}: adapter_model.safetensors not found")
-    header = read_safetensors_header(file, "adapter")
-    adapter = Adapter(p, config, file=file)
+        file = p / "adapter_model.bin"
+        header, state = _load_pickled(file, where)
+    else:
+        header = read_safetensors_header(file, "adapter")
+    adapter = Adapter(p, config, file=file, state=state)
+    modules_to_save = config.get("modules_to_save") or []
+    if isinstance(modules_to_save, str):
+        modules_to_save = [modules_to_save]
+    bias_mode = str(config.get("bias", "none"))
+    counts = {"bias": 0, "save": 0, "lora_bias": 0}
     rank_pattern = dict(config.get("rank_pattern") or {})
     alpha_pattern = dict(config.get("alpha_pattern") or {})
 
@@ -117,12 +176,19 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
         if m is None:
             if "lora_embedding" in name:
                 reason = "embedding LoRA is not transferred (vocabularies differ between models)"
+            elif _in_modules_to_save(_module_of(name), [str(x) for x in modules_to_save]) or ".modules_to_save." in name:
+                reason = "modules_to_save copy: a full weight of the source model, not transferred"
+                counts["save"] += 1
+            elif name.endswith(".bias"):
+                reason = f"bias delta (bias={bias_mode!r}): a trained bias of the source model, not transferred"
+                counts["bias"] += 1
             else:
-                reason = "not a LoRA factor (modules_to_save or a full weight copy); not transferred"
+                reason = "not a LoRA factor (a full weight copy); not transferred"
             adapter.skipped.append({"tensor": name, "reason": reason})
             continue
         if m.group("kind") == "bias":
             adapter.skipped.append({"tensor": name, "reason": "LoRA bias (lora_bias) is not transferred"})
+            counts["lora_bias"] += 1
             continue
         module = m.group("module")
         if module.startswith(PEFT_PREFIX):
@@ -159,12 +225,25 @@ def load_adapter(path: str | os.PathLike[str]) -> Adapter:
         )
     if not adapter.modules:
         raise InputError(f"{where}: no LoRA factors (lora_A / lora_B) found in {file.name}")
+    if counts["bias"]:
+        adapter.warnings.append(f"adapter: {counts['bias']} bias tensors (bias={bias_mode!r}) are not transferred; the report lists them as skipped")
+    if counts["save"]:
+        names = ", ".join(map(str, modules_to_save))
+        adapter.warnings.append(f"adapter: {counts['save']} modules_to_save tensors ({names}) are not transferred; the report lists them")
+    if counts["lora_bias"]:
+        adapter.warnings.append(f"adapter: {counts['lora_bias']} LoRA bias tensors (lora_bias) are not transferred; the report lists them")
     return adapter
 
 
 def check_finite(adapter: Adapter) -> None:
     """Every LoRA factor must be finite: NaN or Inf would poison the projection silently."""
     assert adapter.file is not None
+    if adapter.state is not None:
+        for mod in adapter.modules.values():
+            for name in (mod.a_name, mod.b_name):
+                if not torch.isfinite(adapter.read(name)).all():
+                    raise InputError(f"adapter {adapter.path}: tensor {name} contains NaN or Inf")
+        return
     try:
         with safe_open(str(adapter.file), framework="pt", device="cpu") as f:
             for mod in adapter.modules.values():

@@ -29,9 +29,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import struct
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,6 +87,97 @@ def content_hash(path: Path, offset: int, length: int, chunk: int = 16 << 20) ->
             finally:
                 view.release()
     return h.hexdigest()
+
+
+MEMO_SCHEMA = "lowmem-crosslora/hash-memo/1"
+MEMO_DIR = "hashes"
+
+
+def file_identity(path: Path) -> list[int]:
+    """What says a file is unchanged: device, inode, size, and modification and change times in
+    nanoseconds (the change time moves on any write or metadata change and cannot be set back)."""
+    st = os.stat(path)
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+class HashMemo:
+    """Content hashes of base-weight files already hashed, so that a warm transfer does not read
+    every weight just to find its cache entries (hashing a 3B model's layers is seconds of work).
+
+    One small JSON file per weight file, in the cache folder's `hashes/`, holding the file's
+    identity (file_identity) and the hashes of byte spans of it. A memo is trusted only while the
+    file's identity is unchanged: any write to the file, a copy, a move to another disk, changes
+    it and the span is hashed again. Thread-safe (the engine may hash ahead on a thread)."""
+
+    def __init__(self, root: Path) -> None:
+        self.dir = root / MEMO_DIR
+        self._lock = threading.Lock()
+        self._files: dict[str, tuple[list[int], dict[str, str]]] = {}
+        self._dirty: set[str] = set()
+        self.writable = True
+
+    def _memo_path(self, real: str) -> Path:
+        return self.dir / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
+
+    def _load(self, real: str, ident: list[int]) -> dict[str, str]:
+        entry = self._files.get(real)
+        if entry is not None and entry[0] == ident:
+            return entry[1]
+        spans: dict[str, str] = {}
+        try:
+            doc = json.loads(self._memo_path(real).read_text(encoding="utf-8"))
+            if doc.get("schema") == MEMO_SCHEMA and doc.get("file") == real and doc.get("identity") == ident:
+                spans = {str(k): str(v) for k, v in doc.get("spans", {}).items()}
+        except (OSError, ValueError, AttributeError):
+            pass
+        self._files[real] = (ident, spans)
+        return spans
+
+    def get(self, path: Path, offset: int, length: int) -> str | None:
+        real = os.path.realpath(path)
+        ident = file_identity(Path(real))
+        with self._lock:
+            return self._load(real, ident).get(f"{offset}:{length}")
+
+    def put(self, path: Path, offset: int, length: int, digest: str) -> None:
+        real = os.path.realpath(path)
+        ident = file_identity(Path(real))
+        with self._lock:
+            self._load(real, ident)[f"{offset}:{length}"] = digest
+            self._dirty.add(real)
+
+    def save(self) -> None:
+        """Write the memos that changed (atomically; failure only costs a rehash next time)."""
+        with self._lock:
+            dirty, self._dirty = self._dirty, set()
+            if not self.writable:
+                return
+            for real in sorted(dirty):
+                ident, spans = self._files[real]
+                doc = {"schema": MEMO_SCHEMA, "file": real, "identity": ident, "spans": dict(sorted(spans.items()))}
+                tmp = None
+                try:
+                    self.dir.mkdir(parents=True, exist_ok=True)
+                    fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
+                    with os.fdopen(fd, "w", encoding="utf-8") as f:
+                        json.dump(doc, f, sort_keys=True)
+                    os.replace(tmp, self._memo_path(real))
+                    tmp = None
+                except OSError:
+                    self.writable = False
+                    return
+                finally:
+                    if tmp is not None:
+                        try:
+                            os.unlink(tmp)
+                        except OSError:
+                            pass
+
+    def clear(self) -> None:
+        with self._lock:
+            self._files.clear()
+            self._dirty.clear()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -144,6 +237,7 @@ class BasisCache:
         self.evicted = 0
         self.warnings: list[str] = []
         self._total: int | None = None
+        self.memo = HashMemo(self.root)
 
     # ---- reporting --------------------------------------------------------------------------
     def _warn(self, msg: str) -> None:
@@ -376,6 +470,7 @@ class BasisCache:
         for e in self.entries():
             n += self._remove(e.path)
         self._total = 0
+        self.memo.clear()
         return n
 
     def _remove(self, path: Path) -> bool:

@@ -2,6 +2,12 @@
 
 One tensor (or one block of its rows) at a time; a state dict is never loaded. Pickled
 checkpoints (.bin, .pt) are refused: nothing is ever unpickled here.
+
+Fused projections and gpt2's transposed Conv1D weights are seen through *views*: a view is named
+`<tensor>#<part>` (or `<tensor>#T` for a whole transposed weight), has the logical (out x in) shape
+of one canonical module, and reads only that module's rows from the map (for a Conv1D weight, its
+columns, transposed). Everything that reads a weight by name (reads, row blocks, content hashes)
+takes a view's name as well as a tensor's.
 """
 
 from __future__ import annotations
@@ -12,13 +18,16 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .architectures import Family, ModelDims, family_for, model_dims
+from .architectures import Family, ModelDims, family_for, fused_rows, model_dims
 from .errors import InputError
+
+if TYPE_CHECKING:
+    from .cache import HashMemo
 
 SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
@@ -84,11 +93,35 @@ class TensorInfo:
     dtype: str
 
 
+@dataclass(frozen=True)
+class View:
+    """Rows of a stored tensor's logical (out x in) matrix: one part of a fused module, or a whole
+    Conv1D weight (stored in x out, so `transpose`)."""
+
+    real: str
+    rows: tuple[tuple[int, int], ...]
+    transpose: bool
+
+    def real_ranges(self, start: int, stop: int) -> list[tuple[int, int]]:
+        """The stored rows (columns when transposed) behind the view's rows [start, stop)."""
+        out = []
+        offset = 0
+        for a, b in self.rows:
+            lo, hi = max(start, offset), min(stop, offset + b - a)
+            if lo < hi:
+                out.append((a + lo - offset, a + hi - offset))
+            offset += b - a
+        return out
+
+
 class Checkpoint:
     """A model folder: config.json plus model.safetensors or sharded safetensors with an index."""
 
     def __init__(self, path: str | os.PathLike[str], role: str = "model") -> None:
-        self.path = Path(path)
+        from .hub import resolve
+
+        self.given = os.fspath(path)
+        self.path = resolve(path, role)
         self.role = role
         where = f"{role} {self.path}"
         if not self.path.exists():
@@ -109,6 +142,9 @@ class Checkpoint:
                 if name != "__metadata__":
                     self.tensors[name] = TensorInfo(name, file, tuple(int(d) for d in info["shape"]), info["dtype"])
         self.layer_prefix = self._find_layer_prefix(where)
+        self.views: dict[str, View] = {}
+        self._real_hashes: dict[str, str] = {}
+        self._build_views(where)
 
     def _weight_files(self, where: str) -> list[Path]:
         index = self.path / "model.safetensors.index.json"
@@ -142,17 +178,59 @@ class Checkpoint:
                 return prefix
         raise InputError(f"{where}: no decoder layer weights found (looked for e.g. model.layers.0.self_attn.q_proj.weight)")
 
+    def _build_views(self, where: str) -> None:
+        fam = self.family
+        if not fam.fused and not fam.conv1d:
+            return
+        for layer in range(self.dims.num_layers):
+            for module, path in fam.modules.items():
+                real = f"{self.layer_prefix}.{layer}.{path}.weight"
+                info = self.tensors.get(real)
+                if info is None or len(info.shape) != 2:
+                    continue
+                out_rows = info.shape[1] if fam.conv1d else info.shape[0]
+                if path in fam.fused:
+                    rows, total = fused_rows(fam, self.dims, path)
+                    if out_rows != total:
+                        parts = "+".join(fam.fused[path].parts)
+                        raise InputError(f"{where}: fused weight {real} has {out_rows} output rows, but config.json implies {total} ({parts})")
+                    self.views[f"{real}#{module}"] = View(real, tuple(rows[module]), fam.conv1d)
+                elif fam.conv1d:
+                    self.views[f"{real}#T"] = View(real, ((0, out_rows),), True)
+
     def weight_name(self, layer: int, module: str) -> str:
-        return f"{self.layer_prefix}.{layer}.{self.family.modules[module]}.weight"
+        """The name of a canonical module's (out x in) weight: a tensor's, or a view's (see View)."""
+        path = self.family.modules.get(module)
+        if path is None:  # the family has no such module (gpt2 and gpt_neox have no gate): has() is False
+            return f"{self.layer_prefix}.{layer}.<no {module} in {self.family.name}>.weight"
+        real = f"{self.layer_prefix}.{layer}.{path}.weight"
+        if path in self.family.fused:
+            return f"{real}#{module}"
+        return f"{real}#T" if self.family.conv1d else real
 
     def has(self, name: str) -> bool:
-        return name in self.tensors
+        return name in self.tensors or name in self.views
 
     def info(self, name: str) -> TensorInfo:
+        view = self.views.get(name)
+        if view is not None:
+            real = self.tensors[view.real]
+            cols = real.shape[0] if view.transpose else real.shape[1]
+            return TensorInfo(name, real.file, (sum(b - a for a, b in view.rows), cols), real.dtype)
         try:
             return self.tensors[name]
         except KeyError:
             raise InputError(f"{self.role} {self.path}: tensor {name} not found") from None
+
+    def _read_view(self, view: View, start: int, stop: int) -> torch.Tensor:
+        info = self.tensors[view.real]
+        try:
+            sl = self._handle(info.file).get_slice(view.real)
+            parts = [sl[:, a:b].T if view.transpose else sl[a:b] for a, b in view.real_ranges(start, stop)]
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise InputError(f"{self.role}: cannot read tensor {view.real} from {info.file}: {e}") from None
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        return out.contiguous()
 
     def _handle(self, file: Path) -> Any:
         h = self._open.get(file)
@@ -165,7 +243,10 @@ class Checkpoint:
         return h
 
     def read(self, name: str) -> torch.Tensor:
-        """One whole tensor in its stored dtype."""
+        """One whole tensor (or view) in its stored dtype."""
+        view = self.views.get(name)
+        if view is not None:
+            return self._read_view(view, 0, self.info(name).shape[0])
         info = self.info(name)
         try:
             return self._handle(info.file).get_tensor(name)
@@ -175,6 +256,8 @@ class Checkpoint:
     def advise(self, name: str) -> None:
         """Ask the kernel to start reading a tensor's bytes into the page cache (no-op where
         posix_fadvise is missing). Nothing is mapped or copied: it only overlaps disk with compute."""
+        if name in self.views:
+            name = self.views[name].real
         info = self.info(name)
         advise = getattr(os, "posix_fadvise", None)
         if advise is None:
@@ -199,20 +282,38 @@ class Checkpoint:
             self._data_start[file] = start
         return start
 
-    def content_hash(self, name: str) -> str:
+    def content_hash(self, name: str, memo: HashMemo | None = None) -> str:
         """BLAKE2b-256 of a tensor's bytes as stored (the basis cache's content key), read once
-        through a memory map; the pages stay in the page cache for the read that may follow."""
+        through a memory map; the pages stay in the page cache for the read that may follow.
+        `memo` remembers hashes of unchanged files between runs (see cache.HashMemo)."""
         from .cache import content_hash
 
+        view = self.views.get(name)
+        if view is not None:  # the stored tensor's hash, plus which of its rows the view takes
+            real = self._real_hashes.get(view.real)
+            if real is None:
+                real = self._real_hashes[view.real] = self.content_hash(view.real, memo)
+            key = json.dumps([real, list(map(list, view.rows)), view.transpose]).encode()
+            return hashlib.blake2b(key, digest_size=32).hexdigest()
         info = self.info(name)
         begin, end = self._headers[info.file][name]["data_offsets"]
         try:
-            return content_hash(info.file, self._data_offset(info.file) + begin, end - begin)
+            offset = self._data_offset(info.file) + begin
+            known = memo.get(info.file, offset, end - begin) if memo is not None else None
+            if known is not None:
+                return known
+            h = content_hash(info.file, offset, end - begin)
+            if memo is not None:
+                memo.put(info.file, offset, end - begin, h)
+            return h
         except (OSError, ValueError) as e:
             raise InputError(f"{self.role}: cannot read tensor {name} from {info.file}: {e}") from None
 
     def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) of a 2-D tensor in its stored dtype, read from the map."""
+        """Rows [start, stop) of a 2-D tensor (or view) in its stored dtype, read from the map."""
+        view = self.views.get(name)
+        if view is not None:
+            return self._read_view(view, start, stop)
         info = self.info(name)
         try:
             return self._handle(info.file).get_slice(name)[start:stop]

@@ -9,6 +9,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,22 @@ def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int 
         raise click.BadParameter(str(e)) from None
 
 
-def common_inputs(f: Callable[..., Any]) -> Callable[..., Any]:
+ADAPTER_HELP = "PEFT LoRA adapter folder trained on the source model."
+BATCH_ADAPTER_HELP = (
+    "PEFT LoRA adapter folder trained on the source model. Repeat it, or give a folder of adapter folders, "
+    "to transfer several in one run: each base matrix is then read and factored once for all of them, and "
+    "each goes to --out/<adapter folder name>."
+)
+
+
+def common_inputs(f: Callable[..., Any], batch: bool = False) -> Callable[..., Any]:
+    adapter = (
+        click.option("--adapter", "adapters", required=True, multiple=True, type=click.Path(path_type=Path), help=BATCH_ADAPTER_HELP)
+        if batch
+        else click.option("--adapter", required=True, type=click.Path(path_type=Path), help=ADAPTER_HELP)
+    )
     opts = [
-        click.option("--adapter", required=True, type=click.Path(path_type=Path), help="PEFT LoRA adapter folder trained on the source model."),
+        adapter,
         click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model folder (config.json + safetensors)."),
         click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model folder (config.json + safetensors)."),
         click.option("--rank", default=320, show_default=True, type=int, help="SVD rank r (clipped to each module's dimensions)."),
@@ -53,6 +67,15 @@ def common_inputs(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of the SVD and projection."
         ),
+        click.option(
+            "--for",
+            "target_format",
+            default="peft",
+            show_default=True,
+            type=click.Choice(["peft", "vllm"]),
+            help="vllm: one r and lora_alpha for every module (exactly rescaled), as vLLM requires.",
+        ),
+        click.option("--allow-pickle", is_flag=True, help="Read a pickled adapter_model.bin with torch.load(weights_only=True)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -106,52 +129,105 @@ def cache_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+def batch_outputs(adapters: tuple[Path, ...], out: Path) -> list[tuple[Path, Path]] | None:
+    """(adapter, output) pairs for a batch, or None for a single transfer into --out.
+
+    One --adapter that is an adapter folder is a single transfer. Several, or one folder holding
+    adapter folders (no adapter_config.json of its own), are a batch: each adapter goes to
+    --out/<its folder name>."""
+    from .errors import InputError
+
+    if len(adapters) == 1 and ((adapters[0] / "adapter_config.json").exists() or not adapters[0].is_dir()):
+        return None
+    found: list[Path] = []
+    for a in adapters:
+        if (a / "adapter_config.json").exists() or not a.is_dir():
+            found.append(a)
+            continue
+        inner = sorted(p for p in a.iterdir() if p.is_dir() and (p / "adapter_config.json").exists())
+        if not inner:
+            raise InputError(f"adapter {a}: neither an adapter folder (adapter_config.json + adapter_model.safetensors) nor a folder of adapter folders")
+        found.extend(inner)
+    names: dict[str, Path] = {}
+    for a in found:
+        name = a.name or a.resolve().name
+        if name in names:
+            raise InputError(f"adapters {names[name]} and {a} share the folder name {name!r}, so their outputs under {out} would collide; rename one")
+        names[name] = a
+    return [(a, out / (a.name or a.resolve().name)) for a in found]
+
+
 @cli.command()
-@common_inputs
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output adapter folder (created; must be empty unless --force).")
+@partial(common_inputs, batch=True)
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Output adapter folder (created; must be empty unless --force). With several adapters: the folder that receives one output folder per adapter.",
+)
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue an interrupted transfer into the same --out.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted transfer's state and start over.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here.")
+@click.option(
+    "--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here (a list of reports for several adapters)."
+)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (a list of reports for several adapters).")
 @cache_options
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the basis cache.")
-def transfer(out: Path, resume: bool, restart: bool, force: bool, report_path: Path | None, quiet: bool, as_json: bool, no_cache: bool, **kw: Any) -> None:
+def transfer(
+    adapters: tuple[Path, ...],
+    out: Path,
+    resume: bool,
+    restart: bool,
+    force: bool,
+    report_path: Path | None,
+    quiet: bool,
+    as_json: bool,
+    no_cache: bool,
+    **kw: Any,
+) -> None:
     """Transfer --adapter from --source onto --target, writing a PEFT adapter folder at --out."""
     from .engine import transfer as run_transfer
+    from .engine import transfer_batch
     from .report import summary_lines
 
+    pairs = batch_outputs(adapters, out)
     progress, close = _progress_printer(quiet or as_json)
     log = (lambda msg: click.echo(msg, err=True)) if not quiet else None
-    inputs = {k: kw.pop(k) for k in ("adapter", "source", "target")}
-    kw["max_memory"] = kw.pop("max_memory")
+    inputs = {k: kw.pop(k) for k in ("source", "target")}
     kw["cache_dir"] = str(kw["cache_dir"]) if kw["cache_dir"] is not None else None
+    common = dict(progress=progress, log=log, warn=_warn, resume=resume, restart=restart, force=force, use_cache=not no_cache, **kw)
     try:
-        report = run_transfer(
-            inputs["adapter"],
-            inputs["source"],
-            inputs["target"],
-            out,
-            progress=progress,
-            log=log,
-            warn=_warn,
-            resume=resume,
-            restart=restart,
-            force=force,
-            use_cache=not no_cache,
-            **kw,
-        )
+        if pairs is None:
+            result: Any = run_transfer(adapters[0], inputs["source"], inputs["target"], out, **common)
+            reports = [result]
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+            result = reports = transfer_batch(pairs, inputs["source"], inputs["target"], **common)
     finally:
         close()
     if report_path is not None:
-        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        report_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     if as_json:
-        click.echo(json.dumps(report, indent=2, sort_keys=True))
+        click.echo(json.dumps(result, indent=2, sort_keys=True))
     elif not quiet:
-        for line in summary_lines(report):
-            click.echo(line)
-        click.echo(f"wrote {out}")
+        if pairs is None:
+            for line in summary_lines(reports[0]):
+                click.echo(line)
+            click.echo(f"wrote {out}")
+            return
+        for (_, o), rep in zip(pairs, reports, strict=True):
+            e = rep["summary"]["energy_retained"]
+            energy = f"energy retained mean {e['mean']:.3f}" if e["mean"] is not None else "no energy figure"
+            click.echo(f"wrote {o}: {rep['summary']['units']} modules, {energy}")
+        s = reports[-1]["summary"]
+        c = s.get("cache")
+        click.echo(
+            f"{len(reports)} adapters in {s['seconds']:.1f} s on {s['device']}, each base matrix factored once"
+            + (f"; basis cache: {c['hits']} bases read, {c['stored']} computed and stored" if c else "")
+        )
+        click.echo("energy retained is not behaviour: measure the transferred adapters before trusting them.")
 
 
 @cli.command()
@@ -258,6 +334,8 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
         click.echo(f"{u['uid']:<12} {src:<34} {tgt:<34} {u['rank']:>3} {u['r']:>4}  {how:<24} {u['estimated_seconds']:>6.2f}")
     for s in summary["skipped"]:
         click.echo(f"skip {s['tensor']}: {s['reason']}")
+    for msg in summary.get("warnings", []):
+        _warn(msg)
     e = summary["estimate"]
     click.echo(
         f"{len(summary['units'])} units, {e['base_matrices']} base matrices to factor; "

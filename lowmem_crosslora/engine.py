@@ -25,12 +25,14 @@ import torch
 
 from . import __version__
 from .adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
+from .architectures import CANONICAL
 from .bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, finish, randomized_svd, scipy_svd, seed_for
-from .cache import BasisCache, CacheKey
+from .cache import BasisCache, CacheKey, HashMemo
 from .checkpoint import Checkpoint
 from .errors import BudgetError, CrossLoraError, InputError, Interrupted
+from .fused import unit_tensors
 from .memory import Budget, MatrixPlan, host_anon_bytes, release_free_memory, stored_bytes, tune_allocator
-from .output import Layout, PartialOutput, journal_fingerprint, state_dir_for
+from .output import ADAPTER_NAME, REPORT_NAME, Layout, PartialOutput, journal_fingerprint, state_dir_for
 from .plan import Plan, Unit, build_plan
 from .project import project_factors
 from .report import build_report
@@ -63,6 +65,8 @@ class TransferOptions:
     cache_dir: str | None = None  # the basis cache's folder; None: the platform's user cache folder
     use_cache: bool = True
     cache_limit: int | None = None  # bytes; None: cache.DEFAULT_LIMIT
+    target_format: str = "peft"  # "vllm": one r and lora_alpha for every module (see vllm.py)
+    allow_pickle: bool = False  # read an adapter_model.bin with torch.load(weights_only=True)
 
     def result_key(self) -> dict[str, Any]:
         """The options that change the output's bytes (the budget and device only move rounding)."""
@@ -75,6 +79,7 @@ class TransferOptions:
             "niter": self.niter,
             "exact_ratio": self.exact_ratio,
             "compute_dtype": self.compute_dtype,
+            "target_format": self.target_format,
         }
 
     def svd_settings(self) -> SvdSettings:
@@ -337,10 +342,13 @@ class Engine:
         if h is None:
             t0 = time.perf_counter()
             fut = self._hash_futs.pop(k, None)
-            h = fut.result() if fut is not None else job.ckpt.content_hash(job.weight)
+            h = fut.result() if fut is not None else job.ckpt.content_hash(job.weight, self._memo())
             self.phases["hash"] = self.phases.get("hash", 0.0) + time.perf_counter() - t0
             self._hashes[k] = h
         return h
+
+    def _memo(self) -> HashMemo | None:
+        return self.cache.memo if self.cache is not None else None
 
     def prehash(self, jobs: list[MatrixJob]) -> None:
         """Start hashing these jobs' weights ahead, when the engine runs on an accelerator (on the
@@ -353,7 +361,7 @@ class Engine:
                 continue
             if self._hasher is None:
                 self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-hash")
-            self._hash_futs[k] = self._hasher.submit(job.ckpt.content_hash, job.weight)
+            self._hash_futs[k] = self._hasher.submit(job.ckpt.content_hash, job.weight, self._memo())
 
     def cache_key(self, job: MatrixJob, device: str) -> CacheKey:
         """The key of the basis this engine would compute for the job on `device`."""
@@ -373,25 +381,43 @@ class Engine:
         except BudgetError:
             return self.device
 
-    def cached(self, job: MatrixJob) -> tuple[Basis, MatrixPlan] | None:
-        """The job's basis from the cache, verified, on the device it would have been computed on;
-        None when absent, damaged, or when loading it would not fit the memory budget."""
+    def cache_lookup(self, job: MatrixJob, extra: int = 0) -> tuple[CacheKey, str, int] | None:
+        """(key, device, bytes held once loaded) of the job's cache entry when there is one and
+        loading it fits the memory budget beside `extra` bytes more; None otherwise."""
         if self.cache is None:
             return None
         device = self._lookup_device(job)
         key = self.cache_key(job, device)
-        t0 = time.perf_counter()
         size = self.cache.entry_bytes(key)
         if size is None:
-            self.cache.misses += 1
             return None
         m, n = job.shape
         held = self.settings.compute_dtype.itemsize * (m + n + 1) * job.r
         # Loading holds the entry's bytes and the basis taken from them, then the basis alone.
-        if not self.budget.fits_host(size + held, self.retained):
-            self.cache.misses += 1
+        if not self.budget.fits_host(size + held, self.retained + extra):
             return None
+        return key, device, held
+
+    def _load_cached(self, job: MatrixJob, key: CacheKey) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor, str] | None, float]:
+        t0 = time.perf_counter()
+        assert self.cache is not None
         got = self.cache.get(key, job.r)
+        return got, time.perf_counter() - t0
+
+    def cached(self, job: MatrixJob, loading: Future[Any] | None = None) -> tuple[Basis, MatrixPlan] | None:
+        """The job's basis from the cache, verified, on the device it would have been computed on;
+        None when absent, damaged, or when loading it would not fit the memory budget. `loading`
+        is a read of the entry already started on the read-ahead thread."""
+        t0 = time.perf_counter()
+        found = self.cache_lookup(job)
+        if found is None:
+            if self.cache is not None:
+                self.cache.misses += 1
+            if loading is not None:
+                loading.result()
+            return None
+        key, device, held = found
+        got, _ = loading.result() if loading is not None else self._load_cached(job, key)
         if got is None:
             self.phases["cache"] = self.phases.get("cache", 0.0) + time.perf_counter() - t0
             return None
@@ -448,14 +474,25 @@ class Engine:
     def run_jobs(self, jobs: list[MatrixJob]) -> Iterator[tuple[MatrixJob, Basis, MatrixPlan]]:
         """Factor jobs in order, reading the next in-core matrix while this one computes."""
         ahead: tuple[int, MatrixPlan, Future[torch.Tensor]] | None = None
+        entry_ahead: tuple[int, Future[Any]] | None = None
         for i, job in enumerate(jobs):
             self.checks()
             self.prehash(jobs[i + 1 : i + 3])
-            hit = self.cached(job)
+            loading = entry_ahead[1] if entry_ahead is not None and entry_ahead[0] == i else None
+            entry_ahead = None
+            hit = self.cached(job, loading)
             if hit is not None:
                 if ahead is not None and ahead[0] == i:  # read ahead for nothing: drop it
                     ahead[2].result()
                     ahead = None
+                # Read and verify the next entry (file I/O and hashing, which release the GIL)
+                # while this basis is projected, when the budget holds both.
+                nxt = jobs[i + 1] if i + 1 < len(jobs) else None
+                found = self.cache_lookup(nxt, extra=hit[1].host_bytes) if nxt is not None and self.prefetch else None
+                if found is not None:
+                    if self._pool is None:
+                        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-read")
+                    entry_ahead = (i + 1, self._pool.submit(self._load_cached, nxt, found[0]))
                 yield job, hit[0], hit[1]
                 continue
             preloaded: torch.Tensor | None = None
@@ -506,6 +543,8 @@ class Engine:
                 fut.cancel()
             self._hasher.shutdown(wait=True)
             self._hasher = None
+        if self.cache is not None:
+            self.cache.memo.save()
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None
@@ -583,44 +622,84 @@ def transfer(
     clean point; the hidden state folder next to `out` then resumes with the same call. Warnings
     (the basis cache's: it never fails a transfer) go to `warn`, or to warnings.warn.
     """
-    with StopFlag() as stop:
-        try:
-            return _transfer(adapter, source, target, out, stop=stop, progress=progress, log=log, warn=warn, **options)
-        except KeyboardInterrupt:  # a second Ctrl-C: the state on disk is crash-safe, so this is resumable too
-            raise Interrupted("stopped by SIGINT; finished units are kept") from None
+    return _guarded([(adapter, out)], source, target, progress=progress, log=log, warn=warn, batch=False, **options)[0]
 
 
-def _transfer(
-    adapter: str | Path,
+def transfer_batch(
+    adapters: list[tuple[str | Path, str | Path]],
     source: str | Path,
     target: str | Path,
-    out: str | Path,
     *,
-    stop: StopFlag,
     progress: Progress | None = None,
     log: Callable[[str], None] | None = None,
     warn: Callable[[str], None] | None = None,
     **options: Any,
-) -> dict[str, Any]:
-    opts = TransferOptions(**options)
-    if opts.cache_dir is not None:
-        opts.cache_dir = str(opts.cache_dir)
-    say = log or (lambda msg: None)
-    t_start = time.perf_counter()
-    tune_allocator()
-    settings = opts.svd_settings()
-    ad = load_adapter(adapter)
-    src = Checkpoint(source, "source")
-    tgt = Checkpoint(target, "target")
-    out_path = Path(out)
-    check_output_dir(out_path, [ad.path, src.path, tgt.path], opts.force)
-    plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype)
-    check_finite(ad)
-    device = resolve_device(opts.device)
-    budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
-    fingerprint = run_fingerprint(ad, src, tgt, opts)
-    layout = Layout(plan.layout())
+) -> list[dict[str, Any]]:
+    """Transfer several adapters of one source model onto one target: `adapters` lists
+    (adapter folder, output folder) pairs. Each base matrix is read and factored once for all of
+    them; each output is the same, byte for byte, as a transfer of that adapter alone.
 
+    Every input is checked before any work starts. An output that already holds this very
+    transfer (same inputs and options: a rerun of a batch that finished some of its outputs) is
+    left as it is and its report returned; interrupted outputs resume. Returns the reports in the
+    order given.
+    """
+    if not adapters:
+        raise InputError("no adapter to transfer")
+    return _guarded(adapters, source, target, progress=progress, log=log, warn=warn, batch=True, **options)
+
+
+def _guarded(pairs: list[tuple[str | Path, str | Path]], source: str | Path, target: str | Path, **kw: Any) -> list[dict[str, Any]]:
+    with StopFlag() as stop:
+        try:
+            return _transfer(pairs, source, target, stop=stop, **kw)
+        except KeyboardInterrupt:  # a second Ctrl-C: the state on disk is crash-safe, so this is resumable too
+            raise Interrupted("stopped by SIGINT; finished units are kept") from None
+
+
+@dataclass
+class Task:
+    """One adapter of a run: its plan, its output's journaled state, its finished units' records."""
+
+    adapter: Adapter
+    out: Path
+    plan: Plan
+    fingerprint: str
+    partial: PartialOutput | None = None
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pending: list[Unit] = field(default_factory=list)
+    resumed: int = 0
+    report: dict[str, Any] | None = None  # set when the output already holds this transfer
+
+    @property
+    def index_of(self) -> dict[str, int]:
+        return {u.uid: k for k, u in enumerate(self.plan.units)}
+
+
+def finished_report(out: Path, fingerprint: str) -> dict[str, Any] | None:
+    """The report of a finished transfer in `out` made with this fingerprint, or None."""
+    try:
+        report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("run_fingerprint") != fingerprint or not (out / ADAPTER_NAME).is_file():
+        return None
+    return report
+
+
+def _prepare(ad: Adapter, out_path: Path, src: Checkpoint, tgt: Checkpoint, opts: TransferOptions, batch: bool, say: Callable[[str], None]) -> Task:
+    """Check one adapter and its output, plan it, and open (or resume) its journaled output."""
+    plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype, target_format=opts.target_format)
+    check_finite(ad)
+    fingerprint = run_fingerprint(ad, src, tgt, opts)
+    task = Task(ad, out_path, plan, fingerprint)
+    if batch and not opts.force:
+        done = finished_report(out_path, fingerprint)
+        if done is not None:
+            say(f"{out_path}: already holds this transfer; kept")
+            task.report = done
+            return task
+    check_output_dir(out_path, [ad.path, src.path, tgt.path], opts.force)
     state = state_dir_for(out_path)
     if state.exists() and opts.resume and not opts.restart:
         old = journal_fingerprint(out_path)
@@ -630,61 +709,133 @@ def _transfer(
                 "(the adapter, a model's weight files, or an option that changes the result); "
                 "rerun it with the same ones to resume, or pass --restart to start over"
             )
-    stop.check()
+    return task
+
+
+def _open_output(task: Task, opts: TransferOptions, say: Callable[[str], None], label: str) -> None:
+    plan = task.plan
     expected = {u.uid: [u.out_a, u.out_b] for u in plan.units}
-    partial = PartialOutput(out_path, layout, fingerprint, resume=opts.resume and not opts.restart, expected=expected)
+    layout = Layout(plan.layout(), regions=plan.regions())
+    partial = PartialOutput(task.out, layout, task.fingerprint, resume=opts.resume and not opts.restart, expected=expected)
     if partial.resumed:
         damaged = len(partial.redone_corrupt) + partial.bad_lines
         say(
-            f"resuming: {len(partial.done)} of {len(plan.units)} units already done"
+            f"{label}resuming: {len(partial.done)} of {len(plan.units)} units already done"
             + (f"; {damaged} damaged journal entries or units are redone" if damaged else "")
             + (f"; repaired: {', '.join(partial.repairs)}" if partial.repairs else "")
         )
+    task.partial = partial
+    task.records = {uid: rec["record"] for uid, rec in partial.done.items()}
+    task.pending = [u for u in plan.units if u.uid not in partial.done]
+    task.resumed = len(plan.units) - len(task.pending)
 
-    records: dict[str, dict[str, Any]] = {uid: rec["record"] for uid, rec in partial.done.items()}
-    pending = [u for u in plan.units if u.uid not in partial.done]
-    done_count = len(plan.units) - len(pending)
-    if progress:
-        progress(done_count, len(plan.units), "")
 
-    with stop:
-        cache = open_cache(opts.cache_dir, opts.cache_limit, warn) if opts.use_cache else None
-        engine = Engine(plan, settings, budget, device, opts.seed, stop, prefetch=opts.prefetch, cache=cache)
-        budget.start()
-        try:
-            _run_units(engine, plan, pending, src, tgt, ad, partial, records, progress, done_count)
-            bad = partial.verify_all([u.uid for u in plan.units])
-            if bad:
-                raise CrossLoraError(f"verification failed for units {', '.join(bad[:5])}; rerun to redo them")
-        finally:
-            engine.close()
-            budget.stop()
-            partial.close()
+def _transfer(
+    pairs: list[tuple[str | Path, str | Path]],
+    source: str | Path,
+    target: str | Path,
+    *,
+    stop: StopFlag,
+    batch: bool,
+    progress: Progress | None = None,
+    log: Callable[[str], None] | None = None,
+    warn: Callable[[str], None] | None = None,
+    **options: Any,
+) -> list[dict[str, Any]]:
+    opts = TransferOptions(**options)
+    if opts.cache_dir is not None:
+        opts.cache_dir = str(opts.cache_dir)
+    say = log or (lambda msg: None)
+    t_start = time.perf_counter()
+    tune_allocator()
+    settings = opts.svd_settings()
+    src = Checkpoint(source, "source")
+    tgt = Checkpoint(target, "target")
+    outs = [Path(o) for _, o in pairs]
+    seen_out: dict[Path, int] = {}
+    for i, o in enumerate(outs):
+        key = o.resolve()
+        if key in seen_out:
+            raise InputError(f"adapters {seen_out[key] + 1} and {i + 1} would both be written to {o}; give each its own output folder")
+        seen_out[key] = i
+    # Every input is checked, every output planned, before any work starts.
+    tasks: list[Task] = []
+    for (adapter, _), out_path in zip(pairs, outs, strict=True):
+        ad = load_adapter(adapter, allow_pickle=opts.allow_pickle)
+        if batch:
+            for o in outs:
+                if _inside(o.resolve(), ad.path.resolve()) or _inside(ad.path.resolve(), o.resolve()):
+                    raise InputError(f"output folder {o} and the adapter {ad.path} lie inside one another; choose folders apart")
+        tasks.append(_prepare(ad, out_path, src, tgt, opts, batch, say))
+    for t in tasks:  # skipped biases / modules_to_save, a rank vLLM needs --max-lora-rank for
+        for msg in t.plan.warnings:
+            msg = f"{t.adapter.path}: {msg}" if batch else msg
+            if warn is not None:
+                warn(msg)
+            else:
+                warnings.warn(msg, UserWarning, stacklevel=3)
+    device = resolve_device(opts.device)
+    budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
+    stop.check()
+    todo = [t for t in tasks if t.report is None]
+    for t in todo:
+        _open_output(t, opts, say, f"{t.out}: " if batch else "")
 
-    report = build_report(
-        plan=plan,
-        records=[records[u.uid] for u in plan.units],
-        adapter=ad,
-        source=src,
-        target=tgt,
-        options=asdict(opts),
-        device=device,
-        seconds=time.perf_counter() - t_start,
-        peak_host=budget.peak_host,
-        peak_file=budget.peak_file,
-        peak_gpu=budget.peak_gpu,
-        gpu_baseline=budget.gpu_baseline,
-        phases=engine.phases,
-        baseline_host=budget.baseline,
-        budget_host=budget.max_host,
-        fallbacks=engine.fallbacks,
-        resumed_units=done_count,
-        version=__version__,
-    )
-    report["summary"]["cache"] = cache.stats() if cache is not None else None
-    config = adapter_config(plan, ad, str(target))
-    partial.finish(config, report, opts.force)
-    return report
+    total = sum(len(t.plan.units) for t in todo)
+    done_count = sum(t.resumed for t in todo)
+    if progress and todo:
+        progress(done_count, total, "")
+
+    engine: Engine | None = None
+    if todo:
+        with stop:
+            cache = open_cache(opts.cache_dir, opts.cache_limit, warn) if opts.use_cache else None
+            engine = Engine(todo[0].plan, settings, budget, device, opts.seed, stop, prefetch=opts.prefetch, cache=cache)
+            budget.start()
+            try:
+                _run_units(engine, todo, src, tgt, progress, done_count, total)
+                for t in todo:
+                    assert t.partial is not None
+                    bad = t.partial.verify_all([u.uid for u in t.plan.units])
+                    if bad:
+                        raise CrossLoraError(f"{t.out}: verification failed for units {', '.join(bad[:5])}; rerun to redo them")
+            finally:
+                engine.close()
+                budget.stop()
+                for t in todo:
+                    if t.partial is not None:
+                        t.partial.close()
+
+    seconds = time.perf_counter() - t_start
+    for t in todo:
+        assert engine is not None and t.partial is not None
+        report = build_report(
+            plan=t.plan,
+            records=[t.records[u.uid] for u in t.plan.units],
+            adapter=t.adapter,
+            source=src,
+            target=tgt,
+            options=asdict(opts),
+            device=device,
+            seconds=seconds,
+            peak_host=budget.peak_host,
+            peak_file=budget.peak_file,
+            peak_gpu=budget.peak_gpu,
+            gpu_baseline=budget.gpu_baseline,
+            phases=engine.phases,
+            baseline_host=budget.baseline,
+            budget_host=budget.max_host,
+            fallbacks=engine.fallbacks,
+            resumed_units=t.resumed,
+            version=__version__,
+        )
+        report["run_fingerprint"] = t.fingerprint
+        report["summary"]["cache"] = engine.cache.stats() if engine.cache is not None else None
+        if batch:
+            report["summary"]["batch"] = {"adapters": len(tasks), "transferred_in_this_run": len(todo)}
+        t.partial.finish(adapter_config(t.plan, t.adapter, str(target)), report, opts.force)
+        t.report = report
+    return [t.report for t in tasks if t.report is not None]
 
 
 class CacheWarning(UserWarning):
@@ -702,93 +853,107 @@ def open_cache(cache_dir: str | Path | None, limit: int | None, warn: Callable[[
 
 def _run_units(
     engine: Engine,
-    plan: Plan,
-    pending: list[Unit],
+    tasks: list[Task],
     src: Checkpoint,
     tgt: Checkpoint,
-    ad: Adapter,
-    partial: PartialOutput,
-    records: dict[str, dict[str, Any]],
     progress: Progress | None,
     done_count: int,
+    total: int,
 ) -> None:
+    """Factor each base matrix the tasks' pending units need once, in layer order, and project
+    every task's unit on it. A unit id names one (target layer, module): the same pair of base
+    matrices in every task of the run."""
     src_id, tgt_id = src.identity(), tgt.identity()
+    groups: dict[str, list[tuple[Task, Unit]]] = {}
+    for t in tasks:
+        for u in t.pending:
+            groups.setdefault(u.uid, []).append((t, u))
+    module_order = {m: k for k, m in enumerate(CANONICAL)}
+    order = sorted(groups, key=lambda uid: (groups[uid][0][1].target_layer, module_order.get(groups[uid][0][1].module, len(module_order)), uid))
     last_use: dict[str, int] = {}
-    for i, u in enumerate(pending):
-        last_use[u.source_weight] = i
+    for i, uid in enumerate(order):
+        last_use[groups[uid][0][1].source_weight] = i
     jobs: list[MatrixJob] = []
-    job_unit: list[int] = []
+    job_group: list[int] = []
     seen: set[str] = set()
-    for i, u in enumerate(pending):
+    for i, uid in enumerate(order):
+        u = groups[uid][0][1]
         if u.source_weight not in seen:
             seen.add(u.source_weight)
             jobs.append(MatrixJob(src, u.source_weight, u.source_shape, u.r, "source", src_id))
-            job_unit.append(i)
+            job_group.append(i)
         jobs.append(MatrixJob(tgt, u.target_weight, u.target_shape, u.r, "target", tgt_id))
-        job_unit.append(i)
+        job_group.append(i)
 
     # What the budget must fit, matrix by matrix, with the source bases held as the loop below holds them.
     held: dict[str, int] = {}
     itemsize = engine.settings.compute_dtype.itemsize
-    for job, ui in zip(jobs, job_unit, strict=True):
+    for job, gi in zip(jobs, job_group, strict=True):
         m, n = job.shape
         engine.matrices.append((m, n, engine.settings.q_for(job.r, m, n), job.r, job.ckpt.info(job.weight).dtype, sum(held.values())))
+        sw = groups[order[gi]][0][1].source_weight
         if job.role == "source":
             held[job.weight] = itemsize * (m + n + 1) * job.r
-        elif last_use.get(pending[ui].source_weight) == ui:
-            held.pop(pending[ui].source_weight, None)
+        elif last_use.get(sw) == gi:
+            held.pop(sw, None)
 
     src_bases: dict[str, tuple[Basis, MatrixPlan]] = {}
     unit_t0 = time.perf_counter()
-    index_of = {u.uid: k for k, u in enumerate(plan.units)}
-    for (job, basis, mplan), ui in zip(engine.run_jobs(jobs), job_unit, strict=True):
-        u = pending[ui]
+    index_of = {id(t): t.index_of for t in tasks}
+    for (job, basis, mplan), gi in zip(engine.run_jobs(jobs), job_group, strict=True):
         if job.role == "source":
             src_bases[job.weight] = (basis, mplan)
             engine.retained += basis_bytes(basis)
             engine.budget.sample()
             continue
-        bs, splan = src_bases[u.source_weight]
-        t_proj = time.perf_counter()
+        members = groups[order[gi]]
+        sw = members[0][1].source_weight
+        bs, splan = src_bases[sw]
         # Project where the target basis is (the GPU when there is one): only the small factors move.
         dev = basis.U.device
-        A = ad.read(u.lora.a_name).to(dev)
-        B = ad.read(u.lora.b_name).to(dev)
-        proj = project_factors(A, B, bs.U.to(dev), bs.V.to(dev), basis.U, basis.V)
-        out_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[plan.out_dtype]
-        engine.phases["project"] += time.perf_counter() - t_proj
-        seconds = time.perf_counter() - unit_t0
-        record = {
-            "uid": u.uid,
-            "module": u.module,
-            "source_layer": u.source_layer,
-            "source_module": u.source_module,
-            "target_layer": u.target_layer,
-            "target_module": u.target_module,
-            "source_shape": list(u.source_shape),
-            "target_shape": list(u.target_shape),
-            "lora_rank": u.rank,
-            "r": u.r,
-            "energy_retained": None if proj.energy_retained is None else round(proj.energy_retained, 6),
-            "seconds": round(seconds, 3),
-            "device": basis.device if bs.device == basis.device else f"{bs.device}+{basis.device}",
-            "method": {"source": bs.method, "target": basis.method},
-            "mode": {"source": splan.mode, "target": mplan.mode},
-        }
-        tensors = {u.out_a: proj.A.to(out_dtype).cpu().contiguous(), u.out_b: proj.B.to(out_dtype).cpu().contiguous()}
-        # A finished unit is written and journaled before any stop: the stop flag is looked at
-        # again before the next matrix (run_jobs) and between row blocks of a blocked SVD.
-        t_write = time.perf_counter()
-        partial.write_unit(index_of[u.uid], u.uid, tensors, record)
-        engine.phases["write"] += time.perf_counter() - t_write
-        records[u.uid] = record
-        if last_use.get(u.source_weight) == ui:
-            b, _ = src_bases.pop(u.source_weight)
+        Us, Vs = bs.U.to(dev), bs.V.to(dev)
+        for t, u in members:
+            t_proj = time.perf_counter()
+            A = t.adapter.read(u.lora.a_name).to(dev)
+            B = t.adapter.read(u.lora.b_name).to(dev)
+            proj = project_factors(A, B, Us, Vs, basis.U, basis.V)
+            out_dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}[t.plan.out_dtype]
+            # Fused target modules and padded ranks write their rows of the output tensors (fused.py).
+            tensors = unit_tensors(u.out_a, u.out_b, u.placement, proj.A, proj.B, out_dtype)
+            engine.phases["project"] += time.perf_counter() - t_proj
+            seconds = time.perf_counter() - unit_t0
+            record = {
+                "uid": u.uid,
+                "module": u.module,
+                "source_layer": u.source_layer,
+                "source_module": u.source_module,
+                "target_layer": u.target_layer,
+                "target_module": u.target_module,
+                "source_shape": list(u.source_shape),
+                "target_shape": list(u.target_shape),
+                "lora_rank": u.rank,
+                "r": u.r,
+                "energy_retained": None if proj.energy_retained is None else round(proj.energy_retained, 6),
+                "seconds": round(seconds, 3),
+                "device": basis.device if bs.device == basis.device else f"{bs.device}+{basis.device}",
+                "method": {"source": bs.method, "target": basis.method},
+                "mode": {"source": splan.mode, "target": mplan.mode},
+            }
+            # A finished unit is written and journaled before any stop: the stop flag is looked at
+            # again before the next matrix (run_jobs) and between row blocks of a blocked SVD.
+            t_write = time.perf_counter()
+            assert t.partial is not None
+            t.partial.write_unit(index_of[id(t)][u.uid], u.uid, tensors, record)
+            engine.phases["write"] += time.perf_counter() - t_write
+            t.records[u.uid] = record
+            done_count += 1
+            unit_t0 = time.perf_counter()
+            if progress:
+                progress(done_count, total, u.uid)
+        del Us, Vs
+        if last_use.get(sw) == gi:
+            b, _ = src_bases.pop(sw)
             engine.retained -= basis_bytes(b)
-        done_count += 1
-        unit_t0 = time.perf_counter()
-        if progress:
-            progress(done_count, len(plan.units), u.uid)
 
 
 def adapter_config(plan: Plan, ad: Adapter, target_name: str) -> dict[str, Any]:
@@ -798,22 +963,22 @@ def adapter_config(plan: Plan, ad: Adapter, target_name: str) -> dict[str, Any]:
         "alpha_pattern": plan.alpha_pattern,
         "base_model_name_or_path": target_name,
         "bias": "none",
-        "fan_in_fan_out": False,
+        "fan_in_fan_out": plan.fan_in_fan_out,
         "inference_mode": True,
         "init_lora_weights": True,
         "layers_pattern": None,
         "layers_to_transform": plan.layers_to_transform,
-        "lora_alpha": ad.default_alpha if ad.default_alpha != int(ad.default_alpha) else int(ad.default_alpha),
+        "lora_alpha": plan.out_alpha if plan.out_alpha != int(plan.out_alpha) else int(plan.out_alpha),
         "lora_dropout": float(src.get("lora_dropout", 0.0) or 0.0),
         "modules_to_save": None,
         "peft_type": "LORA",
-        "r": ad.default_rank,
+        "r": plan.out_rank,
         "rank_pattern": plan.rank_pattern,
         "revision": None,
         "target_modules": plan.target_modules,
         "task_type": "CAUSAL_LM",
         "use_dora": False,
-        "use_rslora": ad.use_rslora,
+        "use_rslora": plan.use_rslora,
     }
 
 
@@ -841,8 +1006,6 @@ def precompute_bases(
     randomized entries serve only the same r (see cache.py), that is, a transfer with the same
     --rank, seed and SVD settings whose other model does not clip r further.
     """
-    from .architectures import CANONICAL
-
     opts = TransferOptions(rank=rank, device=device, seed=seed, oversample=oversample, niter=niter, exact_ratio=exact_ratio, compute_dtype=compute_dtype)
     settings = opts.svd_settings()
     if rank < 1:

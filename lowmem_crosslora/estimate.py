@@ -43,10 +43,10 @@ def svd_flops(m: int, n: int, q: int, niter: int, exact: bool) -> float:
 def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[str, Any]:
     opts = TransferOptions(**kw)
     settings = opts.svd_settings()
-    ad = load_adapter(adapter)
+    ad = load_adapter(adapter, allow_pickle=opts.allow_pickle)
     src = Checkpoint(source, "source")
     tgt = Checkpoint(target, "target")
-    plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype)
+    plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype, target_format=opts.target_format)
     device = resolve_device(opts.device)
     budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
     gflops = measured_gflops("cpu" if device == "mps" else device)
@@ -78,6 +78,7 @@ def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[s
     return {
         "units": units,
         "skipped": plan.skipped,
+        "warnings": plan.warnings,
         "target_modules": plan.target_modules,
         "output_dtype": plan.out_dtype,
         "estimate": {
@@ -95,7 +96,10 @@ def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[s
 
 
 def describe(path: Path) -> dict[str, Any]:
-    """Model or adapter folder -> a flat description."""
+    """Model or adapter folder (or a hub id in the local Hugging Face cache) -> a flat description."""
+    from .hub import resolve
+
+    path = resolve(path, "path")
     if not path.exists():
         raise InputError(f"{path}: no such file or directory")
     if (path / "adapter_config.json").exists():

@@ -90,9 +90,18 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 class Layout:
-    """A safetensors file's header and the byte range of every tensor, fixed before any data exists."""
+    """A safetensors file's header and the byte range of every tensor, fixed before any data exists.
 
-    def __init__(self, entries: Iterable[tuple[str, str, tuple[int, int]]], metadata: dict[str, str] | None = None) -> None:
+    `regions` names some rows of a tensor (region name -> (tensor, row ranges)): a unit that fills
+    only part of a tensor (one part of a fused module) writes and journals its region, whose rows
+    need not be contiguous."""
+
+    def __init__(
+        self,
+        entries: Iterable[tuple[str, str, tuple[int, int]]],
+        metadata: dict[str, str] | None = None,
+        regions: dict[str, tuple[str, tuple[tuple[int, int], ...]]] | None = None,
+    ) -> None:
         header: dict[str, Any] = {"__metadata__": dict(metadata or {"format": "pt"})}
         self.ranges: dict[str, tuple[int, int]] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
@@ -111,10 +120,28 @@ class Layout:
         self.data_start = len(self.header_bytes)
         self.total = self.data_start + offset
         self.digest = hashlib.sha256(self.header_bytes).hexdigest()
+        # region name -> byte spans (relative to the data), in row order
+        self.region_spans: dict[str, list[tuple[int, int]]] = {}
+        for region, (tensor, rows) in sorted((regions or {}).items()):
+            b0, _ = self.ranges[tensor]
+            cols = self.shapes[tensor][1]
+            row_bytes = DTYPE_BYTES[self.dtypes[tensor]] * cols
+            self.region_spans[region] = [(b0 + a * row_bytes, b0 + e * row_bytes) for a, e in rows]
+            self.ranges[region] = (self.region_spans[region][0][0], self.region_spans[region][-1][1])
+            self.shapes[region] = (sum(e - a for a, e in rows), cols)
+            self.dtypes[region] = self.dtypes[tensor]
+        if self.region_spans:
+            self.digest = hashlib.sha256(self.header_bytes + json.dumps(sorted(self.region_spans.items())).encode()).hexdigest()
 
     def span(self, name: str) -> tuple[int, int]:
         b, e = self.ranges[name]
         return self.data_start + b, self.data_start + e
+
+    def spans(self, name: str) -> list[tuple[int, int]]:
+        """The absolute byte spans of a tensor (one) or of a region (one per row range)."""
+        if name in self.region_spans:
+            return [(self.data_start + b, self.data_start + e) for b, e in self.region_spans[name]]
+        return [self.span(name)]
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
@@ -317,11 +344,11 @@ class PartialOutput:
         for name in names:
             if not isinstance(name, str) or name not in self.layout.ranges:
                 return False
-            b, e = self.layout.span(name)
-            data = os.pread(fd, e - b, b)
-            if len(data) != e - b:
-                return False
-            h.update(data)
+            for b, e in self.layout.spans(name):
+                data = os.pread(fd, e - b, b)
+                if len(data) != e - b:
+                    return False
+                h.update(data)
         return h.hexdigest() == rec.get("sha256")
 
     # ---- writing --------------------------------------------------------------------------
@@ -336,13 +363,18 @@ class PartialOutput:
                 if tuple(t.shape) != self.layout.shapes[name] or t.dtype != DTYPE_TORCH[self.layout.dtypes[name]]:
                     raise AssertionError(f"tensor {name} does not match the planned layout")
                 data = memoryview(tensor_bytes(t))
-                b, e = self.layout.span(name)
-                assert len(data) == e - b
+                spans = self.layout.spans(name)
+                assert len(data) == sum(e - b for b, e in spans)
                 h.update(data)
-                half = len(data) // 2
-                _pwrite_all(self._fd, data[:half], b)
-                _test_hook("mid_write", index)
-                _pwrite_all(self._fd, data[half:], b + half)
+                pos = 0
+                for k, (b, e) in enumerate(spans):
+                    chunk = data[pos : pos + e - b]
+                    pos += e - b
+                    half = len(chunk) // 2 if k == 0 else 0
+                    _pwrite_all(self._fd, chunk[:half], b)
+                    if k == 0:
+                        _test_hook("mid_write", index)
+                    _pwrite_all(self._fd, chunk[half:], b + half)
             # Durability is batched: fsync at most every SYNC_INTERVAL seconds (and always at the
             # end). A kill loses nothing (the bytes are in the kernel); a power cut loses at most the
             # last interval, and since resume checks every journaled unit's bytes against its

@@ -10,9 +10,12 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .adapter import PEFT_PREFIX, Adapter, LoraModule
-from .architectures import CANONICAL, module_shape
+from .architectures import CANONICAL, fused_rows, module_shape
 from .checkpoint import Checkpoint
 from .errors import InputError
+from .fused import Placement, merge
+
+TARGET_FORMATS = ("peft", "vllm")
 
 LAYER_MAPS = ("index", "depth")
 DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
@@ -39,10 +42,14 @@ class Unit:
     out_a: str
     out_b: str
     lora: LoraModule = field(repr=False)
+    # Where the factors go when the target module is fused or its rank is padded (see fused.py);
+    # None: out_a / out_b are whole output tensors of shapes (rank, n') and (m', rank).
+    placement: Placement | None = field(default=None, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("lora")
+        d.pop("placement")
         d["source_shape"] = list(self.source_shape)
         d["target_shape"] = list(self.target_shape)
         return d
@@ -59,14 +66,38 @@ class Plan:
     layers_to_transform: list[int] | None
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    # The written adapter_config.json's defaults (the source's, unless --for vllm made them uniform).
+    out_rank: int = 8
+    out_alpha: float = 8.0
+    use_rslora: bool = False
+    fan_in_fan_out: bool = False  # a Conv1D (gpt2) target
+    target_format: str = "peft"
+    warnings: list[str] = field(default_factory=list)
 
     def layout(self) -> list[tuple[str, str, tuple[int, int]]]:
         """(name, dtype, shape) of every output tensor, sorted by name."""
-        entries = []
+        entries = set()
         for u in self.units:
-            entries.append((u.out_a, self.out_dtype, (u.rank, u.target_shape[1])))
-            entries.append((u.out_b, self.out_dtype, (u.target_shape[0], u.rank)))
+            p = u.placement
+            if p is None:
+                entries.add((u.out_a, self.out_dtype, (u.rank, u.target_shape[1])))
+                entries.add((u.out_b, self.out_dtype, (u.target_shape[0], u.rank)))
+            else:
+                entries.add((p.a_tensor, self.out_dtype, p.a_shape))
+                entries.add((p.b_tensor, self.out_dtype, p.b_shape))
         return sorted(entries)
+
+    def regions(self) -> dict[str, tuple[str, tuple[tuple[int, int], ...]]]:
+        """Unit outputs that are some rows of an output tensor: region name -> (tensor, row ranges)."""
+        out = {}
+        for u in self.units:
+            p = u.placement
+            if p is not None:
+                if u.out_a != p.a_tensor:
+                    out[u.out_a] = (p.a_tensor, p.a_rows)
+                if u.out_b != p.b_tensor:
+                    out[u.out_b] = (p.b_tensor, p.b_rows)
+        return out
 
 
 def source_layer_for(target_layer: int, source_layers: int, target_layers: int, layer_map: str) -> int:
@@ -80,24 +111,40 @@ def source_layer_for(target_layer: int, source_layers: int, target_layers: int, 
 
 def _source_units(adapter: Adapter, source: Checkpoint, skipped: list[dict[str, Any]]) -> dict[tuple[int, str], LoraModule]:
     fam = source.family
-    patterns = {name: re.compile(rf"^{re.escape(source.layer_prefix)}\.(\d+)\.{re.escape(path)}$") for name, path in fam.modules.items()}
+    by_path: dict[str, list[str]] = {}
+    for name, path in fam.modules.items():
+        by_path.setdefault(path, []).append(name)
+    patterns = {path: re.compile(rf"^{re.escape(source.layer_prefix)}\.(\d+)\.{re.escape(path)}$") for path in by_path}
     found: dict[tuple[int, str], LoraModule] = {}
     for module_path, lora in sorted(adapter.modules.items()):
         hit = None
-        for name, pat in patterns.items():
+        for path, pat in patterns.items():
             m = pat.match(module_path)
             if m:
-                hit = (int(m.group(1)), name)
+                hit = (int(m.group(1)), path)
                 break
         if hit is None:
             skipped.append({"tensor": module_path, "reason": "not one of the transferable modules (q, k, v, o, gate, up, down)"})
             continue
-        layer, name = hit
+        layer, path = hit
         if layer >= source.dims.num_layers:
             raise InputError(
                 f"adapter: module {module_path} is on layer {layer}, but the source model has {source.dims.num_layers} layers; "
                 "is this adapter for this source model?"
             )
+        if path in fam.fused:
+            # A fused module's LoRA: A is shared, B splits by rows into the parts.
+            rows, total = fused_rows(fam, source.dims, path)
+            n_cols = source.info(source.weight_name(layer, by_path[path][0])).shape[1]
+            if lora.b_shape[0] != total or lora.a_shape[1] != n_cols:
+                raise InputError(
+                    f"adapter: module {module_path} has A {list(lora.a_shape)} and B {list(lora.b_shape)}, which do not fit the source's "
+                    f"fused weight ({total} x {n_cols}); is this adapter for this source model?"
+                )
+            for name in fam.fused[path].parts:
+                found[(layer, name)] = adapter.part(lora, name, tuple(rows[name]))
+            continue
+        name = by_path[path][0]
         w = source.info(source.weight_name(layer, name))
         m_rows, n_cols = w.shape
         if lora.b_shape[0] != m_rows or lora.a_shape[1] != n_cols:
@@ -109,7 +156,17 @@ def _source_units(adapter: Adapter, source: Checkpoint, skipped: list[dict[str, 
     return found
 
 
-def build_plan(adapter: Adapter, source: Checkpoint, target: Checkpoint, rank: int = 320, layer_map: str = "index", dtype: str | None = None) -> Plan:
+def build_plan(
+    adapter: Adapter,
+    source: Checkpoint,
+    target: Checkpoint,
+    rank: int = 320,
+    layer_map: str = "index",
+    dtype: str | None = None,
+    target_format: str = "peft",
+) -> Plan:
+    if target_format not in TARGET_FORMATS:
+        raise InputError(f"unknown --for {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
     if layer_map not in LAYER_MAPS:
         raise InputError(f"unknown layer map {layer_map!r}; choose one of {', '.join(LAYER_MAPS)}")
     if rank < 1:
@@ -138,6 +195,8 @@ def build_plan(adapter: Adapter, source: Checkpoint, target: Checkpoint, rank: i
             lora = sources.get((sl, name))
             if lora is None:
                 continue
+            if name not in tfam.modules:
+                continue  # reported below: the target family has no such module
             sw = source.weight_name(sl, name)
             tw = target.weight_name(tl, name)
             tinfo = target.info(tw)
@@ -170,6 +229,9 @@ def build_plan(adapter: Adapter, source: Checkpoint, target: Checkpoint, rank: i
                 )
             )
     for (sl, name), lora in sorted(sources.items()):
+        if name not in tfam.modules:
+            skipped.append({"tensor": lora.module, "reason": f"the target family {tfam.name} has no {name} projection"})
+            continue
         if (sl, name) not in used:
             reason = (
                 f"source layer {sl} is deeper than the target's {Lt} layers (layer map 'index')"
@@ -181,21 +243,113 @@ def build_plan(adapter: Adapter, source: Checkpoint, target: Checkpoint, rank: i
         raise InputError("nothing to transfer: no adapted module maps onto the target model")
 
     # adapter_config.json: the source's default r / alpha, with per-module patterns where a module differs,
-    # so every module keeps the effective scale it had.
-    default_rank, default_alpha = adapter.default_rank, adapter.default_alpha
-    rank_pattern = {u.target_module: u.rank for u in units if u.rank != default_rank}
-    alpha_pattern = {u.target_module: u.alpha for u in units if u.alpha != default_alpha}
+    # so every module keeps the effective scale it had (fused and padded modules: see place_units).
+    from .vllm import uniform_rank_alpha
+
+    warnings = list(adapter.warnings)
+    default_rank, default_alpha, use_rslora = adapter.default_rank, adapter.default_alpha, adapter.use_rslora
+    uniform_rank: tuple[int, float] | None = None
+    if target_format == "vllm":
+        uniform_rank = uniform_rank_alpha(units, tfam, adapter, warnings)
+    module_rank, module_alpha = place_units(units, target, adapter, uniform_rank)
+    if uniform_rank is not None:
+        default_rank, default_alpha = uniform_rank
+        use_rslora = False
+    rank_pattern = {m: r for m, r in module_rank.items() if r != default_rank}
+    alpha_pattern = {m: a for m, a in module_alpha.items() if a != default_alpha}
     modules_by_layer: dict[int, set[str]] = {}
+    paths_by_layer: dict[int, set[str]] = {}
     for u in units:
         modules_by_layer.setdefault(u.target_layer, set()).add(tfam.modules[u.module].split(".")[-1])
+        paths_by_layer.setdefault(u.target_layer, set()).add(tfam.modules[u.module])
     all_names = sorted({n for s in modules_by_layer.values() for n in s})
     uniform = all(s == set(all_names) for s in modules_by_layer.values())
+    # A short name must not also catch a module that is not adapted (gpt2: attn.c_proj and mlp.c_proj).
+    adapted_paths = {p for s in paths_by_layer.values() for p in s}
+    ambiguous = any(p.split(".")[-1] in all_names and p not in adapted_paths for p in set(tfam.modules.values()))
     layers = sorted(modules_by_layer)
-    if uniform:
+    if uniform and not ambiguous:
         target_modules: list[str] = all_names
         layers_to_transform = None if layers == list(range(Lt)) else layers
     else:
         # Different layers adapt different modules: name every module exactly.
-        target_modules = sorted(u.target_module for u in units)
+        target_modules = sorted({u.target_module for u in units})
         layers_to_transform = None
-    return Plan(units, skipped, layer_map, rank, out_dtype, target_modules, layers_to_transform, rank_pattern, alpha_pattern)
+    return Plan(
+        units,
+        skipped,
+        layer_map,
+        rank,
+        out_dtype,
+        target_modules,
+        layers_to_transform,
+        rank_pattern,
+        alpha_pattern,
+        out_rank=default_rank,
+        out_alpha=default_alpha,
+        use_rslora=use_rslora,
+        fan_in_fan_out=tfam.conv1d,
+        target_format=target_format,
+        warnings=warnings,
+    )
+
+
+def place_units(units: list[Unit], target: Checkpoint, adapter: Adapter, uniform: tuple[int, float] | None) -> tuple[dict[str, int], dict[str, float]]:
+    """Set each unit's output placement (fused target modules, uniform rank) and return every target
+    module's written rank and alpha.
+
+    A fused target module stacks its parts' ranks, R = sum of k_p, and takes the first part's scale s;
+    each part's B is multiplied by s_p / s. With `uniform` = (R, alpha), every module is padded to
+    rank R and written at alpha's scale. See fused.py."""
+    tfam = target.family
+    groups: dict[str, list[Unit]] = {}
+    for u in units:
+        groups.setdefault(u.target_module, []).append(u)
+    module_rank: dict[str, int] = {}
+    module_alpha: dict[str, float] = {}
+    for module, group in groups.items():
+        path = tfam.modules[group[0].module]
+        layout = tfam.fused.get(path)
+        if layout is None and uniform is None:
+            module_rank[module] = group[0].rank
+            module_alpha[module] = group[0].alpha
+            continue
+        if layout is not None:
+            group.sort(key=lambda u: layout.parts.index(u.module))
+            rows, total = fused_rows(tfam, target.dims, path)
+        else:
+            rows, total = {group[0].module: [(0, group[0].target_shape[0])]}, group[0].target_shape[0]
+        stacked = sum(u.rank for u in group)
+        if uniform is not None:
+            R, alpha = uniform
+            scale = alpha / R
+        else:
+            R, scale = stacked, group[0].lora.scale
+            alpha = scale * math.sqrt(R) if adapter.use_rslora else scale * R
+            if alpha == int(alpha):
+                alpha = float(int(alpha))
+        module_rank[module], module_alpha[module] = R, alpha
+        n_in = group[0].target_shape[1]
+        a_name = f"{PEFT_PREFIX}{module}.lora_A.weight"
+        b_name = f"{PEFT_PREFIX}{module}.lora_B.weight"
+        covered = {r for u in group for r in rows[u.module]}
+        uncovered = [r for part_rows in rows.values() for r in part_rows if r not in covered]
+        offset = 0
+        for i, u in enumerate(group):
+            a_rows = ((offset, R if i == len(group) - 1 else offset + u.rank),)
+            b_rows = merge(list(rows[u.module]) + (uncovered if i == 0 else []))
+            u.placement = Placement(
+                a_tensor=a_name,
+                a_shape=(R, n_in),
+                a_rows=a_rows,
+                a_part=offset,
+                b_tensor=b_name,
+                b_shape=(total, R),
+                b_rows=b_rows,
+                b_part=tuple(rows[u.module]),
+                b_cols=(offset, offset + u.rank),
+                b_scale=u.lora.scale / scale,
+            )
+            u.out_a, u.out_b = u.placement.a_region, u.placement.b_region
+            offset += u.rank
+    return module_rank, module_alpha

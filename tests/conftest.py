@@ -81,6 +81,16 @@ SPECS: dict[str, Spec] = {
         num_hidden_layers=2,
         **_heads(4, 2, 16),
     ),
+    # Fused projections: phi3 (qkv_proj, gate_up_proj), gpt_neox (query_key_value, per head), gpt2 (Conv1D c_attn).
+    "phi3": _spec("phi3", "Phi3Config", "Phi3ForCausalLM", hidden_size=64, intermediate_size=96, num_hidden_layers=2, pad_token_id=0, **_heads(4, 2)),
+    "gpt_neox": _spec("gpt_neox", "GPTNeoXConfig", "GPTNeoXForCausalLM", hidden_size=64, intermediate_size=112, num_hidden_layers=2, num_attention_heads=4),
+    "gpt2": _spec("gpt2", "GPT2Config", "GPT2LMHeadModel", n_embd=48, n_layer=2, n_head=4, n_inner=80, n_positions=64),
+}
+# The LoRA target modules of each family's adapters in the zoo (default: LORA_TARGETS).
+FAMILY_TARGETS: dict[str, list[str]] = {
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
 }
 
 
@@ -160,7 +170,8 @@ class Zoo:
         if kind == "lora":
             from peft import LoraConfig
 
-            kw: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": list(LORA_TARGETS), "init_lora_weights": False, "task_type": "CAUSAL_LM"}
+            targets = FAMILY_TARGETS.get(SPECS[model_name].family, LORA_TARGETS)
+            kw: dict[str, Any] = {"r": 8, "lora_alpha": 16, "target_modules": list(targets), "init_lora_weights": False, "task_type": "CAUSAL_LM"}
             kw.update(peft_kwargs)
             cfg = LoraConfig(**kw)
         elif kind == "ia3":

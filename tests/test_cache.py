@@ -395,3 +395,55 @@ def test_hashing_ahead_on_a_thread_gives_the_same_keys_and_bytes(tmp_path: Path,
     assert (tmp_path / "o1" / "adapter_model.safetensors").read_bytes() == (tmp_path / "o2" / "adapter_model.safetensors").read_bytes()
     keys = [sorted(p.name for p in (tmp_path / c).rglob("*") if p.is_file()) for c in ("c1", "c2")]
     assert keys[0] == keys[1] and keys[0]
+
+
+# ---- the hash memo: a warm run does not read the weights to find their entries -------------------
+
+
+def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    import lowmem_crosslora.cache as cache_mod
+
+    calls: list[int] = []
+    real = cache_mod.content_hash
+
+    def counting(path, offset, length, chunk=16 << 20):
+        calls.append(length)
+        return real(path, offset, length, chunk)
+
+    monkeypatch.setattr(cache_mod, "content_hash", counting)
+    return calls
+
+
+def test_warm_run_hashes_nothing_and_a_changed_file_is_hashed_again(models: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "models"
+    shutil.copytree(models, src)
+    calls = count_hashing(monkeypatch)
+    cache = tmp_path / "cache"
+    run(src, tmp_path / "a", cache)
+    assert len(calls) == MATRICES
+    assert sorted(p.suffix for p in (cache / "hashes").iterdir()) == [".json", ".json"]  # one memo per weight file
+    calls.clear()
+    rep, _, _ = run(src, tmp_path / "b", cache)
+    assert calls == [] and rep["summary"]["cache"]["hits"] == MATRICES
+
+    # Rewrite the target's weights with one tensor changed, then put the old modification time back:
+    # the memo must not be trusted (the change time moved), the changed tensor must miss.
+    f = src / "target" / "model.safetensors"
+    st = f.stat()
+    tensors = load_file(str(f))
+    name = "model.layers.0.self_attn.q_proj.weight"
+    tensors[name] = tensors[name] * 2
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_mtime_ns == st.st_mtime_ns
+    calls.clear()
+    rep, data, _ = run(src, tmp_path / "c", cache)
+    assert len(calls) == MATRICES // 2  # the target file's tensors are hashed again, the source's are not
+    c = rep["summary"]["cache"]
+    assert c["hits"] == MATRICES - 1 and c["stored"] == 1
+    _, fresh, _ = run(src, tmp_path / "d", None, use_cache=False)
+    assert data == fresh
