@@ -47,8 +47,8 @@ def common_inputs(f: Callable[..., Any], batch: bool = False) -> Callable[..., A
     )
     opts = [
         adapter,
-        click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model folder (config.json + safetensors)."),
-        click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model folder (config.json + safetensors)."),
+        click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model: a folder (config.json + safetensors) or a .gguf."),
+        click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model: a folder (config.json + safetensors) or a .gguf."),
         click.option("--rank", default=320, show_default=True, type=int, help="SVD rank r (clipped to each module's dimensions)."),
         click.option(
             "--layer-map",
@@ -159,6 +159,13 @@ def batch_outputs(adapters: tuple[Path, ...], out: Path) -> list[tuple[Path, Pat
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue an interrupted transfer into the same --out.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted transfer's state and start over.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option(
+    "--out-format",
+    default="peft",
+    show_default=True,
+    type=click.Choice(["peft", "gguf", "both"]),
+    help="peft: a PEFT adapter folder; gguf: a llama.cpp LoRA GGUF (adapter_model.gguf) and the report; both: all of them.",
+)
 @click.option(
     "--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here (a list of reports for several adapters)."
 )

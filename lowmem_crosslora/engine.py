@@ -28,8 +28,9 @@ from .adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
 from .architectures import CANONICAL
 from .bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, finish, randomized_svd, scipy_svd, seed_for
 from .cache import BasisCache, CacheKey, HashMemo
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import BudgetError, CrossLoraError, InputError, Interrupted
+from .gguf_lora import check_out_format, finish_hooks
 from .memory import Budget, MatrixPlan, host_anon_bytes, release_free_memory, stored_bytes, tune_allocator
 from .output import ADAPTER_NAME, REPORT_NAME, Layout, PartialOutput, journal_fingerprint, state_dir_for
 from .plan import Plan, Unit, build_plan
@@ -64,6 +65,7 @@ class TransferOptions:
     cache_dir: str | None = None  # the basis cache's folder; None: the platform's user cache folder
     use_cache: bool = True
     cache_limit: int | None = None  # bytes; None: cache.DEFAULT_LIMIT
+    out_format: str = "peft"  # peft, gguf (a llama.cpp LoRA GGUF) or both; written at the end, so not in result_key
 
     def result_key(self) -> dict[str, Any]:
         """The options that change the output's bytes (the budget and device only move rounding)."""
@@ -744,8 +746,9 @@ def _transfer(
     t_start = time.perf_counter()
     tune_allocator()
     settings = opts.svd_settings()
-    src = Checkpoint(source, "source")
-    tgt = Checkpoint(target, "target")
+    src = open_checkpoint(source, "source")
+    tgt = open_checkpoint(target, "target")
+    check_out_format(opts.out_format, tgt.family.name)
     outs = [Path(o) for _, o in pairs]
     seen_out: dict[Path, int] = {}
     for i, o in enumerate(outs):
@@ -821,7 +824,8 @@ def _transfer(
         report["summary"]["cache"] = engine.cache.stats() if engine.cache is not None else None
         if batch:
             report["summary"]["batch"] = {"adapters": len(tasks), "transferred_in_this_run": len(todo)}
-        t.partial.finish(adapter_config(t.plan, t.adapter, str(target)), report, opts.force)
+        extra, drop = finish_hooks(opts.out_format, t.plan, t.adapter, tgt)
+        t.partial.finish(adapter_config(t.plan, t.adapter, str(target)), report, opts.force, extra=extra, drop=drop)
         t.report = report
     return [t.report for t in tasks if t.report is not None]
 
@@ -999,7 +1003,7 @@ def precompute_bases(
         raise InputError(f"--rank must be at least 1 (got {rank})")
     t_start = time.perf_counter()
     tune_allocator()
-    ckpt = Checkpoint(model, "model")
+    ckpt = open_checkpoint(model, "model")
     dev = resolve_device(device)
     ident = ckpt.identity()
     jobs = []
