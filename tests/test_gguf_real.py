@@ -1,0 +1,102 @@
+"""Real GGUF models (opt-in: `pytest -m realmodels`; fetch them first with `python bench/fetch_models.py`).
+
+A LoRA built with peft on SmolLM2-135M-Instruct (loaded through transformers' GGUF loader) is
+transferred from the SmolLM2 GGUF to the Qwen2.5-Coder-0.5B-Instruct GGUF; the PEFT output must load
+on transformers' Qwen model (from the GGUF) and change its logits, and the LoRA GGUF must read back
+with gguf's reader with llama.cpp's names and shapes. Skipped cleanly when the files are absent.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.realmodels
+
+REAL = Path(__file__).resolve().parents[1] / "bench" / "data" / "real"
+SMOL = REAL / "smollm2-135m-instruct.gguf"
+QWEN = REAL / "qwen2.5-coder-0.5b-instruct.gguf"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output", "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+
+
+@pytest.fixture(scope="module")
+def real() -> dict[str, Path]:
+    pytest.importorskip("gguf")
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    if not (SMOL.exists() and QWEN.exists()):
+        pytest.skip("real GGUF models absent: run python bench/fetch_models.py")
+    return {"smol": SMOL, "qwen": QWEN}
+
+
+def load_gguf_model(path: Path) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def smol_adapter(real: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    model = load_gguf_model(real["smol"])
+    torch.manual_seed(0)
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
+    pm = get_peft_model(model, cfg)
+    out = tmp_path_factory.mktemp("smol-lora") / "adapter"
+    pm.save_pretrained(out)
+    return out
+
+
+def test_smol_gguf_reads_like_transformers(real: dict[str, Path]) -> None:
+    """Every q..down weight, q and k included (un-permuted), equals transformers' GGUF loader's."""
+    from lowmem_crosslora.gguf_model import GGUFCheckpoint
+
+    sd = load_gguf_model(real["smol"]).state_dict()
+    ck = GGUFCheckpoint(real["smol"])
+    for layer in (0, 17, 29):
+        for mod in GGUF_NAMES:
+            name = ck.weight_name(layer, mod)
+            assert torch.equal(ck.read(name).float(), sd[name]), name
+
+
+def test_smol_to_qwen_gguf(real: dict[str, Path], smol_adapter: Path, tmp_path: Path) -> None:
+    import gguf
+    from peft import PeftModel
+
+    import lowmem_crosslora
+
+    out = tmp_path / "lora-on-qwen"
+    report = lowmem_crosslora.transfer(smol_adapter, real["smol"], real["qwen"], out, rank=64, device="cpu", use_cache=False, out_format="both")
+    assert len(report["units"]) == 24 * 7  # Qwen has 24 layers, SmolLM2 30: layer map 'index'
+    assert (out / "adapter_model.safetensors").exists() and (out / "adapter_model.gguf").exists()
+
+    qwen = load_gguf_model(real["qwen"])
+    ids = torch.tensor([[151644, 872, 198, 7985, 264, 729, 304, 13027, 13, 151645]])
+    with torch.no_grad():
+        base = qwen(ids).logits
+        pm = PeftModel.from_pretrained(qwen, str(out))
+        adapted = pm(ids).logits
+    assert torch.isfinite(adapted).all()
+    assert (adapted - base).abs().max().item() > 1e-3
+
+    reader = gguf.GGUFReader(out / "adapter_model.gguf")
+    assert reader.fields["general.architecture"].contents() == "qwen2"
+    assert reader.fields["general.type"].contents() == "adapter"
+    assert reader.fields["adapter.type"].contents() == "lora"
+    assert reader.fields["adapter.lora.alpha"].contents() == pytest.approx(16.0)
+    base_shapes = {t.name: [int(d) for d in t.shape] for t in gguf.GGUFReader(real["qwen"]).tensors}
+    got = {t.name: [int(d) for d in t.shape] for t in reader.tensors}
+    assert len(got) == 2 * 24 * 7
+    for layer in range(24):
+        for gname in GGUF_NAMES.values():
+            w = f"blk.{layer}.{gname}.weight"
+            ne0, ne1 = base_shapes[w]
+            assert got[w + ".lora_a"] == [ne0, 8], w  # ne: [in, rank]
+            assert got[w + ".lora_b"] == [8, ne1], w  # ne: [rank, out]
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
