@@ -67,6 +67,11 @@ def prepare(real: Path, work: Path) -> dict[str, Path]:
             pm = get_peft_model(model, cfg)
             pm.save_pretrained(paths["adapter"])
             model = pm.unload()
+        # transformers refuses to save a model it loaded from GGUF (its GGUF "quantizer"); the weights
+        # are plain dequantized tensors by then, so drop that marker and save them as safetensors.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
         model.to(torch.bfloat16).save_pretrained(paths[st])
         del model
     os.sync()
@@ -74,14 +79,17 @@ def prepare(real: Path, work: Path) -> dict[str, Path]:
     return paths
 
 
-def run_case(paths: dict[str, Path], source: str, target: str, out: Path, extra: list[str]) -> dict:
+def run_case(paths: dict[str, Path], source: str, target: str, out: Path, extra: list[str], threads: int | None = None) -> dict:
     for p in (out, out.parent / f"{out.name}-cache"):
         if p.exists():
             shutil.rmtree(p)
     cmd = [sys.executable, "-m", "lowmem_crosslora", "transfer", "--adapter", str(paths["adapter"]), "--source", str(paths[source])]
     cmd += ["--target", str(paths[target]), "--out", str(out), "--rank", "320", "--device", "cpu", "--quiet", "--no-resume"]
     cmd += ["--cache-dir", str(out.parent / f"{out.name}-cache"), *extra]
-    r = measure(cmd, env={**os.environ, "PYTHONPATH": str(HERE.parent)})
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    r = measure(cmd, env=env)
     s = json.loads((out / "crosslora_report.json").read_text())["summary"]
     r.pop("stdout", None)
     r.update(internal_s=s["seconds"], peak_working_bytes=s["peak_working_bytes"], budget_bytes=s["host_budget_bytes"])
@@ -109,6 +117,7 @@ def main() -> None:
     ap.add_argument("--real", type=Path, default=HERE / "data" / "real")
     ap.add_argument("--cases", default="gguf,safetensors,gguf-lowmem,st-lowmem")
     ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each run (1 gives steadier figures on a shared machine)")
     args = ap.parse_args()
     work = args.real / "prepared"
     paths = prepare(args.real, work)
@@ -125,14 +134,15 @@ def main() -> None:
     for case in args.cases.split(","):
         src, tgt, extra = cases[case]
         warm([paths[src], paths[tgt], paths["adapter"]])
-        rows[case] = run_case(paths, src, tgt, runs / case, extra)
+        rows[case] = run_case(paths, src, tgt, runs / case, extra, args.threads)
         r = rows[case]
         print(f"{case:>12}: {r['wall_s']:6.1f} s wall, private peak {mib(r['peak_private_bytes'])}, mapped files {mib(r['peak_file_bytes'])}", file=sys.stderr)
     result = {
         "pair": "SmolLM2-135M-Instruct (GGUF) -> Qwen2.5-Coder-0.5B-Instruct (GGUF)",
         "rank": 320,
         "lora_rank": 16,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "machine": {"cpus": os.cpu_count(), "threads": args.threads, "load_average": os.getloadavg(), "platform": platform.platform()},
+        "torch": torch.__version__,
         "baseline_private_bytes": base,
         "cases": rows,
     }
@@ -141,7 +151,8 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     path = args.results / "gguf-real-cpu.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nSmolLM2-135M -> Qwen2.5-Coder-0.5B, rank 320, CPU ({os.cpu_count()} cores); Python+torch baseline {mib(base)} private")
+    threads = f", {args.threads} thread(s)" if args.threads else ""
+    print(f"\nSmolLM2-135M -> Qwen2.5-Coder-0.5B, rank 320, CPU ({os.cpu_count()} cores{threads}); Python+torch baseline {mib(base)} private")
     print("| case | wall s | peak private | working (budget) | mapped files | read s | svd s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for case, r in rows.items():
