@@ -30,7 +30,7 @@ from .bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, f
 from .cache import BasisCache, CacheKey, HashMemo
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import BudgetError, CrossLoraError, InputError, Interrupted
-from .gguf_lora import check_out_format, finish_hooks
+from .gguf_lora import check_out_format, finish_hooks, output_files
 from .memory import Budget, MatrixPlan, host_anon_bytes, release_free_memory, stored_bytes, tune_allocator
 from .output import ADAPTER_NAME, REPORT_NAME, Layout, PartialOutput, journal_fingerprint, state_dir_for
 from .plan import Plan, Unit, build_plan
@@ -674,13 +674,13 @@ class Task:
         return {u.uid: k for k, u in enumerate(self.plan.units)}
 
 
-def finished_report(out: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The report of a finished transfer in `out` made with this fingerprint, or None."""
+def finished_report(out: Path, fingerprint: str, files: tuple[str, ...] = (ADAPTER_NAME,)) -> dict[str, Any] | None:
+    """The report of a finished transfer in `out` made with this fingerprint and holding `files`, or None."""
     try:
         report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(report, dict) or report.get("run_fingerprint") != fingerprint or not (out / ADAPTER_NAME).is_file():
+    if not isinstance(report, dict) or report.get("run_fingerprint") != fingerprint or not all((out / f).is_file() for f in files):
         return None
     return report
 
@@ -692,7 +692,7 @@ def _prepare(ad: Adapter, out_path: Path, src: Checkpoint, tgt: Checkpoint, opts
     fingerprint = run_fingerprint(ad, src, tgt, opts)
     task = Task(ad, out_path, plan, fingerprint)
     if batch and not opts.force:
-        done = finished_report(out_path, fingerprint)
+        done = finished_report(out_path, fingerprint, output_files(opts.out_format))
         if done is not None:
             say(f"{out_path}: already holds this transfer; kept")
             task.report = done

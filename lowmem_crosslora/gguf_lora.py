@@ -163,6 +163,13 @@ def entries_for(plan: Any, use_rslora: bool) -> list[LoraEntry]:
     return out
 
 
+def output_files(out_format: str) -> tuple[str, ...]:
+    """The adapter files a finished output folder holds for this --out-format."""
+    from .output import ADAPTER_NAME
+
+    return {"peft": (ADAPTER_NAME,), "gguf": (GGUF_NAME,)}.get(out_format, (ADAPTER_NAME, GGUF_NAME))
+
+
 def finish_hooks(out_format: str, plan: Any, adapter: Any, target: Any) -> tuple[Callable[[Path], None] | None, tuple[str, ...]]:
     """What PartialOutput.finish runs in the state folder before it is moved into place (write the
     GGUF), and which of its files it drops ("gguf": the PEFT files; "peft": a stale GGUF)."""

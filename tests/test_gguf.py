@@ -420,3 +420,19 @@ def test_plan_and_inspect_take_gguf(models: dict[str, Path], capsys: pytest.Capt
     code, out, err = run_cli([*args, "--device", "cpu"], capsys)
     assert code == 0, err
     assert len(json.loads(out)["units"]) == 14
+
+
+def test_batch_of_adapters_with_gguf_in_and_out(models: dict[str, Path], tmp_path: Path) -> None:
+    """Several adapters in one run on GGUF models, GGUF-only outputs; a rerun keeps the finished ones."""
+    ad2 = write_adapter(tmp_path / "ad2", SRC, rank=4, alpha=8, seed=7, base="x")
+    pairs = [(models["adapter"], tmp_path / "o1"), (ad2, tmp_path / "o2")]
+    kw = {"rank": 8, "device": "cpu", "use_cache": False, "out_format": "gguf"}
+    reps = lowmem_crosslora.transfer_batch(pairs, models["src.q.gguf"], models["tgt.q.gguf"], **kw)
+    assert len(reps) == 2
+    for _, out in pairs:
+        assert sorted(p.name for p in out.iterdir()) == sorted([GGUF_NAME, REPORT_NAME])
+    alone = lowmem_crosslora.transfer(ad2, models["src.q.gguf"], models["tgt.q.gguf"], tmp_path / "alone", **kw)
+    assert (tmp_path / "alone" / GGUF_NAME).read_bytes() == (tmp_path / "o2" / GGUF_NAME).read_bytes()
+    assert alone["units"][0]["uid"] == reps[1]["units"][0]["uid"]
+    again = lowmem_crosslora.transfer_batch(pairs, models["src.q.gguf"], models["tgt.q.gguf"], **kw)
+    assert [r["run_fingerprint"] for r in again] == [r["run_fingerprint"] for r in reps]
