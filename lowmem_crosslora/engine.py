@@ -235,7 +235,9 @@ class Engine:
         dtype = self.settings.compute_dtype
         if device == "cpu":
             W = torch.empty(m, n, dtype=dtype)
-            step = max(1, (16 << 20) // (2 * n))
+            # Row blocks as the planner counts them (native * min(m, 1024) * n): a block read is
+            # private memory when the reader copies (safetensors slices) or dequantizes (GGUF).
+            step = max(1, min(1024, (16 << 20) // (2 * n)))
             for s in range(0, m, step):
                 e = min(m, s + step)
                 W[s:e].copy_(job.ckpt.read_rows(job.weight, s, e))

@@ -63,7 +63,9 @@ GGUF_MODULES = {
 PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Quantized types whose dequantization is supported (tested ones first).
 SUPPORTED_QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
-DEQUANT_CHUNK = 4 << 20  # bytes of float32 output dequantized per call (bounds gguf's temporaries)
+# Bytes of float32 output dequantized per call: gguf's kernels hold every 16-row group's output
+# and several temporaries before concatenating, about 3x this, so it is kept small.
+DEQUANT_CHUNK = 1 << 20
 
 
 def require_gguf() -> Any:
