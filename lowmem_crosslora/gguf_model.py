@@ -64,8 +64,9 @@ PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat1
 # Quantized types whose dequantization is supported (tested ones first).
 SUPPORTED_QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 # Bytes of float32 output dequantized per call: gguf's kernels hold every 16-row group's output
-# and several temporaries before concatenating, about 3x this, so it is kept small.
-DEQUANT_CHUNK = 1 << 20
+# and several temporaries before concatenating, about 3x this, and the read-ahead thread
+# dequantizes beside the SVD's peak, so it is kept small (per-call overhead is negligible).
+DEQUANT_CHUNK = 256 << 10
 
 
 def require_gguf() -> Any:
