@@ -100,3 +100,53 @@ def test_smol_to_qwen_gguf(real: dict[str, Path], smol_adapter: Path, tmp_path: 
             assert got[w + ".lora_b"] == [8, ne1], w  # ne: [rank, out]
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16
+
+
+def _llama_cpp_logits(model: Path, lora: Path | None, text: bytes) -> tuple[list[int], torch.Tensor]:
+    import numpy as np
+    from llama_cpp import Llama
+
+    kw = {"lora_path": str(lora)} if lora is not None else {}
+    llm = Llama(model_path=str(model), n_ctx=128, logits_all=True, verbose=False, n_threads=2, **kw)
+    toks = llm.tokenize(text, add_bos=False)
+    llm.eval(toks)
+    scores = torch.from_numpy(np.array(llm.scores[: len(toks)], dtype=np.float32))
+    del llm
+    return toks, scores
+
+
+@pytest.mark.parametrize("case", ["qwen-target", "llama-target-qk"])
+def test_llama_cpp_applies_the_lora_gguf_as_peft_does(real: dict[str, Path], tmp_path: Path, case: str) -> None:
+    """llama.cpp (llama-cpp-python) loads adapter_model.gguf and changes the logits as transformers +
+    PEFT change them with adapter_model.safetensors. The llama target with a q/k-only adapter checks
+    the lora_b row permutation: unpermuted, llama.cpp would add the delta to the wrong rows."""
+    pytest.importorskip("llama_cpp")
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    import lowmem_crosslora
+
+    targets = TARGETS if case == "qwen-target" else ["q_proj", "k_proj"]
+    smol = load_gguf_model(real["smol"])
+    torch.manual_seed(1)
+    pm = get_peft_model(smol, LoraConfig(r=8, lora_alpha=16, target_modules=targets, init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.mul_(0.3)  # a strong but not saturating change
+    pm.save_pretrained(tmp_path / "ad")
+    target = real["qwen"] if case == "qwen-target" else real["smol"]
+    out = tmp_path / "out"
+    lowmem_crosslora.transfer(tmp_path / "ad", real["smol"], target, out, rank=64, device="cpu", use_cache=False, out_format="both")
+
+    text = b"def fibonacci(n):\n    return n if n < 2 else"
+    toks, base_cpp = _llama_cpp_logits(target, None, text)
+    _, lora_cpp = _llama_cpp_logits(target, out / "adapter_model.gguf", text)
+    hf = load_gguf_model(target)
+    ids = torch.tensor([toks])
+    with torch.no_grad():
+        base_hf = hf(ids).logits[0]
+        lora_hf = PeftModel.from_pretrained(hf, str(out))(ids).logits[0]
+    d_cpp, d_hf = (lora_cpp - base_cpp).flatten(), (lora_hf - base_hf).flatten()
+    corr = float(torch.corrcoef(torch.stack([d_cpp, d_hf]))[0, 1])
+    assert d_hf.abs().max() > 0.5  # the adapter does something
+    assert corr > 0.95, corr
