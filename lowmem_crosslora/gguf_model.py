@@ -342,24 +342,36 @@ class GGUFCheckpoint:
         b = t.offset + start * t.row_bytes
         return self._mm()[b : b + (stop - start) * t.row_bytes].reshape(stop - start, t.row_bytes)
 
-    def _decode(self, t: GGUFTensor, start: int, stop: int) -> torch.Tensor:
-        """Rows [start, stop) in GGUF row order: a view of the map for F32/F16/BF16, else float32."""
+    def _decode(self, t: GGUFTensor, start: int, stop: int, rows_to: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """GGUF rows [start, stop): a view of the map for F32/F16/BF16, else float32. With `rows_to`
+        (one destination row index per GGUF row, -1 for rows not wanted), the rows are scattered
+        into `out` chunk by chunk instead (the q/k un-permutation without a second full copy)."""
         raw = self._raw_rows(t, start, stop)
-        if t.type_name in PLAIN_TYPES:
+        if t.type_name in PLAIN_TYPES and rows_to is None:
             np_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[t.type_name]
             arr = raw.view(np_dtype)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", UserWarning)  # a read-only map: never written to
-                out = torch.from_numpy(arr)
-            return out.view(torch.bfloat16) if t.type_name == "BF16" else out
-        qtype = self._gguf.GGMLQuantizationType(t.ggml_type)
+                view = torch.from_numpy(arr)
+            return view.view(torch.bfloat16) if t.type_name == "BF16" else view
         n = t.shape[-1]
-        out = torch.empty(stop - start, n, dtype=torch.float32)
+        if out is None:
+            out = torch.empty(stop - start, n, dtype=torch.float32)
         step = max(1, DEQUANT_CHUNK // (4 * n))
         try:
             for s in range(0, stop - start, step):
                 e = min(stop - start, s + step)
-                out[s:e] = torch.from_numpy(np.ascontiguousarray(self._gguf.quants.dequantize(raw[s:e], qtype), dtype=np.float32).reshape(e - s, n))
+                if t.type_name in PLAIN_TYPES:
+                    block = self._decode(t, start + s, start + e).float()
+                else:
+                    qtype = self._gguf.GGMLQuantizationType(t.ggml_type)
+                    block = torch.from_numpy(np.ascontiguousarray(self._gguf.quants.dequantize(raw[s:e], qtype), dtype=np.float32).reshape(e - s, n))
+                if rows_to is None:
+                    out[s:e] = block
+                else:
+                    dest = rows_to[s:e]
+                    keep = dest >= 0
+                    out[dest[keep]] = block[keep].to(out.dtype)
         except NotImplementedError:
             raise InputError(
                 f"{self.role}: tensor {t.gguf_name} is stored as {t.type_name}, which cannot be dequantized here; "
@@ -380,10 +392,17 @@ class GGUFCheckpoint:
         try:
             if heads is None:
                 return self._decode(t, start, stop)
+            # Hugging Face row i of the permuted q/k is GGUF row hf_to_gguf[i]; the GGUF rows of the
+            # heads that hold [start, stop) are decoded in chunks and scattered into place.
             rows = m // heads
-            h0, h1 = start // rows, -(-stop // rows)
-            block = reverse_permute_rows(self._decode(t, h0 * rows, h1 * rows), h1 - h0)
-            return block[start - h0 * rows : stop - h0 * rows]
+            g0, g1 = start // rows * rows, -(-stop // rows) * rows
+            gguf_rows = reverse_permute_rows(torch.arange(g0, g1), (g1 - g0) // rows)  # at HF position p: its GGUF row
+            rows_to = torch.full((g1 - g0,), -1, dtype=torch.long)
+            rows_to[gguf_rows - g0] = torch.arange(g0, g1) - start
+            rows_to[(rows_to < 0) | (rows_to >= stop - start)] = -1
+            dtype = PLAIN_TYPES.get(t.type_name, torch.float32)
+            out = torch.empty(stop - start, t.shape[-1], dtype=dtype)
+            return self._decode(t, g0, g1, rows_to=rows_to, out=out)
         except (OSError, ValueError) as e:
             raise InputError(f"{self.role}: cannot read tensor {name} from {self.path}: {e}") from None
 
