@@ -163,6 +163,26 @@ def entries_for(plan: Any, use_rslora: bool) -> list[LoraEntry]:
     return out
 
 
+def entries_for_file(tensors_file: Path, alpha: float | None = None) -> list[LoraEntry]:
+    """Entries for every q..down module of a finished PEFT adapter file (uniform scale alpha / rank,
+    or 1.0 relative scale when alpha is None): for rewriting an output's GGUF by hand."""
+    import re
+
+    from safetensors import safe_open
+
+    hf_to_canonical = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
+    pat = re.compile(r"^base_model\.model\..*\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_A\.weight$")
+    out = []
+    with safe_open(str(tensors_file), framework="pt") as f:
+        for name in f.keys():
+            m = pat.match(name)
+            if m and m.group(2) in hf_to_canonical:
+                rank = int(f.get_slice(name).get_shape()[0])
+                scale = alpha / rank if alpha is not None else 1.0
+                out.append(LoraEntry(int(m.group(1)), hf_to_canonical[m.group(2)], name, name.replace("lora_A", "lora_B"), scale, rank))
+    return out
+
+
 def output_files(out_format: str) -> tuple[str, ...]:
     """The adapter files a finished output folder holds for this --out-format."""
     from .output import ADAPTER_NAME
