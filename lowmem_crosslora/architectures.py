@@ -153,6 +153,7 @@ def model_dims(config: Mapping[str, Any], family: Family, where: str) -> ModelDi
     section = config
     if family.config_section:
         section = config.get(family.config_section) or {}
+
     def key(dim: str) -> Any:
         for k in _CONFIG_KEYS[dim]:
             if section.get(k) is not None:

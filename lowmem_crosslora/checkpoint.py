@@ -353,3 +353,13 @@ class Checkpoint:
 
         if self._open and host_file_bytes() > limit:
             self._open.clear()
+
+
+def open_checkpoint(path: str | os.PathLike[str], role: str = "model") -> Any:
+    """A base model: a GGUF file (gguf_model.GGUFCheckpoint, which needs the optional gguf package)
+    or a Hugging Face safetensors folder (Checkpoint). Both have the same reading interface."""
+    from .gguf_model import GGUFCheckpoint, is_gguf
+
+    if is_gguf(path):
+        return GGUFCheckpoint(path, role)
+    return Checkpoint(path, role)

@@ -47,8 +47,8 @@ def common_inputs(f: Callable[..., Any], batch: bool = False) -> Callable[..., A
     )
     opts = [
         adapter,
-        click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model folder (config.json + safetensors)."),
-        click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model folder (config.json + safetensors)."),
+        click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model: a folder (config.json + safetensors) or a .gguf."),
+        click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model: a folder (config.json + safetensors) or a .gguf."),
         click.option("--rank", default=320, show_default=True, type=int, help="SVD rank r (clipped to each module's dimensions)."),
         click.option(
             "--layer-map",
@@ -168,6 +168,13 @@ def batch_outputs(adapters: tuple[Path, ...], out: Path) -> list[tuple[Path, Pat
 @click.option("--resume/--no-resume", default=True, show_default=True, help="Continue an interrupted transfer into the same --out.")
 @click.option("--restart", is_flag=True, help="Discard an interrupted transfer's state and start over.")
 @click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option(
+    "--out-format",
+    default="peft",
+    show_default=True,
+    type=click.Choice(["peft", "gguf", "both"]),
+    help="peft: a PEFT adapter folder; gguf: a llama.cpp LoRA GGUF (adapter_model.gguf) and the report; both: all of them.",
+)
 @click.option(
     "--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here (a list of reports for several adapters)."
 )
@@ -358,7 +365,7 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
     "texts_file",
     default=None,
     type=click.Path(path_type=Path),
-    help="Your own texts too: .jsonl ({\"text\": ...} a line) or plain text separated by blank lines.",
+    help='Your own texts too: .jsonl ({"text": ...} a line) or plain text separated by blank lines.',
 )
 @click.option("--samples", default=32, show_default=True, type=int, help="Probe texts sampled from source + adapter.")
 @click.option("--neutral-samples", default=8, show_default=True, type=int, help="Neutral texts sampled from the source base (collateral).")

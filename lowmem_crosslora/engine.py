@@ -28,9 +28,10 @@ from .adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
 from .architectures import CANONICAL
 from .bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, finish, randomized_svd, scipy_svd, seed_for
 from .cache import BasisCache, CacheKey, HashMemo
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, open_checkpoint
 from .errors import BudgetError, CrossLoraError, InputError, Interrupted
 from .fused import unit_tensors
+from .gguf_lora import check_out_format, finish_hooks, output_files
 from .memory import Budget, MatrixPlan, host_anon_bytes, release_free_memory, stored_bytes, tune_allocator
 from .output import ADAPTER_NAME, REPORT_NAME, Layout, PartialOutput, journal_fingerprint, state_dir_for
 from .plan import Plan, Unit, build_plan
@@ -67,6 +68,7 @@ class TransferOptions:
     cache_limit: int | None = None  # bytes; None: cache.DEFAULT_LIMIT
     target_format: str = "peft"  # "vllm": one r and lora_alpha for every module (see vllm.py)
     allow_pickle: bool = False  # read an adapter_model.bin with torch.load(weights_only=True)
+    out_format: str = "peft"  # peft, gguf (a llama.cpp LoRA GGUF) or both; written at the end, so not in result_key
 
     def result_key(self) -> dict[str, Any]:
         """The options that change the output's bytes (the budget and device only move rounding)."""
@@ -237,7 +239,9 @@ class Engine:
         dtype = self.settings.compute_dtype
         if device == "cpu":
             W = torch.empty(m, n, dtype=dtype)
-            step = max(1, (16 << 20) // (2 * n))
+            # Row blocks as the planner counts them (native * min(m, 1024) * n): a block read is
+            # private memory when the reader copies (safetensors slices) or dequantizes (GGUF).
+            step = max(1, min(1024, (16 << 20) // (2 * n)))
             for s in range(0, m, step):
                 e = min(m, s + step)
                 W[s:e].copy_(job.ckpt.read_rows(job.weight, s, e))
@@ -676,13 +680,13 @@ class Task:
         return {u.uid: k for k, u in enumerate(self.plan.units)}
 
 
-def finished_report(out: Path, fingerprint: str) -> dict[str, Any] | None:
-    """The report of a finished transfer in `out` made with this fingerprint, or None."""
+def finished_report(out: Path, fingerprint: str, files: tuple[str, ...] = (ADAPTER_NAME,)) -> dict[str, Any] | None:
+    """The report of a finished transfer in `out` made with this fingerprint and holding `files`, or None."""
     try:
         report = json.loads((out / REPORT_NAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    if not isinstance(report, dict) or report.get("run_fingerprint") != fingerprint or not (out / ADAPTER_NAME).is_file():
+    if not isinstance(report, dict) or report.get("run_fingerprint") != fingerprint or not all((out / f).is_file() for f in files):
         return None
     return report
 
@@ -694,7 +698,7 @@ def _prepare(ad: Adapter, out_path: Path, src: Checkpoint, tgt: Checkpoint, opts
     fingerprint = run_fingerprint(ad, src, tgt, opts)
     task = Task(ad, out_path, plan, fingerprint)
     if batch and not opts.force:
-        done = finished_report(out_path, fingerprint)
+        done = finished_report(out_path, fingerprint, output_files(opts.out_format))
         if done is not None:
             say(f"{out_path}: already holds this transfer; kept")
             task.report = done
@@ -749,8 +753,9 @@ def _transfer(
     t_start = time.perf_counter()
     tune_allocator()
     settings = opts.svd_settings()
-    src = Checkpoint(source, "source")
-    tgt = Checkpoint(target, "target")
+    src = open_checkpoint(source, "source")
+    tgt = open_checkpoint(target, "target")
+    check_out_format(opts.out_format, tgt.family.name)
     outs = [Path(o) for _, o in pairs]
     seen_out: dict[Path, int] = {}
     for i, o in enumerate(outs):
@@ -833,7 +838,8 @@ def _transfer(
         report["summary"]["cache"] = engine.cache.stats() if engine.cache is not None else None
         if batch:
             report["summary"]["batch"] = {"adapters": len(tasks), "transferred_in_this_run": len(todo)}
-        t.partial.finish(adapter_config(t.plan, t.adapter, str(target)), report, opts.force)
+        extra, drop = finish_hooks(opts.out_format, t.plan, t.adapter, tgt)
+        t.partial.finish(adapter_config(t.plan, t.adapter, str(target)), report, opts.force, extra=extra, drop=drop)
         t.report = report
     return [t.report for t in tasks if t.report is not None]
 
@@ -1012,7 +1018,7 @@ def precompute_bases(
         raise InputError(f"--rank must be at least 1 (got {rank})")
     t_start = time.perf_counter()
     tune_allocator()
-    ckpt = Checkpoint(model, "model")
+    ckpt = open_checkpoint(model, "model")
     dev = resolve_device(device)
     ident = ckpt.identity()
     jobs = []

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from .adapter import load_adapter
-from .checkpoint import Checkpoint, read_json
+from .checkpoint import Checkpoint, open_checkpoint, read_json
 from .engine import TransferOptions, resolve_device
 from .errors import InputError
 from .memory import Budget
@@ -44,8 +44,8 @@ def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[s
     opts = TransferOptions(**kw)
     settings = opts.svd_settings()
     ad = load_adapter(adapter, allow_pickle=opts.allow_pickle)
-    src = Checkpoint(source, "source")
-    tgt = Checkpoint(target, "target")
+    src = open_checkpoint(source, "source")
+    tgt = open_checkpoint(target, "target")
     plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype, target_format=opts.target_format)
     device = resolve_device(opts.device)
     budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
@@ -124,8 +124,10 @@ def describe(path: Path) -> dict[str, Any]:
             "alpha_pattern": ad.config.get("alpha_pattern") or {},
             "skipped": ad.skipped,
         }
-    if (path / "config.json").exists():
-        ck = Checkpoint(path, "model")
+    from .gguf_model import is_gguf
+
+    if is_gguf(path) or (path / "config.json").exists():
+        ck = open_checkpoint(path, "model")
         d = ck.dims
         dtypes: dict[str, int] = {}
         nbytes = 0
@@ -134,7 +136,7 @@ def describe(path: Path) -> dict[str, Any]:
             count = 1
             for s in t.shape:
                 count *= s
-            nbytes += count * {"F32": 4, "F16": 2, "BF16": 2}.get(t.dtype, 4)
+            nbytes += count * {"F32": 4, "F16": 2, "BF16": 2}.get(t.dtype, 4) if isinstance(ck, Checkpoint) else ck.entry(t.name).nbytes
         fam = ck.family
         from .architectures import module_shape
 
@@ -153,7 +155,7 @@ def describe(path: Path) -> dict[str, Any]:
             "tensors": len(ck.tensors),
             "dtypes": dtypes,
             "size": format_size(nbytes),
-            "files": len(ck._headers),
+            "files": len(ck._headers) if isinstance(ck, Checkpoint) else 1,
         }
     try:
         read_json(path / "config.json", "inspect")

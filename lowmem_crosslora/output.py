@@ -19,7 +19,7 @@ import shutil
 import signal
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -436,8 +436,14 @@ class PartialOutput:
                 except OSError:
                     pass
 
-    def finish(self, config: dict[str, Any], report: dict[str, Any], force: bool) -> None:
-        """Write the side files, then move the whole folder to its final name in one rename."""
+    def finish(
+        self, config: dict[str, Any], report: dict[str, Any], force: bool, extra: Callable[[Path], None] | None = None, drop: Iterable[str] = ()
+    ) -> None:
+        """Write the side files, then move the whole folder to its final name in one rename.
+
+        `extra(folder)` writes further files from the finished adapter inside the state folder (the
+        LoRA GGUF) before the move; the files named in `drop` are removed from it just before the move.
+        """
         self.close()
         if self.out.exists() and self.out.is_dir() and any(self.out.iterdir()) and not force:
             raise InputError(f"output folder {self.out} is not empty; use --force to replace it (the finished transfer is kept for that)")
@@ -452,7 +458,11 @@ class PartialOutput:
                 os.replace(tmp, self.dir / name)
             os.replace(self.partial, self.dir / ADAPTER_NAME)
             _test_hook("finish", 0)  # a state folder caught here is resumed: the file goes back to .partial
+            if extra is not None:
+                extra(self.dir)
             self.journal_path.unlink()
+            for name in drop:
+                (self.dir / name).unlink(missing_ok=True)
             fsync_dir(self.dir)
             old = None
             if self.out.exists():

@@ -281,12 +281,7 @@ def test_transfer_works_without_the_verify_extra(pair: dict[str, Path], tmp_path
     import subprocess
 
     repo = Path(__file__).resolve().parents[1]
-    code = (
-        "import sys\n"
-        "sys.modules['transformers'] = None; sys.modules['peft'] = None\n"
-        "from lowmem_crosslora.cli import main\n"
-        "main(sys.argv[1:])\n"
-    )
+    code = "import sys\nsys.modules['transformers'] = None; sys.modules['peft'] = None\nfrom lowmem_crosslora.cli import main\nmain(sys.argv[1:])\n"
     m, ad = str(pair["model"]), str(pair["adapter"])
     env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
     args = ["transfer", "--adapter", ad, "--source", m, "--target", m, "--out", str(tmp_path / "out"), "--rank", "16", "--device", "cpu", "-q", "--no-cache"]
