@@ -145,6 +145,9 @@ def main() -> None:
             for a in eight
             for f in ("adapter_model.safetensors", "adapter_config.json")
         )
+    warm_same = None
+    if "cold" in rows and "warm" in rows:  # a hit must give the bytes computing gives
+        warm_same = all((work / "warm" / f).read_bytes() == (work / "cold" / f).read_bytes() for f in ("adapter_model.safetensors", "adapter_config.json"))
     ratios = {}
     if "cold" in rows:
         cold = rows["cold"]["wall_s"]
@@ -160,6 +163,7 @@ def main() -> None:
         "cases": rows,
         "ratios": ratios,
         "batch8_outputs_identical_to_separate8": same,
+        "warm_output_identical_to_cold": warm_same,
         "bench_seconds": round(time.perf_counter() - t_all, 1),
     }
     args.results.mkdir(parents=True, exist_ok=True)
@@ -176,6 +180,8 @@ def main() -> None:
         print(f"| {case} | {r['wall_s']:.1f} | {rel} | {mib(r['peak_private_bytes'])} | {hs} |")
     for k, v in ratios.items():
         print(f"{k}: {v:.3f}")
+    if warm_same is not None:
+        print(f"warm output byte-identical to cold: {warm_same}")
     if same is not None:
         print(f"batch8 outputs byte-identical to separate8: {same}")
     print(f"wrote {path}")

@@ -238,8 +238,14 @@ class BasisCache:
         self.warnings: list[str] = []
         self._total: int | None = None
         self.memo = HashMemo(self.root)
+        self._lock = threading.Lock()
 
     # ---- reporting --------------------------------------------------------------------------
+    def _count(self, name: str) -> None:
+        """Entries are read on read-ahead threads: counters move under a lock."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + 1)
+
     def _warn(self, msg: str) -> None:
         if msg not in self.warnings:
             self.warnings.append(msg)
@@ -278,24 +284,24 @@ class BasisCache:
                 if f.readinto(data) != size:
                     data = data[: f.tell()]  # shrank under us: verification rejects it
         except FileNotFoundError:
-            self.misses += 1
+            self._count("misses")
             return None
         except OSError as e:
-            self.misses += 1
+            self._count("misses")
             self._warn(f"basis cache: cannot read {path} ({e.strerror or e}); computing the basis instead")
             return None
         try:
             got = self._parse(data, key, r)
         except (ValueError, KeyError, TypeError, RuntimeError, struct.error, json.JSONDecodeError) as e:
-            self.misses += 1
-            self.rejected += 1
+            self._count("misses")
+            self._count("rejected")
             self._warn(f"basis cache: entry {path.name} failed verification ({e}); deleted, the basis is recomputed")
             self._remove(path)
             return None
         if got is None:  # a valid exact entry of a smaller rank: recomputed and replaced
-            self.misses += 1
+            self._count("misses")
             return None
-        self.hits += 1
+        self._count("hits")
         try:
             os.utime(path)  # last used, for the LRU eviction
         except OSError:

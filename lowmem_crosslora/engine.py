@@ -43,6 +43,8 @@ COMPUTE_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Mapped checkpoint pages this process may keep resident before it unmaps the shards (they are
 # reclaimable either way; unmapping keeps the process's resident size honest on small machines).
 FILE_PAGES_KEPT = 256 * 1024**2
+# Cache entries read and verified ahead of the projection, on as many threads.
+ENTRIES_AHEAD = 2
 Progress = Callable[[int, int, str], None]
 
 
@@ -214,6 +216,7 @@ class Engine:
     # Wall seconds by phase: reading and widening base weights, SVDs, projection, writing.
     phases: dict[str, float] = field(default_factory=lambda: {"read": 0.0, "svd": 0.0, "project": 0.0, "write": 0.0})
     _pool: ThreadPoolExecutor | None = None
+    _entry_pool: ThreadPoolExecutor | None = None
     _hashes: dict[tuple[str, str], str] = field(default_factory=dict)
     # On an accelerator the host is idle while the device factors: the next weights' content
     # hashes (hashlib releases the GIL) are computed there, ahead, on a thread of their own.
@@ -478,57 +481,75 @@ class Engine:
     def run_jobs(self, jobs: list[MatrixJob]) -> Iterator[tuple[MatrixJob, Basis, MatrixPlan]]:
         """Factor jobs in order, reading the next in-core matrix while this one computes."""
         ahead: tuple[int, MatrixPlan, Future[torch.Tensor]] | None = None
-        entry_ahead: tuple[int, Future[Any]] | None = None
-        for i, job in enumerate(jobs):
-            self.checks()
-            self.prehash(jobs[i + 1 : i + 3])
-            loading = entry_ahead[1] if entry_ahead is not None and entry_ahead[0] == i else None
-            entry_ahead = None
-            hit = self.cached(job, loading)
-            if hit is not None:
-                if ahead is not None and ahead[0] == i:  # read ahead for nothing: drop it
-                    ahead[2].result()
-                    ahead = None
-                # Read and verify the next entry (file I/O and hashing, which release the GIL)
-                # while this basis is projected, when the budget holds both.
+        # Cache entries being read and verified ahead (file reads and SHA-256 release the GIL, so
+        # two run beside the projection): job index -> (future, host bytes it holds).
+        entries: dict[int, tuple[Future[Any], int]] = {}
+        # (Projecting on one thread while entries are read would be faster on 2 cores, 1.8 s
+        # instead of 3.1 s in a warm 3B transfer, but BLAS sums in another order with another
+        # thread count: the output's bytes would then differ from a cold run's. Measured; kept out.)
+        try:
+            for i, job in enumerate(jobs):
+                self.checks()
+                self.prehash(jobs[i + 1 : i + 3])
+                loading, loading_bytes = entries.pop(i, (None, 0))
+                hit = self.cached(job, loading)
+                self.retained -= loading_bytes
+                if hit is not None:
+                    if ahead is not None and ahead[0] == i:  # read ahead for nothing: drop it
+                        ahead[2].result()
+                        ahead = None
+                    if self.prefetch:
+                        self._read_entries_ahead(jobs, i, hit[1].host_bytes, entries)
+                    yield job, hit[0], hit[1]
+                    continue
+                preloaded: torch.Tensor | None = None
+                if ahead is not None and ahead[0] == i:
+                    mplan, fut = ahead[1], ahead[2]
+                    preloaded = fut.result()
+                else:
+                    mplan = self.matrix_plan(job, self.retained)
+                ahead = None
                 nxt = jobs[i + 1] if i + 1 < len(jobs) else None
-                found = self.cache_lookup(nxt, extra=hit[1].host_bytes) if nxt is not None and self.prefetch else None
-                if found is not None:
-                    if self._pool is None:
-                        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-read")
-                    entry_ahead = (i + 1, self._pool.submit(self._load_cached, nxt, found[0]))
-                yield job, hit[0], hit[1]
+                if self.prefetch and nxt is not None and mplan.mode == "in-core" and not self._is_cached(nxt):
+                    try:
+                        nplan: MatrixPlan | None = self._plan(nxt, self.retained + mplan.host_bytes)
+                    except BudgetError:  # no room to read ahead: the next matrix is planned on its own
+                        nplan = None
+                    extra = self._prefetch_bytes(nxt, nplan.device) if nplan is not None else 0
+                    room = self.budget.host_room() - self.retained
+                    if nplan is not None and nplan.mode == "in-core" and nplan.device == mplan.device and mplan.host_bytes + extra <= room:
+                        if self._pool is None:
+                            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-read")
+                        ahead = (i + 1, nplan, self._pool.submit(self._read_ahead, nxt, nplan.device))
+                if preloaded is not None:
+                    t_read = time.perf_counter()
+                    preloaded = preloaded.to(device=mplan.device).to(self.settings.compute_dtype)
+                    self._finite(job, preloaded)
+                    self.phases["read"] += time.perf_counter() - t_read
+                basis, used = self.factor(job, mplan, preloaded)
+                del preloaded
+                self.store(job, basis)
+                release_free_memory()
+                job.ckpt.release_pages(self.budget.file_baseline + FILE_PAGES_KEPT)
+                yield job, basis, used
+        finally:
+            for fut, _ in entries.values():  # a stopped run: let the reads in flight end
+                fut.cancel()
+
+    def _read_entries_ahead(self, jobs: list[MatrixJob], i: int, held: int, entries: dict[int, tuple[Future[Any], int]]) -> None:
+        """Start reading the cache entries of the next ENTRIES_AHEAD jobs while they are cached
+        and the budget holds them all beside the current basis (`held` bytes)."""
+        for j in range(i + 1, min(len(jobs), i + 1 + ENTRIES_AHEAD)):
+            if j in entries:
                 continue
-            preloaded: torch.Tensor | None = None
-            if ahead is not None and ahead[0] == i:
-                mplan, fut = ahead[1], ahead[2]
-                preloaded = fut.result()
-            else:
-                mplan = self.matrix_plan(job, self.retained)
-            ahead = None
-            nxt = jobs[i + 1] if i + 1 < len(jobs) else None
-            if self.prefetch and nxt is not None and mplan.mode == "in-core" and not self._is_cached(nxt):
-                try:
-                    nplan: MatrixPlan | None = self._plan(nxt, self.retained + mplan.host_bytes)
-                except BudgetError:  # no room to read ahead: the next matrix is planned on its own
-                    nplan = None
-                extra = self._prefetch_bytes(nxt, nplan.device) if nplan is not None else 0
-                room = self.budget.host_room() - self.retained
-                if nplan is not None and nplan.mode == "in-core" and nplan.device == mplan.device and mplan.host_bytes + extra <= room:
-                    if self._pool is None:
-                        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="crosslora-read")
-                    ahead = (i + 1, nplan, self._pool.submit(self._read_ahead, nxt, nplan.device))
-            if preloaded is not None:
-                t_read = time.perf_counter()
-                preloaded = preloaded.to(device=mplan.device).to(self.settings.compute_dtype)
-                self._finite(job, preloaded)
-                self.phases["read"] += time.perf_counter() - t_read
-            basis, used = self.factor(job, mplan, preloaded)
-            del preloaded
-            self.store(job, basis)
-            release_free_memory()
-            job.ckpt.release_pages(self.budget.file_baseline + FILE_PAGES_KEPT)
-            yield job, basis, used
+            found = self.cache_lookup(jobs[j], extra=held)  # entries in flight are counted as retained
+            if found is None or self.cache is None:
+                return
+            size = (self.cache.entry_bytes(found[0]) or 0) + found[2]
+            if self._entry_pool is None:
+                self._entry_pool = ThreadPoolExecutor(max_workers=ENTRIES_AHEAD, thread_name_prefix="crosslora-entry")
+            entries[j] = (self._entry_pool.submit(self._load_cached, jobs[j], found[0]), size)
+            self.retained += size
 
     def _is_cached(self, job: MatrixJob) -> bool:
         return self.cache is not None and self.cache.entry_bytes(self.cache_key(job, self._lookup_device(job))) is not None
@@ -552,9 +573,10 @@ class Engine:
         if self._writer is not None:
             self._writer.shutdown(wait=True)
             self._writer = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        for pool in (self._pool, self._entry_pool):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        self._pool = self._entry_pool = None
 
 
 def all_finite(t: torch.Tensor) -> bool:
