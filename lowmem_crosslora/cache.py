@@ -89,6 +89,28 @@ def content_hash(path: Path, offset: int, length: int, chunk: int = 16 << 20) ->
     return h.hexdigest()
 
 
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and one rename, so that a
+    reader sees the old file or the whole new one; `durable` also fsyncs the file and the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
 MEMO_SCHEMA = "lowmem-crosslora/hash-memo/1"
 MEMO_DIR = "hashes"
 
@@ -155,23 +177,11 @@ class HashMemo:
             for real in sorted(dirty):
                 ident, spans = self._files[real]
                 doc = {"schema": MEMO_SCHEMA, "file": real, "identity": ident, "spans": dict(sorted(spans.items()))}
-                tmp = None
                 try:
-                    self.dir.mkdir(parents=True, exist_ok=True)
-                    fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=".tmp-", suffix=".json")
-                    with os.fdopen(fd, "w", encoding="utf-8") as f:
-                        json.dump(doc, f, sort_keys=True)
-                    os.replace(tmp, self._memo_path(real))
-                    tmp = None
+                    atomic_write(self._memo_path(real), json.dumps(doc, sort_keys=True).encode(), durable=False)
                 except OSError:
                     self.writable = False
                     return
-                finally:
-                    if tmp is not None:
-                        try:
-                            os.unlink(tmp)
-                        except OSError:
-                            pass
 
     def clear(self) -> None:
         with self._lock:
@@ -374,27 +384,12 @@ class BasisCache:
             check.update(t.numpy().data.cast("B") if t.numel() else b"")
         meta["payload_sha256"] = check.hexdigest()
         raw = save(tensors, metadata=meta)
-        tmp: str | None = None
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".tmp-", suffix=SUFFIX)
-            with os.fdopen(fd, "wb") as f:
-                f.write(raw)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            tmp = None
-            fsync_dir(self.root)
+            atomic_write(path, raw)
         except OSError as e:
             self.writable = False
             self._warn(f"basis cache: cannot write to {self.root} ({e.strerror or e}); continuing without storing bases")
             return
-        finally:
-            if tmp is not None:
-                try:
-                    os.unlink(tmp)
-                except OSError:
-                    pass
         self.stored += 1
         if self._total is None:
             self._total = sum(e.size for e in self.entries())

@@ -93,6 +93,16 @@ class TensorInfo:
     dtype: str
 
 
+def model_identity(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> str:
+    """What a model is, independent of where and how it lies: its config plus every tensor's name,
+    stored dtype and shape."""
+    h = hashlib.sha256()
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for name, info in sorted(tensors.items()):
+        h.update(json.dumps([name, info.dtype, list(info.shape)]).encode())
+    return h.hexdigest()[:32]
+
+
 @dataclass(frozen=True)
 class View:
     """Rows of a stored tensor's logical (out x in) matrix: one part of a fused module, or a whole
@@ -327,11 +337,7 @@ class Checkpoint:
         This keys the random seeds, so a copy of a model in another folder, or the same weights
         saved as one file or as shards, gives the same bytes (file names and offsets are left out).
         """
-        h = hashlib.sha256()
-        h.update(json.dumps(self.config, sort_keys=True).encode())
-        for name, info in sorted(self.tensors.items()):
-            h.update(json.dumps([name, info.dtype, list(info.shape)]).encode())
-        return h.hexdigest()[:32]
+        return model_identity(self.config, self.tensors)
 
     def fingerprint(self) -> str:
         """Identity plus each shard's size and modification time: any rewrite of a weight file shows."""

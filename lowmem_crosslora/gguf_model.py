@@ -18,7 +18,6 @@ the `gguf` package supplies the type tables and the dequantization kernels.
 from __future__ import annotations
 
 import hashlib
-import json
 import mmap
 import os
 import struct
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from .architectures import Family, ModelDims, family_for, model_dims
-from .checkpoint import TensorInfo
+from .checkpoint import TensorInfo, model_identity
 from .errors import InputError
 
 if TYPE_CHECKING:
@@ -451,11 +450,7 @@ class GGUFCheckpoint:
 
     def identity(self) -> str:
         """Config plus every tensor's name, stored type and shape (as Checkpoint.identity)."""
-        h = hashlib.sha256()
-        h.update(json.dumps(self.config, sort_keys=True).encode())
-        for name, info in sorted(self.tensors.items()):
-            h.update(json.dumps([name, info.dtype, list(info.shape)]).encode())
-        return h.hexdigest()[:32]
+        return model_identity(self.config, self.tensors)
 
     def fingerprint(self) -> str:
         """Identity plus the file's size and modification time."""
