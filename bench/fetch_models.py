@@ -53,24 +53,23 @@ def convert(gguf_dir: Path, gguf_name: str, out: Path) -> None:
     tmp.rename(out)
 
 
-def fetch_smol(root: Path) -> Path:
-    out = root / "smollm2-135m"
+def fetch(root: Path, name: str, fetch_file) -> Path:  # noqa: ANN001 - one of fetch_gguf's fetchers
+    """ROOT/name as a safetensors folder, converted from the GGUF that `fetch_file` brings."""
+    out = root / name
     if (out / "config.json").exists():
         return out
     with tempfile.TemporaryDirectory(prefix="crosslora-fetch-") as t:
-        g = fetch_gguf.fetch_smollm2(root, Path(t))
+        g = fetch_file(root, Path(t))
     convert(g.parent, g.name, out)
     return out
+
+
+def fetch_smol(root: Path) -> Path:
+    return fetch(root, "smollm2-135m", fetch_gguf.fetch_smollm2)
 
 
 def fetch_qwen(root: Path) -> Path:
-    out = root / "qwen2.5-coder-0.5b"
-    if (out / "config.json").exists():
-        return out
-    with tempfile.TemporaryDirectory(prefix="crosslora-fetch-") as t:
-        g = fetch_gguf.fetch_qwen(root, Path(t))
-    convert(g.parent, g.name, out)
-    return out
+    return fetch(root, "qwen2.5-coder-0.5b", fetch_gguf.fetch_qwen)
 
 
 def main() -> None:

@@ -8,18 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import CANONICAL_TO_NAME
 
 from lowmem_crosslora.gguf_model import GGUF_MODULES, permute_rows
 
-HF_MODULES = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
+HF_MODULES = CANONICAL_TO_NAME  # canonical module -> the llama-style module path
 
 
 def read_hf(model_dir: Path) -> dict[str, torch.Tensor]:
