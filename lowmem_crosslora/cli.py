@@ -1,4 +1,4 @@
-"""Command line: transfer, plan, inspect, verify, demo. Exit codes: 0 done, 1 unexpected, 2 bad input, 3 budget."""
+"""Command line: transfer, plan, inspect, verify, refine, demo. Exit codes: 0 done, 1 unexpected, 2 bad input, 3 budget."""
 
 from __future__ import annotations
 
@@ -399,6 +399,94 @@ def verify(prompts_file: Path | None, texts_file: Path | None, report_path: Path
     else:
         for line in verify_lines(report):
             click.echo(line)
+
+
+def refine_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options refine adds (shared by `refine` and `transfer --refine`)."""
+    opts = [
+        click.option("--steps", default=24, show_default=True, type=int, help="Optimizer steps of the distillation."),
+        click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate."),
+        click.option("--batch", default=8, show_default=True, type=int, help="Probe texts per step (split into passes that fit the budget)."),
+        click.option("--samples", default=96, show_default=True, type=int, help="Probe texts sampled from source + adapter."),
+        click.option("--contrast-samples", default=48, show_default=True, type=int, help="Contrast texts sampled from the source base."),
+        click.option("--max-new-tokens", default=48, show_default=True, type=int, help="Length of each sampled text, in source tokens."),
+        click.option(
+            "--prompts", "prompts_file", default=None, type=click.Path(path_type=Path), help="Prompts to sample probe texts from, one a line [default: built-in]."
+        ),
+        click.option(
+            "--texts", "texts_file", default=None, type=click.Path(path_type=Path), help='Your own texts of the adapter\'s kind too: .jsonl ({"text": ...}) or plain text.'
+        ),
+        click.option("--lora-rank", default=None, type=int, help="Rank of the trained LoRA [default: the source adapter's]."),
+        click.option("--lora-alpha", default=None, type=float, help="lora_alpha of the trained LoRA [default: the source adapter's]."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _run_refine_cli(source: Path, adapter: Path, target: Path, out: Path, quiet: bool, as_json: bool, report_path: Path | None, kw: dict[str, Any]) -> None:
+    from .probes import read_prompts
+    from .refine import run_refine
+
+    prompts_file, texts_file = kw.pop("prompts_file"), kw.pop("texts_file")
+    if prompts_file is not None:
+        kw["prompts"] = read_prompts(prompts_file)
+    kw["cache_dir"] = str(kw["cache_dir"]) if kw.get("cache_dir") is not None else None
+    log = (lambda msg: click.echo(msg, err=True)) if not (quiet or as_json) else None
+    state: dict[str, Any] = {"bar": None}
+
+    def progress(step: int, total: int, rec: dict[str, float]) -> None:
+        if quiet or as_json:
+            return
+        if state["bar"] is None:
+            state["bar"] = click.progressbar(length=total, label="refine", file=sys.stderr, show_pos=True, show_eta=True, item_show_func=lambda x: x)
+            state["bar"].__enter__()
+            state["bar"].update(step - 1)
+        state["bar"].current_item = f"loss {rec['loss']:.4f}"
+        state["bar"].update(1)
+
+    try:
+        report = run_refine(source, adapter, target, out, texts=texts_file, log=log, progress=progress, **kw)
+    finally:
+        if state["bar"] is not None:
+            state["bar"].__exit__(None, None, None)
+    if report_path is not None:
+        report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if as_json:
+        click.echo(json.dumps(report, indent=2, sort_keys=True))
+    elif not quiet:
+        s = report["summary"]
+        mib = 2**20
+        click.echo(
+            f"refined {s['modules']} modules: {s['steps']} steps of {s['objective']} from a {s['init']} start, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
+            f"{s['seconds']:.1f} s on {s['device']}, peak {s['peak_host_bytes'] / mib:.0f} MiB host"
+        )
+        click.echo(f"wrote {out}; grade it with `lowmem-crosslora verify` (it samples fresh texts, not the ones refine trained on)")
+
+
+@cli.command()
+@click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model folder (with its tokenizer).")
+@click.option("--adapter", required=True, type=click.Path(path_type=Path), help=ADAPTER_HELP)
+@click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model folder (with its tokenizer).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output adapter folder (created; must be empty unless --force).")
+@refine_options
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the probe texts, the initialisation and the batch order.")
+@click.option("--rank", default=320, show_default=True, type=int, help="SVD rank of the transfer that places the modules.")
+@click.option("--layer-map", default="index", show_default=True, type=click.Choice(["index", "depth"]), help="How target layers take source layers.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
+@click.option("--max-memory", default=None, callback=_size, help="Host memory budget, e.g. 2GB [default: half of what is available].")
+@click.option("--max-gpu-memory", default=None, callback=_size, help="GPU memory budget [default: 80% of free GPU memory].")
+@click.option("--restart", is_flag=True, help="Discard an interrupted refine's checkpoint and start over.")
+@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
+@click.option("--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@cache_options
+def refine(source: Path, adapter: Path, target: Path, out: Path, quiet: bool, as_json: bool, report_path: Path | None, **kw: Any) -> None:
+    """Distil --adapter into a LoRA on --target from texts the source writes with it (no training data):
+    the target's change in log-likelihood is trained to match the adapter's. Resumable; --out is a PEFT folder."""
+    kw.pop("cache_limit", None)
+    _run_refine_cli(source, adapter, target, out, quiet, as_json, report_path, kw)
 
 
 @cli.command()

@@ -230,3 +230,69 @@ def verify_lines(report: dict[str, Any]) -> list[str]:
     for w in s.get("warnings", []):
         lines.append(f"warning: {w}")
     return lines
+
+
+def build_refine_report(
+    *,
+    source: Checkpoint,
+    target: Checkpoint,
+    adapter: str,
+    options: dict[str, Any],
+    objective: str,
+    init: str,
+    probe_set: dict[str, Any],
+    losses: list[dict[str, float]],
+    shape: dict[str, Any],
+    modules: int,
+    lora_params: int,
+    dtypes: dict[str, str],
+    device: str,
+    seconds: float,
+    train_seconds: float,
+    phases: dict[str, float],
+    budget: Any,
+    fingerprint: str,
+    version: str,
+) -> dict[str, Any]:
+    """The refine report: the transfer report's schema and summary conventions, kind "refine"; what it
+    trained on (the probe set, with its seed), the objective, the steps and their losses."""
+    warnings = [budget.exceeded] if budget.exceeded else []
+    return {
+        "schema": SCHEMA,
+        "tool": "lowmem-crosslora",
+        "version": version,
+        "kind": "refine",
+        "adapter": adapter,
+        "source": model_info(source),
+        "target": model_info(target),
+        "options": options,
+        "run_fingerprint": fingerprint,
+        "summary": {
+            "objective": objective,
+            "init": init,
+            "steps": len(losses),
+            "first_loss": losses[0]["loss"] if losses else None,
+            "final_loss": losses[-1]["loss"] if losses else None,
+            "modules": modules,
+            "lora_parameters": lora_params,
+            "seconds": round(seconds, 3),
+            "train_seconds": round(train_seconds, 3),
+            "device": device,
+            "dtypes": dtypes,
+            "train_shape": shape,
+            "peak_host_bytes": budget.peak_host,
+            "baseline_host_bytes": budget.baseline,
+            "peak_working_bytes": budget.peak_working,
+            "host_budget_bytes": budget.max_host,
+            "peak_mapped_file_bytes": budget.peak_file,
+            "peak_gpu_bytes": budget.peak_gpu,
+            "gpu_baseline_bytes": budget.gpu_baseline,
+            "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+            "warnings": warnings,
+        },
+        "refine": {"probe_set": probe_set, "losses": losses},
+        "note": (
+            "refine trained this adapter on the probe texts named in probe_set (kept in refine_probes.json). "
+            "Scores on those texts say nothing about the task: grade it with verify, which samples fresh texts."
+        ),
+    }

