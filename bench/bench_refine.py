@@ -295,7 +295,12 @@ def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict) -> N
             cmd += ["--device", "cpu", "--report", str(rp), "--quiet"]
             print(f"[{case}] verify {ship}", flush=True)
             p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            row["verify"] = {"candidate": ship, "exit": p.returncode, "verdicts": p.stdout.strip().splitlines(), "stderr_tail": p.stderr.strip().splitlines()[-2:] if p.returncode else []}
+            row["verify"] = {
+                "candidate": ship,
+                "exit": p.returncode,
+                "verdicts": p.stdout.strip().splitlines(),
+                "stderr_tail": p.stderr.strip().splitlines()[-2:] if p.returncode else [],
+            }
     bench["cases"].append(row)
 
 
@@ -308,17 +313,25 @@ def run_one(spec: str) -> None:
     run_refine(kw.pop("source"), kw.pop("adapter"), kw.pop("target"), kw.pop("out"), device="cpu", force=True, **kw)
 
 
+def pct(est: tuple[float, float]) -> str:
+    return f"{100 * est[0]:.0f}% ± {100 * est[1]:.0f}"
+
+
 def table(bench: dict) -> list[str]:
-    lines = ["| case | candidate | recovery | specificity | vs control (z) | collateral / limit | seconds | peak RSS |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| case | candidate | recovery | specificity | vs control (z) | collateral / limit | seconds | peak RSS |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in bench["cases"]:
         for name, r in row["candidates"].items():
             if "error" in r:
                 lines.append(f"| {row['case']} | {name} | error: {r['error']} | | | | | |")
                 continue
             rss = r.get("max_rss_bytes")
+            z = r["above_control_z"] if r["above_control_z"] is None else round(r["above_control_z"], 1)
             lines.append(
-                f"| {row['case']} | {name} | {100 * r['recovery'][0]:.0f}% ± {100 * r['recovery'][1]:.0f} | {100 * r['specificity'][0]:.0f}% ± {100 * r['specificity'][1]:.0f} "
-                f"| {r['above_control_z'] if r['above_control_z'] is None else round(r['above_control_z'], 1)} | {r['collateral_nll_change']:+.4f} / {r['collateral_limit']:.4f} "
+                f"| {row['case']} | {name} | {pct(r['recovery'])} | {pct(r['specificity'])} "
+                f"| {z} | {r['collateral_nll_change']:+.4f} / {r['collateral_limit']:.4f} "
                 f"| {r.get('wall_seconds', '-')} | {'-' if not rss else f'{rss / 2**30:.2f} GiB'} |"
             )
     return lines
@@ -328,7 +341,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=HERE / "data" / "real")
     ap.add_argument("--cases", default="smol-qwen:caps,qwen-smol:caps,smol-qwen:bullets,qwen-smol:bullets")
-    ap.add_argument("--candidates", default="lm/fresh,delta/fresh,lm+kl/fresh,lm/transfer", help="objective/init; the first is the shipped setting (verify runs on it)")
+    ap.add_argument(
+        "--candidates", default="lm/fresh,delta/fresh,lm+kl/fresh,lm/transfer", help="objective/init; the first is the shipped setting (verify runs on it)"
+    )
     ap.add_argument("--train-steps", type=int, default=60)
     ap.add_argument("--train-lr", type=float, default=1e-3)
     ap.add_argument("--train-texts", type=int, default=96)

@@ -129,6 +129,40 @@ def cache_options(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+REFINE_KEYS = ("steps", "lr", "batch", "samples", "contrast_samples", "max_new_tokens", "prompts_file", "texts_file", "lora_rank", "lora_alpha")
+
+
+def refine_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """The options refine adds (shared by `refine` and `transfer --refine`)."""
+    opts = [
+        click.option("--steps", default=24, show_default=True, type=int, help="Optimizer steps of the distillation."),
+        click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate."),
+        click.option("--batch", default=8, show_default=True, type=int, help="Probe texts per step (split into passes that fit the budget)."),
+        click.option("--samples", default=96, show_default=True, type=int, help="Probe texts sampled from source + adapter."),
+        click.option("--contrast-samples", default=48, show_default=True, type=int, help="Contrast texts sampled from the source base."),
+        click.option("--max-new-tokens", default=48, show_default=True, type=int, help="Length of each sampled text, in source tokens."),
+        click.option(
+            "--prompts",
+            "prompts_file",
+            default=None,
+            type=click.Path(path_type=Path),
+            help="Prompts to sample probe texts from, one a line [default: built-in].",
+        ),
+        click.option(
+            "--texts",
+            "texts_file",
+            default=None,
+            type=click.Path(path_type=Path),
+            help='Your own texts of the adapter\'s kind too: .jsonl ({"text": ...}) or plain text.',
+        ),
+        click.option("--lora-rank", default=None, type=int, help="Rank of the trained LoRA [default: the source adapter's]."),
+        click.option("--lora-alpha", default=None, type=float, help="lora_alpha of the trained LoRA [default: the source adapter's]."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
 def batch_outputs(adapters: tuple[Path, ...], out: Path) -> list[tuple[Path, Path]] | None:
     """(adapter, output) pairs for a batch, or None for a single transfer into --out.
 
@@ -182,6 +216,13 @@ def batch_outputs(adapters: tuple[Path, ...], out: Path) -> list[tuple[Path, Pat
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (a list of reports for several adapters).")
 @cache_options
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the basis cache.")
+@click.option(
+    "--refine",
+    "do_refine",
+    is_flag=True,
+    help="Then distil the adapter's behaviour into the output with `refine` (see its options below; the paper's transfer alone keeps energy, not behaviour).",
+)
+@refine_options
 def transfer(
     adapters: tuple[Path, ...],
     out: Path,
@@ -192,14 +233,25 @@ def transfer(
     quiet: bool,
     as_json: bool,
     no_cache: bool,
+    do_refine: bool,
     **kw: Any,
 ) -> None:
     """Transfer --adapter from --source onto --target, writing a PEFT adapter folder at --out."""
     from .engine import transfer as run_transfer
     from .engine import transfer_batch
+    from .errors import InputError
     from .report import summary_lines
 
     pairs = batch_outputs(adapters, out)
+    refine_kw = {k: kw.pop(k) for k in REFINE_KEYS}
+    if do_refine:
+        if pairs is not None:
+            raise InputError("--refine takes one --adapter (it trains on the target, one adapter at a time)")
+        if kw["out_format"] != "peft" or kw["target_format"] != "peft":
+            raise InputError("--refine writes a PEFT folder: drop --out-format and --for, or convert the refined folder afterwards")
+        keep = {k: kw[k] for k in ("rank", "layer_map", "seed", "device", "max_memory", "max_gpu_memory", "cache_dir")}
+        _run_refine_cli(kw["source"], adapters[0], kw["target"], out, quiet, as_json, report_path, {**refine_kw, **keep, "restart": restart, "force": force})
+        return
     progress, close = _progress_printer(quiet or as_json)
     log = (lambda msg: click.echo(msg, err=True)) if not quiet else None
     inputs = {k: kw.pop(k) for k in ("source", "target")}
@@ -370,7 +422,12 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
 @click.option("--samples", default=32, show_default=True, type=int, help="Probe texts sampled from source + adapter.")
 @click.option("--neutral-samples", default=8, show_default=True, type=int, help="Neutral texts sampled from the source base (collateral).")
 @click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Length of each sampled text, in source tokens.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the sampling and of the random control adapter.")
+@click.option(
+    "--seed",
+    default=None,
+    type=int,
+    help="Seed of the sampling and of the random control adapter [default: 0; for a refined adapter, the seed after the one it trained on].",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
 @click.option(
     "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="auto: float32 where the budget allows."
@@ -399,29 +456,6 @@ def verify(prompts_file: Path | None, texts_file: Path | None, report_path: Path
     else:
         for line in verify_lines(report):
             click.echo(line)
-
-
-def refine_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The options refine adds (shared by `refine` and `transfer --refine`)."""
-    opts = [
-        click.option("--steps", default=24, show_default=True, type=int, help="Optimizer steps of the distillation."),
-        click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate."),
-        click.option("--batch", default=8, show_default=True, type=int, help="Probe texts per step (split into passes that fit the budget)."),
-        click.option("--samples", default=96, show_default=True, type=int, help="Probe texts sampled from source + adapter."),
-        click.option("--contrast-samples", default=48, show_default=True, type=int, help="Contrast texts sampled from the source base."),
-        click.option("--max-new-tokens", default=48, show_default=True, type=int, help="Length of each sampled text, in source tokens."),
-        click.option(
-            "--prompts", "prompts_file", default=None, type=click.Path(path_type=Path), help="Prompts to sample probe texts from, one a line [default: built-in]."
-        ),
-        click.option(
-            "--texts", "texts_file", default=None, type=click.Path(path_type=Path), help='Your own texts of the adapter\'s kind too: .jsonl ({"text": ...}) or plain text.'
-        ),
-        click.option("--lora-rank", default=None, type=int, help="Rank of the trained LoRA [default: the source adapter's]."),
-        click.option("--lora-alpha", default=None, type=float, help="lora_alpha of the trained LoRA [default: the source adapter's]."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
 
 
 def _run_refine_cli(source: Path, adapter: Path, target: Path, out: Path, quiet: bool, as_json: bool, report_path: Path | None, kw: dict[str, Any]) -> None:
@@ -458,7 +492,8 @@ def _run_refine_cli(source: Path, adapter: Path, target: Path, out: Path, quiet:
         s = report["summary"]
         mib = 2**20
         click.echo(
-            f"refined {s['modules']} modules: {s['steps']} steps of {s['objective']} from a {s['init']} start, loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
+            f"refined {s['modules']} modules: {s['steps']} steps of {s['objective']} from a {s['init']} start, "
+            f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
             f"{s['seconds']:.1f} s on {s['device']}, peak {s['peak_host_bytes'] / mib:.0f} MiB host"
         )
         click.echo(f"wrote {out}; grade it with `lowmem-crosslora verify` (it samples fresh texts, not the ones refine trained on)")

@@ -193,7 +193,9 @@ def base_token_logprobs(model: Any, texts: list[TrainText], device: str, batch: 
                 t.base_lp = lp[a:b].tolist()
 
 
-def batch_loss(model: Any, objective: str, main: list[TrainText], contrast: list[TrainText], norm: dict[str, float], device: str, kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
+def batch_loss(
+    model: Any, objective: str, main: list[TrainText], contrast: list[TrainText], norm: dict[str, float], device: str, kl_weight: float
+) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch, already divided by the whole batch's counts in `norm` (so that
     micro-batches add up to the batch's mean), and its parts (for the progress line)."""
     _decoder, head, cap = _causal_parts(model)
@@ -261,7 +263,13 @@ class TrainShape:
     bytes: int  # modelled working memory
 
     def to_json(self) -> dict[str, Any]:
-        return {"micro_batch": self.micro_batch, "max_len": self.max_len, "gradient_checkpointing": self.checkpointing, "weights_dtype": self.weights_dtype, "modelled_bytes": self.bytes}
+        return {
+            "micro_batch": self.micro_batch,
+            "max_len": self.max_len,
+            "gradient_checkpointing": self.checkpointing,
+            "weights_dtype": self.weights_dtype,
+            "modelled_bytes": self.bytes,
+        }
 
 
 def train_bytes(cfg: dict[str, Any], params: int, lora_params: int, weights_bytes: int, micro: int, seq: int, ckpt: bool, passes: int) -> int:
@@ -288,7 +296,9 @@ def train_bytes(cfg: dict[str, Any], params: int, lora_params: int, weights_byte
     return int(params * weights_bytes + 16 * lora_params + acts + 2 * LOGIT_CHUNK_BYTES + 64 * 1024**2)
 
 
-def choose_shape(cfg: dict[str, Any], params: int, lora_params: int, room: int, batch: int, longest: int, passes: int, dtypes: tuple[str, ...]) -> TrainShape | None:
+def choose_shape(
+    cfg: dict[str, Any], params: int, lora_params: int, room: int, batch: int, longest: int, passes: int, dtypes: tuple[str, ...]
+) -> TrainShape | None:
     """The fastest shape that fits `room`: whole batch without checkpointing if it fits, else with,
     else fewer texts per pass (gradient accumulation: the same step), else shorter texts (down to 32
     tokens). Float32 weights where they fit, else bfloat16. None when nothing fits."""

@@ -95,7 +95,24 @@ class RefineOptions:
     cache_dir: str | None = None
 
     def result_key(self) -> dict[str, Any]:
-        keep = ("objective", "init", "steps", "lr", "batch", "samples", "contrast_samples", "max_new_tokens", "max_len", "seed", "kl_weight", "lora_rank", "lora_alpha", "rank", "layer_map", "prompts")
+        keep = (
+            "objective",
+            "init",
+            "steps",
+            "lr",
+            "batch",
+            "samples",
+            "contrast_samples",
+            "max_new_tokens",
+            "max_len",
+            "seed",
+            "kl_weight",
+            "lora_rank",
+            "lora_alpha",
+            "rank",
+            "layer_map",
+            "prompts",
+        )
         return {k: getattr(self, k) for k in keep}
 
     def check(self) -> None:
@@ -240,7 +257,18 @@ def _lora_state(model: Any) -> dict[str, torch.Tensor]:
 def _save_checkpoint(path: Path, model: Any, opt: Any, step: int, losses: list[dict[str, float]], fp: str, shape: TrainShape, seconds: float) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
-        torch.save({"fingerprint": fp, "step": step, "lora": _lora_state(model), "optimizer": opt.state_dict(), "losses": losses, "shape": shape.to_json(), "seconds": seconds}, f)
+        torch.save(
+            {
+                "fingerprint": fp,
+                "step": step,
+                "lora": _lora_state(model),
+                "optimizer": opt.state_dict(),
+                "losses": losses,
+                "shape": shape.to_json(),
+                "seconds": seconds,
+            },
+            f,
+        )
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -318,7 +346,9 @@ def run_refine(
             raise Interrupted("stopped by SIGINT; the last checkpoint is kept") from None
 
 
-def _refine(source: Any, adapter: Any, target: Any, out: Path, texts: Any, say: Log, progress: Progress | None, stop: Any, opts: RefineOptions) -> dict[str, Any]:
+def _refine(
+    source: Any, adapter: Any, target: Any, out: Path, texts: Any, say: Log, progress: Progress | None, stop: Any, opts: RefineOptions
+) -> dict[str, Any]:
     from .engine import adapter_config, check_output_dir, resolve_device
     from .engine import transfer as run_transfer
     from .memory import Budget, tune_allocator
@@ -349,7 +379,8 @@ def _refine(source: Any, adapter: Any, target: Any, out: Path, texts: Any, say: 
             old = None
         if old != fp:
             raise InputError(
-                f"an interrupted refine in {state} was made with other inputs or options; rerun it with the same ones to resume, or pass --restart to start over"
+                f"an interrupted refine in {state} was made with other inputs or options; "
+                "rerun it with the same ones to resume, or pass --restart to start over"
             )
         say(f"resuming the refine in {state}")
     state.mkdir(parents=True, exist_ok=True)
@@ -379,7 +410,20 @@ def _refine(source: Any, adapter: Any, target: Any, out: Path, texts: Any, say: 
         if opts.init == "transfer":
             init_dir = state / "init"
             t = time.perf_counter()
-            run_transfer(ad.path, src.path, tgt.path, init_dir, rank=opts.rank, layer_map=opts.layer_map, device=dev, dtype="float32", max_memory=opts.max_memory, max_gpu_memory=opts.max_gpu_memory, cache_dir=opts.cache_dir, log=say)
+            run_transfer(
+                ad.path,
+                src.path,
+                tgt.path,
+                init_dir,
+                rank=opts.rank,
+                layer_map=opts.layer_map,
+                device=dev,
+                dtype="float32",
+                max_memory=opts.max_memory,
+                max_gpu_memory=opts.max_gpu_memory,
+                cache_dir=opts.cache_dir,
+                log=say,
+            )
             phases["transfer"] = time.perf_counter() - t
 
         # 3. the target
@@ -404,11 +448,15 @@ def _refine(source: Any, adapter: Any, target: Any, out: Path, texts: Any, say: 
         if shape is None:
             need = smallest_room(tgt.config, params, lora_params, longest, passes, "bfloat16")
             flag = "--max-memory" if dev == "cpu" else "--max-gpu-memory"
-            raise BudgetError(f"training a LoRA on the target {tgt.path} needs at least {format_size(need)} of working memory (bfloat16 weights, one text at a time, gradient checkpointing); raise {flag} to at least {format_size(need)}")
+            raise BudgetError(
+                f"training a LoRA on the target {tgt.path} needs at least {format_size(need)} of working memory "
+                f"(bfloat16 weights, one text at a time, gradient checkpointing); raise {flag} to at least {format_size(need)}"
+            )
         main = [truncate(t, shape.max_len) for t in main]
         contrast = [truncate(t, shape.max_len) for t in contrast]
         say(
-            f"training on the target: {len(main)} adapter texts" + (f", {len(contrast)} contrast texts" if contrast else "")
+            f"training on the target: {len(main)} adapter texts"
+            + (f", {len(contrast)} contrast texts" if contrast else "")
             + f"; {shape.weights_dtype} weights, {shape.micro_batch} texts per pass, up to {shape.max_len} tokens"
             + (", gradient checkpointing" if shape.checkpointing else "")
             + f" (modelled {format_size(shape.bytes)} of {format_size(int(room))})"
@@ -499,7 +547,14 @@ def _refine(source: Any, adapter: Any, target: Any, out: Path, texts: Any, say: 
         options={**opts.result_key(), "device": opts.device, "max_memory": opts.max_memory, "max_gpu_memory": opts.max_gpu_memory},
         objective=opts.objective,
         init=opts.init,
-        probe_set={"seed": opts.seed, "prompts": opts.prompts or "built-in", "file": PROBES_NAME, "texts": train_n, "trained_on": len(main), "contrast": len(contrast)},
+        probe_set={
+            "seed": opts.seed,
+            "prompts": opts.prompts or "built-in",
+            "file": PROBES_NAME,
+            "texts": train_n,
+            "trained_on": len(main),
+            "contrast": len(contrast),
+        },
         losses=losses,
         shape=shape.to_json(),
         modules=len(plan.units),

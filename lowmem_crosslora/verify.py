@@ -336,6 +336,23 @@ class _Loader:
         return model
 
 
+def refine_training_set(folder: Path) -> dict[str, Any] | None:
+    """What refine trained an adapter folder on (its refine_probes.json): seed, prompts and the
+    (prompt, text) pairs; None for an adapter that refine did not make."""
+    import json
+
+    from .refine import PROBES_NAME
+
+    f = Path(folder) / PROBES_NAME
+    if not f.exists():
+        return None
+    try:
+        obj = json.loads(f.read_text(encoding="utf-8"))
+        return {"seed": int(obj["seed"]), "prompts": obj.get("prompts", "built-in"), "texts": {(t["prompt"], t["text"]) for t in obj["texts"]}}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{f}: unreadable; it says which texts refine trained this adapter on, so verify cannot choose fresh ones") from None
+
+
 def free(*objs: Any) -> None:
     from .memory import release_free_memory
 
@@ -362,14 +379,18 @@ def run_verify(
     samples: int = 32,
     neutral_samples: int = 8,
     max_new_tokens: int = 64,
-    seed: int = 0,
+    seed: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
     max_memory: int | None = None,
     log: Log | None = None,
 ) -> dict[str, Any]:
     """Score probe texts under source base, source + adapter, target base, target + transferred and
-    target + random control; return the report (schema lowmem-crosslora/report/1, kind "verify")."""
+    target + random control; return the report (schema lowmem-crosslora/report/1, kind "verify").
+
+    A refined adapter (refine_probes.json in its folder) is graded on fresh texts: `seed` defaults to
+    the seed after the one refine sampled its training texts with, the same seed on the same prompts is
+    refused, and any sampled text refine trained on is dropped."""
     from .engine import resolve_device
     from .memory import Budget, tune_allocator
     from .report import build_verify_report
@@ -390,6 +411,17 @@ def run_verify(
     check_finite(tr)
     user = read_texts(texts) if isinstance(texts, (str, Path)) else list(texts or [])
     prompt_list = list(prompts) if prompts else list(DEFAULT_PROMPTS)
+    trained = refine_training_set(tr.path)
+    if trained is not None:
+        same_prompts = (list(DEFAULT_PROMPTS) if trained["prompts"] == "built-in" else list(trained["prompts"])) == prompt_list
+        if seed is None:
+            seed = int(trained["seed"]) + 1
+        elif seed == trained["seed"] and same_prompts:
+            raise InputError(
+                f"{tr.path} was refined on texts sampled with seed {seed} from these prompts; grading it on them would measure "
+                "how well it learned its training texts, not the adapter's behaviour: pass another --seed"
+            )
+    seed = 0 if seed is None else seed
     if samples == 0 and neutral_samples == 0 and not user:
         raise InputError("nothing to score: --samples and --neutral-samples are 0 and no --texts were given")
     dev = resolve_device(device)
@@ -415,6 +447,12 @@ def run_verify(
         probes = sample_probes(model, tok, prompt_list, samples, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
         with model.disable_adapter():
             probes += sample_probes(model, tok, prompt_list, neutral_samples, max_new_tokens=max_new_tokens, seed=seed, origin="base", device=dev)
+        dropped = 0
+        if trained is not None:
+            seen = trained["texts"]
+            kept = [p for p in probes if (p.prompt, p.text) not in seen]
+            dropped = len(probes) - len(kept)
+            probes = kept
         probes += user
         phases["sample"] = time.perf_counter() - t
         if not probes:
@@ -455,8 +493,9 @@ def run_verify(
     # Texts one model could not score (nothing left after the prompt) are left out of every comparison.
     keep = [i for i in range(len(probes)) if all(not math.isnan(ll[c][i]) for c in CONFIGS)]
     sets: dict[str, dict[str, Any]] = {}
+    fresh = f"fresh samples (seed {seed}; refine trained on seed {trained['seed']}'s) " if trained is not None else "samples "
     labels = {
-        "adapter": "samples of source + adapter on neutral prompts",
+        "adapter": f"{fresh}of source + adapter on neutral prompts",
         "base": "neutral text (samples of the source base on the same prompts)",
         "user": "the texts given with --texts",
     }
@@ -492,6 +531,7 @@ def run_verify(
             "texts": len(user),
             "max_new_tokens": max_new_tokens,
             "seed": seed,
+            "refined_on": None if trained is None else {"seed": trained["seed"], "texts": len(trained["texts"]), "dropped_overlaps": dropped},
             "device": device,
             "dtype": dtype,
             "max_memory": max_memory,
