@@ -352,8 +352,14 @@ def main() -> None:
     ap.add_argument("--no-verify", dest="verify", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=HERE / "results" / "refine-real.json")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads here and in the refine processes (1 on a shared, oversubscribed CPU)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     if args.one:
         return run_one(args.one)
     args.candidates = [c for c in args.candidates.split(",") if c]

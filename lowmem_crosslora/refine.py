@@ -410,20 +410,21 @@ def _refine(
         if opts.init == "transfer":
             init_dir = state / "init"
             t = time.perf_counter()
-            run_transfer(
-                ad.path,
-                src.path,
-                tgt.path,
-                init_dir,
-                rank=opts.rank,
-                layer_map=opts.layer_map,
-                device=dev,
-                dtype="float32",
-                max_memory=opts.max_memory,
-                max_gpu_memory=opts.max_gpu_memory,
-                cache_dir=opts.cache_dir,
-                log=say,
-            )
+            if not (init_dir / REPORT_NAME).exists():  # a resumed run keeps the finished transfer
+                run_transfer(
+                    ad.path,
+                    src.path,
+                    tgt.path,
+                    init_dir,
+                    rank=opts.rank,
+                    layer_map=opts.layer_map,
+                    device=dev,
+                    dtype="float32",
+                    max_memory=opts.max_memory,
+                    max_gpu_memory=opts.max_gpu_memory,
+                    cache_dir=opts.cache_dir,
+                    log=say,
+                )
             phases["transfer"] = time.perf_counter() - t
 
         # 3. the target
