@@ -422,6 +422,7 @@ def _refine(
                 max_memory=opts.max_memory,
                 max_gpu_memory=opts.max_gpu_memory,
                 cache_dir=opts.cache_dir,
+                force=True,  # refine's own folder: a resumed run finds the interrupted run's transfer there
                 log=say,
             )
             phases["transfer"] = time.perf_counter() - t
