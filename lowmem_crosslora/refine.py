@@ -403,6 +403,8 @@ def _refine(
             prep.extra = {"seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}
             _write_json(probes_file, prep.to_json())
             phases["source"] = prep.seconds
+            # Train on the values as stored (rounded), as a resumed run reads them back: the same bytes either way.
+            prep = Prepared.from_json(json.loads(probes_file.read_text()))
         stop.check()
 
         # 2. the initialiser: the paper's transfer, or a seeded fresh LoRA
