@@ -439,7 +439,7 @@ def _refine(
         params = params_of(tgt.tensors)
         lora_params = _lora_param_count(plan, cfg)
         passes = 2 if opts.objective == "lm+kl" else 1
-        per_step = opts.batch * (2 if contrast and opts.objective != "delta" else 1)
+        per_step = opts.batch * (2 if contrast else 1)  # "delta" and "lm+kl" pass main and contrast texts together
         if dev == "cpu":
             room = budget.max_host - max(0, host_anon_bytes() - budget.baseline)
         else:
@@ -501,7 +501,7 @@ def _refine(
             norm = batch_norms(opts.objective, mi, ci)
             parts: dict[str, float] = {}
             total = 0.0
-            mb = shape.micro_batch if opts.objective == "delta" or not ci else max(1, shape.micro_batch // 2)
+            mb = shape.micro_batch if not ci else max(1, shape.micro_batch // 2)
             for k in range(0, max(len(mi), len(ci)), mb):
                 loss, p = batch_loss(model, opts.objective, mi[k : k + mb], ci[k : k + mb], norm, dev, opts.kl_weight)
                 if loss.requires_grad:
