@@ -29,7 +29,7 @@ from test_verify import write_lora, write_model  # noqa: E402
 from lowmem_crosslora import refine as refine_mod  # noqa: E402
 from lowmem_crosslora.distill import OBJECTIVES, TrainText, batch_norms, choose_shape, segments, smallest_room, train_bytes, truncate  # noqa: E402
 from lowmem_crosslora.errors import InputError, Interrupted  # noqa: E402
-from lowmem_crosslora.probes import Probe  # noqa: E402
+from lowmem_crosslora.probes import Probe, stable_seed  # noqa: E402
 from lowmem_crosslora.refine import CHECKPOINT_NAME, INITS, PROBES_NAME, batch_indices, run_refine, state_dir_for  # noqa: E402
 from lowmem_crosslora.verify import encode, run_verify, token_logprobs  # noqa: E402
 
@@ -293,9 +293,10 @@ def test_refined_output_is_a_peft_adapter_that_changes_the_target(models: dict[s
     assert report["kind"] == "refine" and report["schema"] == "lowmem-crosslora/report/1"
     s = report["summary"]
     assert (s["objective"], s["init"], s["steps"], s["modules"]) == ("lm", "fresh", 2, 4)
-    losses = report["refine"]["losses"]
-    assert [r["step"] for r in losses] == [1, 2] and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in losses)
-    assert s["first_loss"] == losses[0]["loss"] and s["final_loss"] == losses[1]["loss"]
+    steps = report["refine"]["losses"]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
+    assert s["first_loss"] == steps[0]["loss"] and s["final_loss"] == steps[1]["loss"]
+    assert "sampling 4 texts from source + adapter and 2 from the source base (seed 0)" in refined["logs"]
     ps = report["refine"]["probe_set"]
     assert ps["seed"] == 0 and ps["file"] == PROBES_NAME and ps["prompts"] == PROMPTS
 
@@ -305,7 +306,8 @@ def test_refined_output_is_a_peft_adapter_that_changes_the_target(models: dict[s
     assert {t["origin"] for t in texts} == {"adapter", "base"}
     assert sum(t["origin"] == "adapter" for t in texts) == ps["texts"]["adapter"] == ps["trained_on"] > 0
     for t in texts:
-        assert t["prompt"] in PROMPTS and t["text"] and isinstance(t["seed"], int)
+        # Each text with the seed its prompt's samples were drawn with (from the run's seed, 0).
+        assert t["text"] and t["seed"] == stable_seed("probe", 0, t["origin"], PROMPTS.index(t["prompt"]), t["prompt"])
         assert len(t["source_token_ends"]) == len(t["source_token_delta"])
     # Different tokenizations: the qwen2's merged pairs span several of the llama's one-character tokens.
     tgt_tok = AutoTokenizer.from_pretrained(models["target"])
@@ -439,9 +441,9 @@ def test_bad_inputs_exit_2(models: dict[str, Path], tmp_path: Path, capsys: pyte
 def test_every_objective_and_init_trains(models: dict[str, Path], tmp_path: Path, objective: str, init: str) -> None:
     report = refine(models, tmp_path / "out", objective=objective, init=init)
     assert (report["summary"]["objective"], report["summary"]["init"]) == (objective, init)
-    losses = report["refine"]["losses"]
+    steps = report["refine"]["losses"]
     part = {"lm": "nll", "delta": "mse", "lm+kl": "kl"}[objective]
-    assert [r["step"] for r in losses] == [1, 2] and all(math.isfinite(r["loss"]) and math.isfinite(r[part]) for r in losses)
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and math.isfinite(r[part]) for r in steps)
     if objective != "lm":
         assert report["refine"]["probe_set"]["contrast"] > 0
     assert ("transfer" in report["summary"]["phase_seconds"]) == (init == "transfer")
@@ -479,8 +481,8 @@ def test_lm_objective_lowers_the_target_nll_on_its_probe_texts(models: dict[str,
         before = nll()
     after = nll()
     assert after < before - 0.1, (before, after)  # about 4.88 -> 4.68 nats a token (the base is near uniform: ln 128 = 4.85)
-    losses = [r["loss"] for r in report["refine"]["losses"]]
-    assert losses[-1] < losses[0]
+    trained = [r["loss"] for r in report["refine"]["losses"]]
+    assert trained[-1] < trained[0]
 
 
 @pytest.mark.parametrize("objective", OBJECTIVES)
@@ -552,15 +554,21 @@ def test_verify_grades_a_refined_adapter_on_fresh_samples(models: dict[str, Path
     assert {t["prompt"] for t in r["texts"]} == {"Notes:"}
 
 
-def test_transfer_refine_on_the_command_line(models: dict[str, Path], refined: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_transfer_refine_on_the_command_line(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """transfer --refine writes a refined folder: the library's refine with the same options and the user's texts too."""
+    texts = tmp_path / "mine.txt"
+    texts.write_text("A text of my own about the weather.\n\nAnother one, a short story.\n")
     out = tmp_path / "out"
     args = ["transfer", "--adapter", str(models["adapter"]), "--source", str(models["source"]), "--target", str(models["target"]), "--out", str(out)]
     args += ["--refine", "--steps", "2", "--batch", "2", "--samples", "4", "--contrast-samples", "2", "--max-new-tokens", "12"]
-    args += ["--prompts", str(models["prompts"]), "--device", "cpu", "--json"]
+    args += ["--prompts", str(models["prompts"]), "--texts", str(texts), "--device", "cpu", "--json"]
     code, stdout, err = run_cli(args, capsys)
     assert code == 0, err
     report = json.loads(stdout)
     assert report["kind"] == "refine" and report == json.loads((out / "crosslora_report.json").read_text())
     assert {p.name for p in out.iterdir()} == OUT_FILES
-    # The same refine as the library's with these options.
-    assert adapter_bytes(out) == adapter_bytes(refined["out"])
+    assert report["refine"]["probe_set"]["texts"]["user"] == 2
+    user = [t for t in probe_texts(out) if t["origin"] == "user"]
+    assert [(t["prompt"], t["text"], t["seed"]) for t in user] == [("", "A text of my own about the weather.", None), ("", "Another one, a short story.", None)]
+    refine(models, tmp_path / "lib", texts=texts)
+    assert adapter_bytes(out) == adapter_bytes(tmp_path / "lib")
