@@ -243,8 +243,9 @@ def batch_loss(
 
 def batch_norms(objective: str, main: list[TrainText], contrast: list[TrainText]) -> dict[str, float]:
     """Counts of the whole batch that each loss term is averaged over."""
-    tokens = sum(len(t.ids) - t.first for t in main)
-    ctokens = sum(len(t.ids) - t.first for t in contrast)
+    # A text cut inside its prompt (shorter than `first`) has no scored tokens left: it counts none.
+    tokens = sum(max(0, len(t.ids) - t.first) for t in main)
+    ctokens = sum(max(0, len(t.ids) - t.first) for t in contrast)
     segs = sum(len(t.delta_s) for t in main + contrast)
     return {"tokens": max(1, tokens), "contrast_tokens": max(1, ctokens), "segments": max(1, segs)}
 

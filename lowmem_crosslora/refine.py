@@ -403,6 +403,8 @@ def _refine(
             prep.extra = {"seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}
             _write_json(probes_file, prep.to_json())
             phases["source"] = prep.seconds
+            # Train on the values as stored (rounded), as a resumed run reads them back: the same bytes either way.
+            prep = Prepared.from_json(json.loads(probes_file.read_text()))
         stop.check()
 
         # 2. the initialiser: the paper's transfer, or a seeded fresh LoRA
@@ -423,6 +425,7 @@ def _refine(
                     max_memory=opts.max_memory,
                     max_gpu_memory=opts.max_gpu_memory,
                     cache_dir=opts.cache_dir,
+                    force=True,  # refine's own folder: a resumed run finds the interrupted run's transfer there
                     log=say,
                 )
             phases["transfer"] = time.perf_counter() - t
@@ -437,7 +440,7 @@ def _refine(
         params = params_of(tgt.tensors)
         lora_params = _lora_param_count(plan, cfg)
         passes = 2 if opts.objective == "lm+kl" else 1
-        per_step = opts.batch * (2 if contrast and opts.objective != "delta" else 1)
+        per_step = opts.batch * (2 if contrast else 1)  # "delta" and "lm+kl" pass main and contrast texts together
         if dev == "cpu":
             room = budget.max_host - max(0, host_anon_bytes() - budget.baseline)
         else:
@@ -499,7 +502,7 @@ def _refine(
             norm = batch_norms(opts.objective, mi, ci)
             parts: dict[str, float] = {}
             total = 0.0
-            mb = shape.micro_batch if opts.objective == "delta" or not ci else max(1, shape.micro_batch // 2)
+            mb = shape.micro_batch if not ci else max(1, shape.micro_batch // 2)
             for k in range(0, max(len(mi), len(ci)), mb):
                 loss, p = batch_loss(model, opts.objective, mi[k : k + mb], ci[k : k + mb], norm, dev, opts.kl_weight)
                 if loss.requires_grad:

@@ -1,0 +1,574 @@
+"""refine: an adapter distilled onto a model of another family, from texts the source writes with it.
+
+Tiny models with offline tokenizers: the source is test_verify's llama (hidden 64, 2 layers, one token
+per character) with a rank-8 LoRA on q and o; the target a qwen2 (hidden 48, 2 layers) whose tokenizer
+merges common letter pairs, so the two tokenizations differ and the segments between them are not
+trivial. Every run samples a few short probe texts and trains a few steps, so the whole file stays fast
+on one CPU thread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import read_tensors, run_cli, run_module
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from test_verify import write_lora, write_model  # noqa: E402
+
+from lowmem_crosslora import refine as refine_mod  # noqa: E402
+from lowmem_crosslora.distill import OBJECTIVES, TrainText, batch_norms, choose_shape, segments, smallest_room, train_bytes, truncate  # noqa: E402
+from lowmem_crosslora.errors import InputError, Interrupted  # noqa: E402
+from lowmem_crosslora.probes import Probe, stable_seed  # noqa: E402
+from lowmem_crosslora.refine import CHECKPOINT_NAME, INITS, PROBES_NAME, batch_indices, run_refine, state_dir_for  # noqa: E402
+from lowmem_crosslora.verify import encode, run_verify, token_logprobs  # noqa: E402
+
+PROMPTS = ["The weather", "A story:"]
+FAST: dict[str, Any] = {"steps": 2, "batch": 2, "samples": 4, "contrast_samples": 2, "max_new_tokens": 12, "prompts": PROMPTS, "device": "cpu"}
+OUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "crosslora_report.json", PROBES_NAME}
+# The target's tokenizer: one token per ASCII character plus 28 merged letter pairs (128 entries, the models' vocabulary).
+MERGES = ["th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed", "is", "it", "al", "ar", "st", "to"]
+MERGES += ["nt", "ng", "se", "ha", "as", "ou"]
+
+
+def write_merge_tokenizer(folder: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n", "\t"] + MERGES
+    assert len(vocab) == 128
+    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[(m[0], m[1]) for m in MERGES], unk_token="<unk>"))
+    tk.decoder = decoders.Fuse()
+    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
+
+
+def write_qwen2(folder: Path) -> Path:
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(1)
+    cfg = Qwen2Config(
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    Qwen2ForCausalLM(cfg).save_pretrained(folder)
+    write_merge_tokenizer(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("refine")
+    source = write_model(root / "llama")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return {"root": root, "source": source, "adapter": write_lora(source, root / "lora", seed=10), "target": write_qwen2(root / "qwen2"), "prompts": prompts}
+
+
+def refine(models: dict[str, Path], out: Path, **kw: Any) -> dict[str, Any]:
+    return run_refine(models["source"], models["adapter"], models["target"], out, **{**FAST, **kw})
+
+
+@pytest.fixture(scope="module")
+def refined(models: dict[str, Path]) -> dict[str, Any]:
+    """The default refine (objective lm, fresh init, seed 0) of the llama adapter onto the qwen2."""
+    out = models["root"] / "refined"
+    logs: list[str] = []
+    report = refine(models, out, log=logs.append)
+    return {"out": out, "report": report, "logs": logs}
+
+
+def cli_args(models: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    args = ["refine", "--source", str(models["source"]), "--adapter", str(models["adapter"]), "--target", str(models["target"]), "--out", str(out)]
+    args += ["--steps", "4", "--batch", "2", "--samples", "4", "--contrast-samples", "2", "--max-new-tokens", "12"]
+    return [*args, "--prompts", str(models["prompts"]), "--device", "cpu", *extra]
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def adapter_bytes(out: Path) -> bytes:
+    return (out / "adapter_model.safetensors").read_bytes()
+
+
+def probe_texts(out: Path) -> list[dict[str, Any]]:
+    """The probe texts of a refined folder (refine_probes.json also holds the seconds sampling took)."""
+    return json.loads((out / PROBES_NAME).read_text())["texts"]
+
+
+def losses(out: Path) -> list[dict[str, float]]:
+    return json.loads((out / "crosslora_report.json").read_text())["refine"]["losses"]
+
+
+def stop_at(k: int) -> Any:
+    """A progress callback that interrupts the run (as SIGINT would) once step k is checkpointed."""
+
+    def progress(step: int, total: int, rec: dict[str, float]) -> None:
+        if step == k:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+# ---- segments, truncate, batch order --------------------------------------------------------------
+
+
+@st.composite
+def two_tokenizations(draw: Any) -> tuple[int, list[int], int, list[int], list[float]]:
+    """A text of n characters read by two tokenizers: each scored range has its own start and token ends
+    (character offsets, increasing; a repeated end is a zero-width token, as byte-level tokens of one
+    character are), and the source has a change in log-probability per token."""
+    n = draw(st.integers(1, 30))
+    src_start = draw(st.integers(0, n - 1))
+    tgt_start = src_start if draw(st.booleans()) else draw(st.integers(0, n - 1))
+
+    def ends(start: int) -> list[int]:
+        e = sorted(draw(st.sets(st.integers(start + 1, n), min_size=1)))
+        repeats = draw(st.lists(st.sampled_from(e), max_size=2))
+        return sorted(e + repeats)
+
+    src_ends, tgt_ends = ends(src_start), ends(tgt_start)
+    delta = draw(st.lists(st.floats(-4, 4, allow_nan=False), min_size=len(src_ends), max_size=len(src_ends)))
+    return src_start, src_ends, tgt_start, tgt_ends, delta
+
+
+def reference_segments(src_start: int, src_ends: list[int], tgt_start: int, tgt_ends: list[int], delta: list[float]) -> tuple[list[int], list[float]]:
+    """Character by character: character c (text[c - 1]) belongs to segment j when exactly j shared
+    boundaries lie before it and at least one at or after it, counting from where both scored ranges
+    first mean the same text (their start when it is shared, else the first shared boundary)."""
+    shared = sorted(set(src_ends) & set(tgt_ends))
+    lo = src_start if src_start == tgt_start else (shared[0] if shared else math.inf)
+    bounds = [b for b in shared if b > lo]
+
+    def char_seg(c: int) -> int:
+        return -1 if c <= lo or not bounds or c > bounds[-1] else sum(b < c for b in bounds)
+
+    def token_segs(start: int, ends: list[int]) -> list[int]:
+        out, prev = [], start
+        for e in ends:
+            segs = {char_seg(c) for c in range(prev + 1, e + 1)} or {char_seg(e)}  # a zero-width token: its character's
+            assert len(segs) == 1  # no token straddles a shared boundary
+            out.append(segs.pop())
+            prev = e
+        return out
+
+    per_seg = [0.0] * len(bounds)
+    for s, d in zip(token_segs(src_start, src_ends), delta, strict=True):
+        if s >= 0:
+            per_seg[s] += d
+    return token_segs(tgt_start, tgt_ends), per_seg
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(two_tokenizations())
+def test_segments_match_a_character_by_character_reference(case: tuple[int, list[int], int, list[int], list[float]]) -> None:
+    src_start, src_ends, tgt_start, tgt_ends, delta = case
+    seg, per_seg = segments(*case)
+    ref_seg, ref_delta = reference_segments(*case)
+    assert seg == ref_seg
+    assert per_seg == pytest.approx(ref_delta, abs=1e-9)
+    # Segments are numbered in text order, and every one holds at least one target token.
+    ids = [s for s in seg if s >= 0]
+    assert ids == sorted(ids) and set(ids) == set(range(len(per_seg)))
+    shared = sorted(set(src_ends) & set(tgt_ends))
+    if shared:
+        # The segments add up to the source's change over the text both ranges cover.
+        lo = src_start if src_start == tgt_start else shared[0]
+        covered = sum(d for e, d in zip(src_ends, delta, strict=True) if lo < e <= shared[-1])
+        assert sum(per_seg) == pytest.approx(covered, abs=1e-9)
+    else:
+        assert seg == [-1] * len(tgt_ends) and per_seg == []
+
+
+def test_segments_by_hand() -> None:
+    d = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2]  # one source token per character of "abcdef"
+    # Same start: target "ab" "cde" "f".
+    seg, per = segments(0, [1, 2, 3, 4, 5, 6], 0, [2, 5, 6], d)
+    assert seg == [0, 1, 2] and per == pytest.approx([0.3, 2.8, 3.2])
+    # The target's range starts a character later ("bc" "d" "ef"): segments start at the first shared boundary, 3.
+    seg, per = segments(0, [1, 2, 3, 4, 5, 6], 1, [3, 4, 6], d)
+    assert seg == [-1, 0, 1] and per == pytest.approx([0.8, 4.8])
+    # The source reads on past the target's last token: what lies beyond the last shared boundary is in no segment.
+    seg, per = segments(0, [2, 4, 7], 0, [2, 4, 5], [1.0, 2.0, 4.0])
+    assert seg == [0, 1, -1] and per == pytest.approx([1.0, 2.0])
+    assert segments(0, [1, 3], 0, [2], [1.0, 1.0]) == ([-1], [])
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(two_tokenizations(), st.integers(0, 6), st.integers(0, 40))
+def test_truncate_keeps_only_whole_segments(case: tuple[int, list[int], int, list[int], list[float]], first: int, max_len: int) -> None:
+    seg, per_seg = segments(*case)
+    n_all = len(seg)
+    t = TrainText(list(range(100, 100 + first + n_all)), first, seg, per_seg, "adapter", 9, [float(-i) for i in range(n_all)])
+    c = truncate(t, max_len)
+    if len(t.ids) <= max_len:
+        assert c is t
+        return
+    n = max(0, max_len - first)  # scored tokens kept (none when the cut falls inside the prompt)
+    assert c.ids == t.ids[:max_len] and c.first == first and len(c.seg) == n and c.base_lp == t.base_lp[:n]
+    kept = {s for s in c.seg if s >= 0}
+    assert kept == set(range(len(c.delta_s))) and c.delta_s == t.delta_s[: len(c.delta_s)]
+    for s in set(seg) - {-1}:
+        whole = seg.count(s) == seg[:n].count(s)
+        # A segment is kept exactly when all of its tokens are, and then with all of them.
+        assert (s in kept) == whole
+        if whole:
+            assert c.seg.count(s) == seg.count(s)
+    assert all(a == b or a == -1 for a, b in zip(c.seg, seg[:n], strict=True))
+    # The losses are averaged over the scored tokens the batch still holds.
+    other = TrainText([1, 2, 3, 4], 1, [0, 0, 0], [0.5], "adapter", 3)
+    assert batch_norms("lm", [c, other], [])["tokens"] == n + 3
+
+
+def test_batch_indices_are_a_pure_function_and_visit_every_text_once_an_epoch() -> None:
+    for n, batch in [(7, 3), (5, 5), (4, 6), (1, 2), (10, 1)]:
+        steps = 3 * n + 5
+        flat = [i for s in range(steps) for i in batch_indices(n, batch, 0, s, "main")]
+        for k in range(len(flat) // n):
+            assert sorted(flat[k * n : (k + 1) * n]) == list(range(n)), (n, batch, k)
+        # A resumed run draws the batch of step s alone, whatever the global RNG holds.
+        torch.manual_seed(1)
+        alone = batch_indices(n, batch, 0, 4, "main")
+        torch.manual_seed(2)
+        assert alone == batch_indices(n, batch, 0, 4, "main") == flat[4 * batch : 5 * batch]
+    assert batch_indices(0, 3, 0, 0, "main") == []
+    # The seed and the salt pick the order, and each epoch has an order of its own.
+    orders = {tuple(batch_indices(20, 20, seed, 0, salt)) for seed in (0, 1) for salt in ("main", "contrast")}
+    assert len(orders) == 4
+    assert batch_indices(20, 20, 0, 0, "main") != batch_indices(20, 20, 0, 1, "main")
+
+
+# ---- end to end -----------------------------------------------------------------------------------
+
+
+def test_refined_output_is_a_peft_adapter_that_changes_the_target(models: dict[str, Path], refined: dict[str, Any]) -> None:
+    from peft import PeftModel, get_peft_model_state_dict
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, report = refined["out"], refined["report"]
+    assert {p.name for p in out.iterdir()} == OUT_FILES
+    assert not state_dir_for(out).exists()
+    assert not any(p.name.startswith(".") for p in out.parent.iterdir())
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["lora_dropout"] == 0.0 and cfg["inference_mode"] is True
+    assert cfg["base_model_name_or_path"] == str(models["target"])
+
+    # PEFT loads it onto the target, every LoRA tensor from the file and nothing left over.
+    saved = read_tensors(out / "adapter_model.safetensors")
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["target"]), str(out))
+    loaded = get_peft_model_state_dict(model)
+    assert set(loaded) == set(saved) and len(saved) == 2 * 2 * 2  # 2 layers x q, o x A, B
+    for k, v in saved.items():
+        assert torch.equal(loaded[k].float(), v), k
+        assert torch.isfinite(v).all()
+    assert all(saved[k].abs().max() > 0 for k in saved if "lora_B" in k)  # trained away from the zero start
+    tok = AutoTokenizer.from_pretrained(models["target"])
+    x = torch.tensor([tok("The weather is nice today")["input_ids"]])
+    model.eval()
+    with torch.no_grad():
+        on = model(input_ids=x).logits
+        with model.disable_adapter():
+            off = model(input_ids=x).logits
+    assert (on - off).abs().max() > 1e-4
+
+    assert report == json.loads((out / "crosslora_report.json").read_text())
+    assert report["kind"] == "refine" and report["schema"] == "lowmem-crosslora/report/1"
+    s = report["summary"]
+    assert (s["objective"], s["init"], s["steps"], s["modules"]) == ("lm", "fresh", 2, 4)
+    steps = report["refine"]["losses"]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
+    assert s["first_loss"] == steps[0]["loss"] and s["final_loss"] == steps[1]["loss"]
+    assert "sampling 4 texts from source + adapter and 2 from the source base (seed 0)" in refined["logs"]
+    ps = report["refine"]["probe_set"]
+    assert ps["seed"] == 0 and ps["file"] == PROBES_NAME and ps["prompts"] == PROMPTS
+
+    probes = json.loads((out / PROBES_NAME).read_text())
+    assert probes["seed"] == 0 and probes["prompts"] == PROMPTS and probes["max_new_tokens"] == 12
+    texts = probes["texts"]
+    assert {t["origin"] for t in texts} == {"adapter", "base"}
+    assert sum(t["origin"] == "adapter" for t in texts) == ps["texts"]["adapter"] == ps["trained_on"] > 0
+    for t in texts:
+        # Each text with the seed its prompt's samples were drawn with (from the run's seed, 0).
+        assert t["text"] and t["seed"] == stable_seed("probe", 0, t["origin"], PROMPTS.index(t["prompt"]), t["prompt"])
+        assert len(t["source_token_ends"]) == len(t["source_token_delta"])
+    # Different tokenizations: the qwen2's merged pairs span several of the llama's one-character tokens.
+    tgt_tok = AutoTokenizer.from_pretrained(models["target"])
+    lens = [len(encode(tgt_tok, Probe(t["prompt"], t["text"], None, t["origin"])).ends) for t in texts]
+    assert sum(lens) < sum(len(t["source_token_ends"]) for t in texts)
+
+
+def test_same_seed_same_bytes_other_seed_other_bytes(models: dict[str, Path], refined: dict[str, Any], tmp_path: Path) -> None:
+    refine(models, tmp_path / "again")
+    assert adapter_bytes(tmp_path / "again") == adapter_bytes(refined["out"])
+    assert probe_texts(tmp_path / "again") == probe_texts(refined["out"])
+    refine(models, tmp_path / "seed1", seed=1)
+    assert adapter_bytes(tmp_path / "seed1") != adapter_bytes(refined["out"])
+    assert [t["text"] for t in probe_texts(tmp_path / "seed1")] != [t["text"] for t in probe_texts(refined["out"])]
+
+
+def test_killed_cli_run_resumes_to_the_same_bytes(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ref = tmp_path / "ref"
+    code, _out, err = run_cli(cli_args(models, ref, "--quiet"), capsys)
+    assert code == 0, err
+
+    out = tmp_path / "out"
+    monkeypatch.setenv("LOWMEM_CROSSLORA_TEST_KILL", "refine_step:2")
+    code, _out, err = run_module(cli_args(models, out))
+    assert code == -9, err
+    monkeypatch.delenv("LOWMEM_CROSSLORA_TEST_KILL")
+    state = state_dir_for(out)
+    assert not out.exists() and state.is_dir()
+    assert torch.load(state / CHECKPOINT_NAME, weights_only=True)["step"] == 2
+    probes = (state / PROBES_NAME).read_bytes()
+
+    code, _out, err = run_module(cli_args(models, out))
+    assert code == 0, err
+    # It took the probe texts from the interrupted run (no second sampling) and went on from step 2.
+    assert re.search(r"probe texts: \d+ kept from the interrupted run", err) and "resuming at step 2 of 4" in err
+    assert "sampling" not in err
+    assert (out / PROBES_NAME).read_bytes() == probes and probe_texts(out) == probe_texts(ref)
+    assert adapter_bytes(out) == adapter_bytes(ref)
+    assert losses(out) == losses(ref)
+    assert not state.exists()
+
+
+@pytest.mark.parametrize(("objective", "init"), [("lm", "transfer"), ("delta", "fresh"), ("lm+kl", "fresh")])
+def test_interrupted_run_resumes_to_the_same_bytes(models: dict[str, Path], tmp_path: Path, objective: str, init: str) -> None:
+    """Every objective and init resumes to what an uninterrupted run writes (the CLI test above covers lm, fresh)."""
+    kw = {"objective": objective, "init": init, "steps": 4}
+    refine(models, tmp_path / "ref", **kw)
+    with pytest.raises(Interrupted):
+        refine(models, tmp_path / "out", progress=stop_at(1), **kw)
+    assert not (tmp_path / "out").exists() and state_dir_for(tmp_path / "out").is_dir()
+    logs: list[str] = []
+    refine(models, tmp_path / "out", log=logs.append, **kw)
+    assert "resuming at step 1 of 4" in logs
+    assert losses(tmp_path / "out") == losses(tmp_path / "ref")
+    assert adapter_bytes(tmp_path / "out") == adapter_bytes(tmp_path / "ref")
+
+
+def test_other_options_do_not_resume_an_interrupted_refine(
+    models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "out"
+
+    def interrupt(step: int) -> None:
+        if step == 1:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:
+        m.setattr(refine_mod, "_test_kill", interrupt)
+        code, _out, err = run_cli(cli_args(models, out, "--quiet"), capsys)
+    assert code == 130 and "to resume, run: lowmem-crosslora refine" in err
+    state = state_dir_for(out)
+    checkpoint = (state / CHECKPOINT_NAME).read_bytes()
+
+    code, _out, err = run_cli(cli_args(models, out, "--lr", "0.01"), capsys)
+    assert code == 2
+    line = one_error_line(err)
+    assert "other inputs or options" in line and "--restart" in line
+    assert (state / CHECKPOINT_NAME).read_bytes() == checkpoint and not out.exists()
+
+    code, _out, err = run_cli(cli_args(models, out, "--lr", "0.01", "--restart"), capsys)
+    assert code == 0, err
+    assert "resuming" not in err and "sampling" in err
+    report = json.loads((out / "crosslora_report.json").read_text())
+    assert report["options"]["lr"] == 0.01 and report["summary"]["steps"] == 4
+    assert not state.exists()
+
+
+def test_budget_too_small_exits_3(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "out"
+    code, _out, err = run_cli(cli_args(models, out, "--max-memory", "1MB"), capsys)
+    assert code == 3
+    assert "raise --max-memory to at least" in one_error_line(err)
+    assert not out.exists()
+
+
+def test_the_budget_named_in_the_error_is_enough() -> None:
+    """refine's BudgetError names smallest_room: exactly the least room choose_shape finds a shape in."""
+    cfg = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4}
+    for longest, passes in [(20, 1), (100, 2), (500, 1)]:
+        need = smallest_room(cfg, 10**6, 10**4, longest, passes, "bfloat16")
+        shape = choose_shape(cfg, 10**6, 10**4, need, 8, longest, passes, ("bfloat16",))
+        assert shape is not None and shape.bytes <= need
+        assert choose_shape(cfg, 10**6, 10**4, need - 1, 8, longest, passes, ("bfloat16",)) is None
+
+
+def test_bad_inputs_exit_2(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = cli_args(models, tmp_path / "out")
+    args[args.index("--adapter") + 1] = str(tmp_path / "no-such-adapter")
+    code, _out, err = run_cli(args, capsys)
+    assert code == 2 and "no-such-adapter" in one_error_line(err)
+    code, _out, err = run_cli([*cli_args(models, tmp_path / "out"), "--texts", str(tmp_path / "none.txt")], capsys)
+    assert code == 2 and "--texts" in one_error_line(err)
+    bad = [
+        ({"init": "transfer", "lora_rank": 4}, "cannot start from the transfer"),
+        ({"init": "transfer", "lora_alpha": 4.0}, "cannot start from the transfer"),
+        ({"objective": "mse"}, "unknown objective"),
+        ({"init": "zeros"}, "unknown init"),
+        ({"steps": 0}, "--steps"),
+        ({"lora_rank": 0}, "--lora-rank"),
+    ]
+    for kw, msg in bad:
+        with pytest.raises(InputError, match=msg):
+            refine(models, tmp_path / "lib", **kw)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize("init", INITS)
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_every_objective_and_init_trains(models: dict[str, Path], tmp_path: Path, objective: str, init: str) -> None:
+    report = refine(models, tmp_path / "out", objective=objective, init=init)
+    assert (report["summary"]["objective"], report["summary"]["init"]) == (objective, init)
+    steps = report["refine"]["losses"]
+    part = {"lm": "nll", "delta": "mse", "lm+kl": "kl"}[objective]
+    assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and math.isfinite(r[part]) for r in steps)
+    if objective != "lm":
+        assert report["refine"]["probe_set"]["contrast"] > 0
+    assert ("transfer" in report["summary"]["phase_seconds"]) == (init == "transfer")
+    assert all(torch.isfinite(v).all() for v in read_tensors(tmp_path / "out" / "adapter_model.safetensors").values())
+
+
+def test_transfer_init_starts_from_the_transfer(models: dict[str, Path], tmp_path: Path) -> None:
+    from lowmem_crosslora import transfer
+
+    transfer(models["adapter"], models["source"], models["target"], tmp_path / "transfer", device="cpu", dtype="float32", use_cache=False)
+    refine(models, tmp_path / "out", init="transfer", lr=1e-7)
+    a, b = read_tensors(tmp_path / "transfer" / "adapter_model.safetensors"), read_tensors(tmp_path / "out" / "adapter_model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k  # two AdamW steps of at most lr each from the transfer
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_lm_objective_lowers_the_target_nll_on_its_probe_texts(models: dict[str, Path], tmp_path: Path) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    report = refine(models, out, steps=6, lr=1e-2, batch=4, samples=6, contrast_samples=0)
+    texts = [Probe(t["prompt"], t["text"], t["seed"], t["origin"]) for t in json.loads((out / PROBES_NAME).read_text())["texts"]]
+    tok = AutoTokenizer.from_pretrained(models["target"])
+    enc = [encode(tok, p) for p in texts]
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["target"]), str(out))
+
+    def nll() -> float:
+        lp = [v for row in token_logprobs(model, enc, "cpu", 128) for v in row]
+        return -sum(lp) / len(lp)
+
+    with model.disable_adapter():
+        before = nll()
+    after = nll()
+    assert after < before - 0.1, (before, after)  # about 4.88 -> 4.68 nats a token (the base is near uniform: ln 128 = 4.85)
+    trained = [r["loss"] for r in report["refine"]["losses"]]
+    assert trained[-1] < trained[0]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_micro_batches_take_the_step_of_the_whole_batch(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, objective: str) -> None:
+    """A budget with room for two texts per pass: the batch of four is split into passes whose gradients
+    add up to the whole batch's, and no pass holds more texts than the memory model allowed for."""
+    grads: list[torch.Tensor] = []
+    passes: list[int] = []
+    shapes: list[Any] = []
+
+    class RecordingAdamW(torch.optim.AdamW):
+        def step(self, closure: Any = None) -> Any:
+            grads.append(torch.cat([p.grad.flatten() for g in self.param_groups for p in g["params"]]))
+            return super().step(closure)
+
+    monkeypatch.setattr(torch.optim, "AdamW", RecordingAdamW)
+    kw = {"objective": objective, "steps": 1, "batch": 4, "samples": 4}
+    whole = refine(models, tmp_path / "whole", **kw)
+    assert whole["summary"]["train_shape"]["micro_batch"] >= 4
+
+    real_shape, real_loss = refine_mod.choose_shape, refine_mod.batch_loss
+
+    def room_for_two(cfg: Any, params: int, lora: int, room: int, batch: int, longest: int, n_passes: int, dtypes: Any) -> Any:
+        room = train_bytes(cfg, params, lora, 2, 2, longest, False, n_passes)  # bfloat16 weights, two texts, no checkpointing
+        shapes.append(real_shape(cfg, params, lora, room, batch, longest, n_passes, dtypes))
+        return shapes[-1]
+
+    def counting(model: Any, obj: str, main: list[TrainText], contrast: list[TrainText], *a: Any) -> Any:
+        passes.append(len(main) + len(contrast))
+        return real_loss(model, obj, main, contrast, *a)
+
+    monkeypatch.setattr(refine_mod, "choose_shape", room_for_two)
+    monkeypatch.setattr(refine_mod, "batch_loss", counting)
+    split = refine(models, tmp_path / "split", **kw)
+    assert shapes[0].micro_batch == 2 == split["summary"]["train_shape"]["micro_batch"]
+    assert len(passes) >= 2 and max(passes) <= shapes[0].micro_batch, passes
+    assert split["refine"]["losses"][0]["loss"] == pytest.approx(whole["refine"]["losses"][0]["loss"], rel=1e-3)
+    g_whole, g_split = grads
+    assert g_whole.norm() > 0
+    assert (g_split - g_whole).norm() <= 3e-2 * g_whole.norm()  # bfloat16 weights: about 2e-3 apart; a wrong accumulation is ~1
+
+
+# ---- verify and transfer --refine -----------------------------------------------------------------
+
+
+def test_verify_grades_a_refined_adapter_on_fresh_samples(models: dict[str, Path], refined: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
+    out = refined["out"]
+    trained = json.loads((out / PROBES_NAME).read_text())["texts"]
+    common = {"samples": 4, "neutral_samples": 2, "max_new_tokens": 12, "device": "cpu"}
+    r = run_verify(models["source"], models["adapter"], models["target"], out, prompts=PROMPTS, **common)
+    assert r["options"]["seed"] == 1
+    assert r["options"]["refined_on"] == {"seed": 0, "texts": len(trained), "dropped_overlaps": 0}
+    assert r["verify"]["sets"]["adapter"]["stands_for"].startswith("fresh samples (seed 1; refine trained on seed 0's)")
+    assert not {(t["prompt"], t["text"]) for t in r["texts"]} & {(t["prompt"], t["text"]) for t in trained}
+
+    # Its own training seed on its own prompts is refused, in the library and on the command line.
+    with pytest.raises(InputError, match="refined on texts sampled with seed 0"):
+        run_verify(models["source"], models["adapter"], models["target"], out, prompts=PROMPTS, seed=0, **common)
+    args = ["verify", "--source", str(models["source"]), "--adapter", str(models["adapter"]), "--target", str(models["target"])]
+    args += ["--transferred", str(out), "--prompts", str(models["prompts"]), "--seed", "0", "--samples", "4", "--max-new-tokens", "12", "--device", "cpu"]
+    code, _out, err = run_cli(args, capsys)
+    assert code == 2 and "pass another --seed" in one_error_line(err)
+
+    # Seed 0 on a third prompt as well is allowed, and the two prompts' samples (refine's own texts, drawn
+    # again with the same per-prompt seeds) are dropped: only the new prompt's texts are scored.
+    more = {**common, "samples": 6, "neutral_samples": 3}
+    r = run_verify(models["source"], models["adapter"], models["target"], out, prompts=[*PROMPTS, "Notes:"], seed=0, **more)
+    assert r["options"]["refined_on"] == {"seed": 0, "texts": len(trained), "dropped_overlaps": len(trained)}
+    assert {t["prompt"] for t in r["texts"]} == {"Notes:"}
+
+
+def test_transfer_refine_on_the_command_line(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """transfer --refine writes a refined folder: the library's refine with the same options and the user's texts too."""
+    texts = tmp_path / "mine.txt"
+    texts.write_text("A text of my own about the weather.\n\nAnother one, a short story.\n")
+    out = tmp_path / "out"
+    args = ["transfer", "--adapter", str(models["adapter"]), "--source", str(models["source"]), "--target", str(models["target"]), "--out", str(out)]
+    args += ["--refine", "--steps", "2", "--batch", "2", "--samples", "4", "--contrast-samples", "2", "--max-new-tokens", "12"]
+    args += ["--prompts", str(models["prompts"]), "--texts", str(texts), "--device", "cpu", "--json"]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["kind"] == "refine" and report == json.loads((out / "crosslora_report.json").read_text())
+    assert {p.name for p in out.iterdir()} == OUT_FILES
+    assert report["refine"]["probe_set"]["texts"]["user"] == 2
+    user = [t for t in probe_texts(out) if t["origin"] == "user"]
+    assert [(t["prompt"], t["text"], t["seed"]) for t in user] == [("", "A text of my own about the weather.", None), ("", "Another one, a short story.", None)]
+    refine(models, tmp_path / "lib", texts=texts)
+    assert adapter_bytes(out) == adapter_bytes(tmp_path / "lib")
