@@ -12,6 +12,7 @@ functions that need them, so the transfer keeps working without them.
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -146,6 +147,16 @@ def counts_per_prompt(n: int, prompts: int) -> list[int]:
     return [n // prompts + (1 if i < n % prompts else 0) for i in range(prompts)]
 
 
+def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    ids: set[int] = set()
+    for v in (getattr(getattr(model, "generation_config", None), "eos_token_id", None), tokenizer.eos_token_id):
+        if isinstance(v, int):
+            ids.add(v)
+        elif isinstance(v, (list, tuple)):
+            ids.update(int(x) for x in v)
+    return ids
+
+
 def sample_probes(
     model: Any,
     tokenizer: Any,
@@ -159,48 +170,97 @@ def sample_probes(
     top_p: float = 0.95,
     temperature: float = 1.0,
     min_bytes: int = 4,
+    rows: int = 48,
 ) -> list[Probe]:
     """n continuations sampled from `model` (a transformers or PEFT causal LM, as it is: toggle an adapter
-    around the call) on `prompts` in turn; each prompt's samples come from one generate call seeded by
-    (seed, origin, prompt index, prompt), so adding prompts or samples does not change earlier prompts'
-    texts. Continuations shorter than `min_bytes` (an immediate end of text) are dropped."""
-    import torch
+    around the call) on `prompts` in turn (nucleus sampling, `top_p`, `temperature`).
 
+    Continuations are generated `rows` at a time in one batch (left-padded, one KV cache): a small
+    model's step is bound by reading its weights, so one pass for many rows is many times faster than
+    a pass per prompt. Each row draws its random numbers from its own generator, seeded by (seed,
+    origin, prompt index, prompt, sample index), so a text does not depend on which other rows share
+    its batch (up to the float rounding of the batch's matrix products). Continuations shorter than
+    `min_bytes` (an immediate end of text) are dropped."""
     if n <= 0:
         return []
     if not prompts:
         raise InputError("no prompts to sample probe texts from")
     pre = prefix_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0)
+    jobs: list[tuple[str, list[int], int]] = []  # (prompt, its ids, row seed)
+    for i, (prompt, k) in enumerate(zip(prompts, counts_per_prompt(n, len(prompts)), strict=False)):
+        ids = pre + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        if k and not ids:
+            raise InputError("an empty prompt needs a tokenizer with a BOS or EOS token to start from")
+        jobs.extend((prompt, ids, stable_seed("probe", seed, origin, i, prompt, j)) for j in range(k))
+    eos = _eos_ids(model, tokenizer)
     out: list[Probe] = []
     was_training = model.training
     model.eval()
     try:
-        for i, (prompt, k) in enumerate(zip(prompts, counts_per_prompt(n, len(prompts)), strict=False)):
-            if k == 0:
-                continue
-            ids = pre + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            if not ids:
-                raise InputError("an empty prompt needs a tokenizer with a BOS or EOS token to start from")
-            s = stable_seed("probe", seed, origin, i, prompt)
-            torch.manual_seed(s)
-            x = torch.tensor([ids], device=device)
-            with torch.inference_mode():
-                gen = model.generate(
-                    input_ids=x,
-                    attention_mask=torch.ones_like(x),
-                    do_sample=True,
-                    top_k=0,
-                    top_p=top_p,
-                    temperature=temperature,
-                    max_new_tokens=max_new_tokens,
-                    num_return_sequences=k,
-                    pad_token_id=pad,
-                )
-            for row in gen[:, x.shape[1] :].tolist():
+        for c in range(0, len(jobs), max(1, rows)):
+            chunk = jobs[c : c + max(1, rows)]
+            for (prompt, _ids, s), row in zip(
+                chunk, _sample_rows(model, [j[1] for j in chunk], [j[2] for j in chunk], eos, max_new_tokens, top_p, temperature, device), strict=True
+            ):
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 if len(text.encode("utf-8")) >= min_bytes:
                     out.append(Probe(prompt, text, s, origin))
     finally:
         model.train(was_training)
     return out
+
+
+def _sample_rows(
+    model: Any, prompts: list[list[int]], seeds: list[int], eos: set[int], steps: int, top_p: float, temperature: float, device: str
+) -> list[list[int]]:
+    """Sample `steps` tokens after each prompt (token ids), a row each, with the KV cache; a row stops at
+    an end-of-text token (not returned)."""
+    import torch
+
+    B, T = len(prompts), max(len(p) for p in prompts)
+    x = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        x[r, T - len(p) :] = torch.tensor(p)
+        mask[r, T - len(p) :] = 1
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    x, mask, pos = x.to(device), mask.to(device), pos.to(device)
+    done = torch.zeros(B, dtype=torch.bool)
+    rows: list[list[int]] = [[] for _ in range(B)]
+    eos_t = torch.tensor(sorted(eos), dtype=torch.long) if eos else None
+    with torch.inference_mode(), warnings.catch_warnings():
+        # transformers 5 renames past_key_values to cache (the old name works until 5.40); both are passed
+        # positionally-free by keyword, so silence the notice rather than depend on the version.
+        warnings.filterwarnings("ignore", message=".*past_key_values.*")
+        try:
+            res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
+        except TypeError:  # transformers before logits_to_keep
+            res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        past = res.past_key_values
+        nxt_pos = pos[:, -1:] + 1
+        for _step in range(steps):
+            logits = res.logits[:, -1].float().cpu()
+            probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
+            sp, idx = probs.sort(dim=-1, descending=True)
+            cum = sp.cumsum(-1)
+            sp = sp.masked_fill(cum - sp >= top_p, 0.0)
+            cdf = (sp / sp.sum(-1, keepdim=True)).cumsum(-1)
+            u = torch.tensor([float(torch.rand((), generator=g, dtype=torch.float64)) for g in gens], dtype=cdf.dtype).unsqueeze(1)
+            pick = torch.searchsorted(cdf, u).clamp(max=cdf.shape[1] - 1)
+            tok = idx.gather(1, pick).squeeze(1)
+            for r in range(B):
+                if done[r]:
+                    continue
+                t = int(tok[r])
+                if eos_t is not None and t in eos:
+                    done[r] = True
+                else:
+                    rows[r].append(t)
+            if bool(done.all()):
+                break
+            mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+            res = model(input_ids=tok.unsqueeze(1).to(device), attention_mask=mask, position_ids=nxt_pos, past_key_values=past, use_cache=True)
+            past = res.past_key_values
+            nxt_pos = nxt_pos + 1
+    return rows

@@ -306,9 +306,11 @@ def test_refined_output_is_a_peft_adapter_that_changes_the_target(models: dict[s
     assert {t["origin"] for t in texts} == {"adapter", "base"}
     assert sum(t["origin"] == "adapter" for t in texts) == ps["texts"]["adapter"] == ps["trained_on"] > 0
     for t in texts:
-        # Each text with the seed its prompt's samples were drawn with (from the run's seed, 0).
-        assert t["text"] and t["seed"] == stable_seed("probe", 0, t["origin"], PROMPTS.index(t["prompt"]), t["prompt"])
+        # Each text with the seed its own random draws came from: (run seed 0, origin, prompt, sample index).
+        i = PROMPTS.index(t["prompt"])
+        assert t["text"] and t["seed"] in {stable_seed("probe", 0, t["origin"], i, t["prompt"], j) for j in range(4)}
         assert len(t["source_token_ends"]) == len(t["source_token_delta"])
+    assert len({t["seed"] for t in texts}) == len(texts)
     # Different tokenizations: the qwen2's merged pairs span several of the llama's one-character tokens.
     tgt_tok = AutoTokenizer.from_pretrained(models["target"])
     lens = [len(encode(tgt_tok, Probe(t["prompt"], t["text"], None, t["origin"])).ends) for t in texts]
