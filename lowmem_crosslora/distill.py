@@ -300,15 +300,15 @@ def train_bytes(cfg: dict[str, Any], params: int, lora_params: int, weights_byte
 def choose_shape(
     cfg: dict[str, Any], params: int, lora_params: int, room: int, batch: int, longest: int, passes: int, dtypes: tuple[str, ...]
 ) -> TrainShape | None:
-    """The fastest shape that fits `room`: whole batch without checkpointing if it fits, else with,
-    else fewer texts per pass (gradient accumulation: the same step), else shorter texts (down to 32
-    tokens). Float32 weights where they fit, else bfloat16. None when nothing fits."""
+    """The fastest shape that fits `room`: the most texts per pass (fewer passes of gradient
+    accumulation: the same step), without gradient checkpointing where that fits, else with it; then
+    shorter texts (down to 32 tokens). The first of `dtypes` whose weights fit. None when nothing fits."""
     size = {"float32": 4, "bfloat16": 2, "float16": 2}
     for dt in dtypes:
         wb = size[dt]
         for seq in _lengths(longest):
-            for ckpt in (False, True):
-                for micro in range(batch, 0, -1):
+            for micro in range(batch, 0, -1):
+                for ckpt in (False, True):
                     need = train_bytes(cfg, params, lora_params, wb, micro, seq, ckpt, passes)
                     if need <= room:
                         return TrainShape(micro, seq, ckpt, dt, need)

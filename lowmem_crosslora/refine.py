@@ -46,7 +46,6 @@ from .distill import (
     batch_loss,
     batch_norms,
     choose_shape,
-    params_of,
     segments,
     smallest_room,
     truncate,
@@ -60,6 +59,13 @@ PROBES_NAME = "refine_probes.json"
 CHECKPOINT_NAME = "refine_checkpoint.pt"
 STATE_NAME = "refine_state.json"
 INITS = ("transfer", "fresh")
+SHAPE_KEYS = {
+    "micro_batch": "micro_batch",
+    "max_len": "max_len",
+    "checkpointing": "gradient_checkpointing",
+    "weights_dtype": "weights_dtype",
+    "bytes": "modelled_bytes",
+}
 # What refine ships (chosen by bench/bench_refine.py; the losers stay in the benchmark).
 DEFAULT_OBJECTIVE = "lm"
 DEFAULT_INIT = "fresh"
@@ -437,7 +443,7 @@ def _refine(
         longest = min(opts.max_len, max(len(t.ids) for t in main + contrast))
         from .memory import host_anon_bytes
 
-        params = params_of(tgt.tensors)
+        params = private_weight_params(tgt)
         lora_params = _lora_param_count(plan, cfg)
         passes = 2 if opts.objective == "lm+kl" else 1
         per_step = opts.batch * (2 if contrast else 1)  # "delta" and "lm+kl" pass main and contrast texts together
@@ -448,7 +454,13 @@ def _refine(
         # bfloat16 frozen weights (the LoRA itself trains in float32): half the memory, and on CPUs with
         # AMX or AVX512-BF16 about 3x faster than float32 (Qwen2.5-0.5B, 8 x 64 tokens: 3.0 s vs 9.8 s a step).
         dtypes = ("bfloat16",)
+        ck_path = state / CHECKPOINT_NAME
+        ck = _load_checkpoint(ck_path, fp)
         shape = choose_shape(tgt.config, params, lora_params, room, per_step, longest, passes, dtypes)
+        if ck is not None and shape is not None:
+            # A resumed run keeps the interrupted run's passes and lengths, so that it sums the same
+            # gradients in the same order (the same bytes), whatever the room measured now.
+            shape = TrainShape(**{k: ck["shape"][v] for k, v in SHAPE_KEYS.items()})
         if shape is None:
             need = smallest_room(tgt.config, params, lora_params, longest, passes, "bfloat16")
             flag = "--max-memory" if dev == "cpu" else "--max-gpu-memory"
@@ -481,8 +493,6 @@ def _refine(
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         optim = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=0.0)
-        ck_path = state / CHECKPOINT_NAME
-        ck = _load_checkpoint(ck_path, fp)
         losses: list[dict[str, float]] = []
         start, spent = 0, 0.0
         if ck is not None:
@@ -580,6 +590,16 @@ def _refine(
     fsync_dir(out.parent)
     shutil.rmtree(state, ignore_errors=True)
     return report
+
+
+def private_weight_params(tgt: Checkpoint) -> int:
+    """Parameters of the target whose bfloat16 copies are private memory. transformers 5 keeps weights
+    stored in the dtype it loads as on the safetensors memory map (file-backed pages, outside the
+    budget like the transfer's reads); anything converted, or loaded by an older transformers, is private."""
+    import transformers
+
+    major = int(transformers.__version__.split(".")[0])
+    return sum(math.prod(t.shape) for t in tgt.tensors.values() if not (major >= 5 and t.dtype == "BF16"))
 
 
 def _lora_param_count(plan: Any, cfg: dict[str, Any]) -> int:

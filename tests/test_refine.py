@@ -508,7 +508,7 @@ def test_micro_batches_take_the_step_of_the_whole_batch(models: dict[str, Path],
     real_shape, real_loss = refine_mod.choose_shape, refine_mod.batch_loss
 
     def room_for_two(cfg: Any, params: int, lora: int, room: int, batch: int, longest: int, n_passes: int, dtypes: Any) -> Any:
-        room = train_bytes(cfg, params, lora, 2, 2, longest, False, n_passes)  # bfloat16 weights, two texts, no checkpointing
+        room = train_bytes(cfg, params, lora, 2, 2, longest, True, n_passes)  # bfloat16 weights, two texts, checkpointing
         shapes.append(real_shape(cfg, params, lora, room, batch, longest, n_passes, dtypes))
         return shapes[-1]
 
@@ -519,7 +519,7 @@ def test_micro_batches_take_the_step_of_the_whole_batch(models: dict[str, Path],
     monkeypatch.setattr(refine_mod, "choose_shape", room_for_two)
     monkeypatch.setattr(refine_mod, "batch_loss", counting)
     split = refine(models, tmp_path / "split", **kw)
-    assert shapes[0].micro_batch == 2 == split["summary"]["train_shape"]["micro_batch"]
+    assert shapes[0].micro_batch == 2 == split["summary"]["train_shape"]["micro_batch"] and shapes[0].checkpointing
     assert len(passes) >= 2 and max(passes) <= shapes[0].micro_batch, passes
     assert split["refine"]["losses"][0]["loss"] == pytest.approx(whole["refine"]["losses"][0]["loss"], rel=1e-3)
     g_whole, g_split = grads
