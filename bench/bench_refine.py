@@ -213,7 +213,7 @@ def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict) -> N
         # (this script with --one), timed whole by /usr/bin/time (peak RSS of the process).
         one = {"source": str(source), "adapter": str(adapters["source"]), "target": str(target), "out": str(out), "objective": obj, "init": init}
         one.update({"seed": args.seed, "max_memory": args.max_memory, "cache_dir": str(args.data / "refine-bench" / "basis-cache")})
-        rss_file = work / "time.txt"
+        rss_file = work / f"time-{out.name}.txt"
         cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, __file__, "--one", json.dumps(one)]
         print(f"[{case}] refine {cand}", flush=True)
         t0 = time.perf_counter()

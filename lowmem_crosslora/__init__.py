@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 
 from .engine import TransferOptions, transfer, transfer_batch  # noqa: E402
 from .errors import BudgetError, CrossLoraError, InputError  # noqa: E402
+from .refine import run_refine  # noqa: E402  (imports transformers and peft only when called)
 from .verify import run_verify  # noqa: E402  (imports transformers and peft only when called)
 
-__all__ = ["transfer", "transfer_batch", "run_verify", "TransferOptions", "CrossLoraError", "InputError", "BudgetError", "__version__"]
+__all__ = ["transfer", "transfer_batch", "run_verify", "run_refine", "TransferOptions", "CrossLoraError", "InputError", "BudgetError", "__version__"]

@@ -23,7 +23,6 @@ backward pass (torch.utils.checkpoint), so no batch ever holds a (tokens x vocab
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -327,7 +326,3 @@ def _lengths(longest: int) -> list[int]:
         n = max(32, n * 3 // 4)
         out.append(n)
     return out
-
-
-def params_of(tensors: dict[str, Any]) -> int:
-    return sum(math.prod(t.shape) for t in tensors.values())

@@ -57,7 +57,7 @@ class Probe:
         return asdict(self)
 
 
-def require_extras() -> None:
+def require_extras(command: str = "verify") -> None:
     """transformers and peft must be importable; InputError (exit 2) with the install line otherwise."""
     missing = []
     for name in ("transformers", "peft"):
@@ -66,7 +66,7 @@ def require_extras() -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise InputError(f"verify needs {' and '.join(missing)}, which are not installed; install them with: {INSTALL_HINT}")
+        raise InputError(f"{command} needs {' and '.join(missing)}, which are not installed; install them with: {INSTALL_HINT}")
 
 
 def stable_seed(*parts: Any) -> int:

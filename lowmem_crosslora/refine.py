@@ -360,7 +360,7 @@ def _refine(
     from .memory import Budget, tune_allocator
     from .plan import build_plan
     from .report import build_refine_report
-    from .verify import _Loader, free
+    from .verify import _Loader, free, private_weight_params
 
     t_start = time.perf_counter()
     opts.check()
@@ -372,7 +372,7 @@ def _refine(
     cfg = _lora_config(adapter_config(plan, ad, str(tgt.path)), opts)
     dev = resolve_device(opts.device)
     check_output_dir(out, [ad.path, src.path, tgt.path], opts.force)
-    require_extras()
+    require_extras("refine")
     tune_allocator()
     fp = fingerprint(ad, src, tgt, opts, user)
     state = state_dir_for(out)
@@ -443,7 +443,7 @@ def _refine(
         longest = min(opts.max_len, max(len(t.ids) for t in main + contrast))
         from .memory import host_anon_bytes
 
-        params = private_weight_params(tgt)
+        params = private_weight_params(tgt, "bfloat16") if dev == "cpu" else sum(math.prod(t.shape) for t in tgt.tensors.values())
         lora_params = _lora_param_count(plan, cfg)
         passes = 2 if opts.objective == "lm+kl" else 1
         per_step = opts.batch * (2 if contrast else 1)  # "delta" and "lm+kl" pass main and contrast texts together
@@ -590,16 +590,6 @@ def _refine(
     fsync_dir(out.parent)
     shutil.rmtree(state, ignore_errors=True)
     return report
-
-
-def private_weight_params(tgt: Checkpoint) -> int:
-    """Parameters of the target whose bfloat16 copies are private memory. transformers 5 keeps weights
-    stored in the dtype it loads as on the safetensors memory map (file-backed pages, outside the
-    budget like the transfer's reads); anything converted, or loaded by an older transformers, is private."""
-    import transformers
-
-    major = int(transformers.__version__.split(".")[0])
-    return sum(math.prod(t.shape) for t in tgt.tensors.values() if not (major >= 5 and t.dtype == "BF16"))
 
 
 def _lora_param_count(plan: Any, cfg: dict[str, Any]) -> int:

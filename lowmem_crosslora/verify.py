@@ -265,14 +265,28 @@ def install_control(peft_model: Any, transferred: str | Path, seed: int, name: s
 # ---- the run ------------------------------------------------------------------------------------
 
 
-def _model_bytes(ckpt: Checkpoint, dtype_bytes: int) -> int:
-    n = 0
-    for t in ckpt.tensors.values():
-        c = 1
-        for d in t.shape:
-            c *= d
-        n += c
-    return n * dtype_bytes
+STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+
+
+def private_weight_params(ckpt: Checkpoint, dtype: str) -> int:
+    """Parameters whose copies are private memory once transformers loads the model as `dtype`.
+    transformers 5 leaves tensors stored in that very dtype on the safetensors memory map (file-backed
+    pages, reclaimable, outside the budget like the transfer's reads); anything converted, or loaded
+    by an older transformers, is private."""
+    import math
+
+    import transformers
+
+    mapped = int(transformers.__version__.split(".")[0]) >= 5
+    return sum(math.prod(t.shape) for t in ckpt.tensors.values() if not (mapped and t.dtype == STORED[dtype]))
+
+
+def _model_bytes(ckpt: Checkpoint, dtype: str, device: str = "cpu") -> int:
+    """Budgeted bytes of the model's weights: private host memory on the CPU, all of them on a GPU."""
+    import math
+
+    n = private_weight_params(ckpt, dtype) if device == "cpu" else sum(math.prod(t.shape) for t in ckpt.tensors.values())
+    return n * (4 if dtype == "float32" else 2)
 
 
 def _vocab(ckpt: Checkpoint) -> int:
@@ -298,10 +312,10 @@ class _Loader:
         # Measured on Qwen2.5-0.5B in float32: weights 1.98 GB, peak working 2.9 GiB: the logits and their
         # log-softmax (up to LOGITS_BYTES together), the layers' activations and the loader's slack.
         work = 2 * LOGITS_BYTES + 64 * 1024**2
-        for name, size in (("float32", 4), ("bfloat16", 2)):
-            if int(1.15 * _model_bytes(ckpt, size)) + work <= room:
+        for name in ("float32", "bfloat16"):
+            if int(1.15 * _model_bytes(ckpt, name, self.device)) + work <= room:
                 return name
-        need = int(1.15 * _model_bytes(ckpt, 2)) + work
+        need = int(1.15 * _model_bytes(ckpt, "bfloat16", self.device)) + work
         raise BudgetError(
             f"{ckpt.role} model {ckpt.path} needs about {format_size(need)} of working memory to score texts in bfloat16, "
             f"over the budget ({format_size(int(room))} left); raise --max-memory to at least {format_size(need)}"
