@@ -11,8 +11,8 @@ functions that need them, so the transfer keeps working without them.
 
 from __future__ import annotations
 
+import inspect
 import json
-import warnings
 import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -229,15 +229,14 @@ def _sample_rows(
     done = torch.zeros(B, dtype=torch.bool)
     rows: list[list[int]] = [[] for _ in range(B)]
     eos_t = torch.tensor(sorted(eos), dtype=torch.long) if eos else None
-    with torch.inference_mode(), warnings.catch_warnings():
-        # transformers 5 renames past_key_values to cache (the old name works until 5.40); both are passed
-        # positionally-free by keyword, so silence the notice rather than depend on the version.
-        warnings.filterwarnings("ignore", message=".*past_key_values.*")
-        try:
-            res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        except TypeError:  # transformers before logits_to_keep
-            res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True)
-        past = res.past_key_values
+    # transformers 5 names the KV cache argument `cache` (older releases: past_key_values).
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cache_arg = "cache" if "cache" in inspect.signature(inner.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        # Logits of every prompt position (rows x prompt x vocabulary, once): logits_to_keep=1 would save
+        # them but, measured on a PEFT-wrapped bfloat16 Qwen2.5-0.5B, turns 0.5 s into 22 s and 5 GB.
+        res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True)
+        past = _cache_of(res)
         nxt_pos = pos[:, -1:] + 1
         for _step in range(steps):
             logits = res.logits[:, -1].float().cpu()
@@ -260,7 +259,12 @@ def _sample_rows(
             if bool(done.all()):
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-            res = model(input_ids=tok.unsqueeze(1).to(device), attention_mask=mask, position_ids=nxt_pos, past_key_values=past, use_cache=True)
-            past = res.past_key_values
+            res = model(input_ids=tok.unsqueeze(1).to(device), attention_mask=mask, position_ids=nxt_pos, use_cache=True, **{cache_arg: past})
+            past = _cache_of(res)
             nxt_pos = nxt_pos + 1
     return rows
+
+
+def _cache_of(res: Any) -> Any:
+    cache = getattr(res, "cache", None)
+    return cache if cache is not None else res.past_key_values
