@@ -171,6 +171,33 @@ def test_sampling_is_seeded(pair: dict[str, Path]) -> None:
     # Samples of one prompt do not depend on how many other prompts there are.
     d = sample_probes(model, tok, prompts[:1], 3, max_new_tokens=12, seed=3)
     assert [p.text for p in d] == [p.text for p in a[:3]]
+    # Nor on how the rows are batched (each row has its own generator; prompts of other lengths are left-padded).
+    e = sample_probes(model, tok, prompts, 5, max_new_tokens=12, seed=3, rows=2)
+    assert [p.text for p in e] == [p.text for p in a]
+    # The batched KV-cache sampler draws what a one-row-at-a-time full recomputation draws, token by token.
+    assert [p.text for p in a] == [_sample_without_cache(model, tok, p) for p in a]
+
+
+def _sample_without_cache(model, tok, probe) -> str:  # type: ignore[no-untyped-def]
+    """An independent sampler: no cache, no padding, the whole sequence recomputed every step; the same
+    nucleus rule and the row's own generator (seed from the probe)."""
+    from lowmem_crosslora.probes import prefix_ids
+
+    g = torch.Generator().manual_seed(probe.seed)
+    ids = prefix_ids(tok) + list(tok(probe.prompt, add_special_tokens=False)["input_ids"])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(12):
+            probs = torch.softmax(model(input_ids=torch.tensor([ids + out])).logits[0, -1].float(), dim=-1)
+            sp, idx = probs.sort(descending=True)
+            sp = sp.masked_fill(sp.cumsum(-1) - sp >= 0.95, 0.0)
+            cdf = (sp / sp.sum()).cumsum(-1)
+            u = float(torch.rand((), generator=g, dtype=torch.float64))
+            t = int(idx[min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype))), len(cdf) - 1)])
+            if t == tok.eos_token_id:
+                break
+            out.append(t)
+    return tok.decode(out, skip_special_tokens=True)
 
 
 def test_cli_json_and_report_file(pair: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
