@@ -38,25 +38,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(HERE))
 
-TRAIN_PROMPTS = (
-    "Today I want to write about",
-    "The best way to cook rice is",
-    "In the small harbour town,",
-    "Here are three facts about owls:",
-    "Our team met on Monday to discuss",
-    "The old clock in the hallway",
-    "Why do people enjoy gardening?",
-    "A review of the new cafe:",
-)
-HELD_OUT_PROMPTS = (
-    "The mountain path was steep",
-    "Tips for a long train journey:",
-    "She opened the letter and",
-    "The school concert",
-    "How to repair a bicycle tyre:",
-    "The storm reached the coast",
-)
+import bench_verify  # noqa: E402  (this folder: the same training and held-out prompts as verify's benchmark)
+
+TRAIN_PROMPTS = bench_verify.TRAIN_PROMPTS
+HELD_OUT_PROMPTS = (*bench_verify.HELD_OUT_PROMPTS, "How to repair a bicycle tyre:", "The storm reached the coast")
 MODELS = {"smol": "smollm2-135m", "qwen": "qwen2.5-coder-0.5b"}
 MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
