@@ -194,7 +194,7 @@ def _write_json(path: Path, obj: Any) -> None:
 # ---- 1. the source ------------------------------------------------------------------------------
 
 
-def prepare_source(src: Checkpoint, ad_path: Path, opts: RefineOptions, user: list[Probe], loader: Any, dev: str, say: Log) -> Prepared:
+def prepare_source(src: Checkpoint, tok: Any, ad_path: Path, opts: RefineOptions, user: list[Probe], loader: Any, dev: str, say: Log) -> Prepared:
     """Sample probe and contrast texts from the source (adapter on / off), score them token by token
     under both, free the source."""
     from peft import PeftModel
@@ -202,7 +202,6 @@ def prepare_source(src: Checkpoint, ad_path: Path, opts: RefineOptions, user: li
     from .verify import _vocab, encode, free, token_logprobs
 
     t0 = time.perf_counter()
-    tok = loader.tokenizer(src)
     base = loader.load(src, opts.max_new_tokens)
     model = PeftModel.from_pretrained(base, str(ad_path), adapter_name="adapter")
     model.to(dev)
@@ -394,8 +393,7 @@ def _refine(
 
     budget = Budget(opts.max_memory, opts.max_gpu_memory, dev)
     loader = _Loader(budget, dev, "auto", say)
-    src_tok, tgt_tok = loader.tokenizer(src), loader.tokenizer(tgt)
-    del src_tok
+    src_tok, tgt_tok = loader.tokenizer(src), loader.tokenizer(tgt)  # both checked before the long work
     phases: dict[str, float] = {}
     budget.start()
     try:
@@ -405,7 +403,7 @@ def _refine(
             prep = Prepared.from_json(json.loads(probes_file.read_text()))
             say(f"probe texts: {len(prep.probes)} kept from the interrupted run")
         else:
-            prep = prepare_source(src, ad.path, opts, user, loader, dev, say)
+            prep = prepare_source(src, src_tok, ad.path, opts, user, loader, dev, say)
             prep.extra = {"seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}
             _write_json(probes_file, prep.to_json())
             phases["source"] = prep.seconds

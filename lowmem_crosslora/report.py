@@ -128,6 +128,20 @@ def _norm_summary(norms: dict[str, float]) -> dict[str, float | int]:
     return {"modules": len(norms), "total": round(sum(v * v for v in norms.values()) ** 0.5, 6)}
 
 
+def memory_summary(budget: Any, phases: dict[str, float]) -> dict[str, Any]:
+    """The peak-memory and phase-time fields shared by the verify and refine summaries."""
+    return {
+        "peak_host_bytes": budget.peak_host,
+        "baseline_host_bytes": budget.baseline,
+        "peak_working_bytes": budget.peak_working,
+        "host_budget_bytes": budget.max_host,
+        "peak_mapped_file_bytes": budget.peak_file,
+        "peak_gpu_bytes": budget.peak_gpu,
+        "gpu_baseline_bytes": budget.gpu_baseline,
+        "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+    }
+
+
 def build_verify_report(
     *,
     source: Checkpoint,
@@ -168,14 +182,7 @@ def build_verify_report(
             "seconds": round(seconds, 3),
             "device": device,
             "dtypes": dtypes,
-            "peak_host_bytes": budget.peak_host,
-            "baseline_host_bytes": budget.baseline,
-            "peak_working_bytes": budget.peak_working,
-            "host_budget_bytes": budget.max_host,
-            "peak_mapped_file_bytes": budget.peak_file,
-            "peak_gpu_bytes": budget.peak_gpu,
-            "gpu_baseline_bytes": budget.gpu_baseline,
-            "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+            **memory_summary(budget, phases),
             "warnings": warnings,
         },
         "verify": {
@@ -280,14 +287,7 @@ def build_refine_report(
             "device": device,
             "dtypes": dtypes,
             "train_shape": shape,
-            "peak_host_bytes": budget.peak_host,
-            "baseline_host_bytes": budget.baseline,
-            "peak_working_bytes": budget.peak_working,
-            "host_budget_bytes": budget.max_host,
-            "peak_mapped_file_bytes": budget.peak_file,
-            "peak_gpu_bytes": budget.peak_gpu,
-            "gpu_baseline_bytes": budget.gpu_baseline,
-            "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
+            **memory_summary(budget, phases),
             "warnings": warnings,
         },
         "refine": {"probe_set": probe_set, "losses": losses},
