@@ -1,0 +1,1 @@
+"""Benchmarks and their shared helpers (run from the repository root: python -m bench.NAME)."""
