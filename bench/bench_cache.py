@@ -36,7 +36,7 @@ sys.path.insert(0, str(HERE))
 
 from bench_transfer import PAIRS, ensure_data, measure, mib, warm  # noqa: E402
 
-from lowmem_crosslora.synthetic import write_adapter  # noqa: E402
+from lowmem_crosslora.services.synthetic import write_adapter  # noqa: E402
 
 ALL = ["q", "k", "v", "o", "gate", "up", "down"]
 # Eight adapters as a library of them looks: other ranks, alphas and targeted modules.

@@ -66,7 +66,7 @@ def dataset(data: Path, n_train: int, n_held: int, seed: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowmem_crosslora.probes import sample_probes
+    from lowmem_crosslora.services.probes import sample_probes
 
     src = data / MODELS["smol"]
     tok = AutoTokenizer.from_pretrained(src)
@@ -84,7 +84,7 @@ def train_lora(model_dir: Path, texts: list[str], out: Path, steps: int, lr: flo
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowmem_crosslora.probes import prefix_ids
+    from lowmem_crosslora.services.probes import prefix_ids
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -133,8 +133,9 @@ class Scorer:
     def score(self, texts: list[str], adapter: Path | None, control_seed: int | None = None) -> list[float]:
         from peft import PeftModel
 
-        from lowmem_crosslora.probes import Probe
-        from lowmem_crosslora.verify import encode, install_control, score
+        from lowmem_crosslora.commands.verify import install_control
+        from lowmem_crosslora.services.probes import Probe
+        from lowmem_crosslora.services.scoring import encode, score
 
         enc = [encode(self.tok, Probe("", t, None, "bench")) for t in texts]
         if adapter is None:
@@ -162,7 +163,7 @@ def diff(a: list[float], b: list[float]) -> list[float]:
 
 
 def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict) -> None:
-    from lowmem_crosslora.verify import mean_se, ratio_se
+    from lowmem_crosslora.commands.verify import mean_se, ratio_se
 
     pair, kind = case.split(":")
     s_key, t_key = pair.split("-")
@@ -295,7 +296,7 @@ def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict) -> N
 
 
 def run_one(spec: str) -> None:
-    from lowmem_crosslora.refine import run_refine
+    from lowmem_crosslora.commands.refine import run_refine
     from lowmem_crosslora.sizes import parse_size
 
     kw = json.loads(spec)

@@ -36,8 +36,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from lowmem_crosslora.memory import host_resident  # noqa: E402
-from lowmem_crosslora.synthetic import LLAMA32_3B, QWEN25_15B, ModelSpec, write_adapter, write_model  # noqa: E402
+from lowmem_crosslora.services.synthetic import LLAMA32_3B, QWEN25_15B, ModelSpec, write_adapter, write_model  # noqa: E402
+from lowmem_crosslora.sysmem import host_resident  # noqa: E402
 
 QWEN25_05B = ModelSpec("qwen2", 896, 4864, 24, 14, 2, 64, vocab=151936)
 SMOLLM2_135M = ModelSpec("llama", 576, 1536, 30, 9, 3, 64, vocab=49152)
@@ -170,7 +170,7 @@ def reference(mode: str, src: Path, tgt: Path, ad: Path, device: str, out: Path)
 
 
 def largest_f32_matrix(src: Path, tgt: Path) -> int:
-    from lowmem_crosslora.checkpoint import Checkpoint
+    from lowmem_crosslora.io.safetensors_model import Checkpoint
 
     best = 0
     for p in (src, tgt):

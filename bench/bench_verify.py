@@ -51,7 +51,7 @@ def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, heldout_n
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowmem_crosslora.probes import Probe, prefix_ids, sample_probes
+    from lowmem_crosslora.services.probes import Probe, prefix_ids, sample_probes
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(source)

@@ -74,7 +74,7 @@ def case_gguf(root: Path) -> dict[str, str]:
 
 
 def case_batch(root: Path) -> dict[str, str]:
-    from lowmem_crosslora.synthetic import DEMO_SOURCE, write_adapter
+    from lowmem_crosslora.services.synthetic import DEMO_SOURCE, write_adapter
 
     d = demo_inputs(root)
     adapters = root / "batch-adapters"

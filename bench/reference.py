@@ -19,9 +19,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from lowmem_crosslora.adapter import load_adapter
-from lowmem_crosslora.checkpoint import Checkpoint
-from lowmem_crosslora.plan import build_plan
+from lowmem_crosslora.io.adapter import load_adapter
+from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.plan import build_plan
 
 
 def units(adapter: str, source: str, target: str, rank: int):

@@ -40,8 +40,9 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from lowmem_crosslora.output import ADAPTER_NAME, JOURNAL_NAME, REPORT_NAME, _line_check, state_dir_for  # noqa: E402
-from lowmem_crosslora.synthetic import ModelSpec, write_adapter, write_model  # noqa: E402
+from lowmem_crosslora.io.partial import ADAPTER_NAME, JOURNAL_NAME, REPORT_NAME, _line_check  # noqa: E402
+from lowmem_crosslora.io.runstate import state_dir_for  # noqa: E402
+from lowmem_crosslora.services.synthetic import ModelSpec, write_adapter, write_model  # noqa: E402
 
 SOURCE_SPEC = ModelSpec("llama", 64, 176, 4, 2, 1, 32, vocab=64)
 TARGET_SPEC = ModelSpec("qwen2", 96, 256, 4, 3, 1, 32, vocab=64)
@@ -51,7 +52,7 @@ KILLED = -signal.SIGKILL
 
 def args_for(root: Path, out: Path) -> list[str]:
     return [
-        sys.executable, "-m", "lowmem_crosslora", "transfer",
+        sys.executable, "-m", "bench.crash", "transfer",
         "--adapter", str(root / "adapter"), "--source", str(root / "source"), "--target", str(root / "target"),
         "--out", str(out), "--device", "cpu", "--rank", "16", "--quiet",
     ]  # fmt: skip

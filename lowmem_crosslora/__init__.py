@@ -1,13 +1,28 @@
 """lowmem-crosslora: move a LoRA adapter between base LLMs of different families, data-free,
-by the Cross-LoRA method, streaming under an enforced memory budget and resumable."""
+by the Cross-LoRA method, streaming under an enforced memory budget and resumable.
+
+The public API is the commands' entry points; docs/ARCHITECTURE.md explains the package's layers."""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from lowmem_crosslora.commands.bases import precompute_bases
+from lowmem_crosslora.commands.refine import run_refine  # imports transformers and peft only when called
+from lowmem_crosslora.commands.transfer import transfer, transfer_batch
+from lowmem_crosslora.commands.verify import run_verify  # imports transformers and peft only when called
+from lowmem_crosslora.errors import BudgetError, CrossLoraError, InputError
+from lowmem_crosslora.services.options import RefineOptions, TransferOptions
+from lowmem_crosslora.version import __version__
 
-from .engine import TransferOptions, transfer, transfer_batch  # noqa: E402
-from .errors import BudgetError, CrossLoraError, InputError  # noqa: E402
-from .refine import run_refine  # noqa: E402  (imports transformers and peft only when called)
-from .verify import run_verify  # noqa: E402  (imports transformers and peft only when called)
-
-__all__ = ["transfer", "transfer_batch", "run_verify", "run_refine", "TransferOptions", "CrossLoraError", "InputError", "BudgetError", "__version__"]
+__all__ = [
+    "transfer",
+    "transfer_batch",
+    "precompute_bases",
+    "run_verify",
+    "run_refine",
+    "TransferOptions",
+    "RefineOptions",
+    "CrossLoraError",
+    "InputError",
+    "BudgetError",
+    "__version__",
+]

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import InputError
+from lowmem_crosslora.errors import InputError
 
 CANONICAL = ("q", "k", "v", "o", "gate", "up", "down")
 

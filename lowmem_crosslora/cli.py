@@ -15,15 +15,24 @@ from typing import Any
 
 import click
 
-from . import __version__
-from .errors import CrossLoraError, Interrupted
-from .sizes import parse_size
+from lowmem_crosslora.commands.bases import precompute_bases
+from lowmem_crosslora.commands.inspect import describe, plan_summary
+from lowmem_crosslora.commands.refine import run_refine
+from lowmem_crosslora.commands.transfer import transfer as run_transfer
+from lowmem_crosslora.commands.transfer import transfer_batch
+from lowmem_crosslora.commands.verify import run_verify
+from lowmem_crosslora.errors import CrossLoraError, InputError, Interrupted
+from lowmem_crosslora.services.cache import BasisCache
+from lowmem_crosslora.services.probes import read_prompts
+from lowmem_crosslora.services.report import summary_lines, verify_lines
+from lowmem_crosslora.services.synthetic import DEMO_SOURCE, DEMO_TARGET, write_adapter, write_model
+from lowmem_crosslora.sizes import format_size, parse_size
+from lowmem_crosslora.version import __version__
 
 
 def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
     if value is None:
         return None
-    from .errors import InputError
 
     try:
         return parse_size(value)
@@ -169,7 +178,6 @@ def batch_outputs(adapters: tuple[Path, ...], out: Path) -> list[tuple[Path, Pat
     One --adapter that is an adapter folder is a single transfer. Several, or one folder holding
     adapter folders (no adapter_config.json of its own), are a batch: each adapter goes to
     --out/<its folder name>."""
-    from .errors import InputError
 
     if len(adapters) == 1 and ((adapters[0] / "adapter_config.json").exists() or not adapters[0].is_dir()):
         return None
@@ -237,10 +245,6 @@ def transfer(
     **kw: Any,
 ) -> None:
     """Transfer --adapter from --source onto --target, writing a PEFT adapter folder at --out."""
-    from .engine import transfer as run_transfer
-    from .engine import transfer_batch
-    from .errors import InputError
-    from .report import summary_lines
 
     pairs = batch_outputs(adapters, out)
     refine_kw = {k: kw.pop(k) for k in REFINE_KEYS}
@@ -305,7 +309,6 @@ def transfer(
 def bases(model: Path, rank: int, quiet: bool, as_json: bool, cache_dir: Path | None, **kw: Any) -> None:
     """Precompute MODEL's SVD factors (q, k, v, o, gate, up, down of every layer) into the basis cache,
     so that a later transfer with the same --rank, --seed, SVD settings and device type only projects."""
-    from .engine import precompute_bases
 
     progress, close = _progress_printer(quiet or as_json, label="bases")
     try:
@@ -327,7 +330,6 @@ def cache() -> None:
 
 
 def _open_cache(cache_dir: Path | None) -> Any:
-    from .cache import BasisCache
 
     return BasisCache(cache_dir, warn=_warn)
 
@@ -337,7 +339,6 @@ def _open_cache(cache_dir: Path | None) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
     """List the entries, least recently used first, and the total size."""
-    from .sizes import format_size
 
     c = _open_cache(cache_dir)
     rows = [c.describe(e) for e in c.entries()]
@@ -357,7 +358,6 @@ def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
 @click.option("--max-size", default="20GB", show_default=True, callback=_size, help="Evict least recently used entries until the cache is at most this size.")
 def cache_prune(cache_dir: Path | None, max_size: int) -> None:
     """Evict least recently used entries down to --max-size."""
-    from .sizes import format_size
 
     c = _open_cache(cache_dir)
     removed = c.prune(max_size)
@@ -379,7 +379,6 @@ def cache_clear(cache_dir: Path | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) -> None:
     """Show what maps to what, what is skipped and why, and a memory and time estimate; no SVD."""
-    from .estimate import plan_summary
 
     summary = plan_summary(adapter, source, target, **kw)
     if as_json:
@@ -439,9 +438,6 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
 def verify(prompts_file: Path | None, texts_file: Path | None, report_path: Path | None, as_json: bool, quiet: bool, **kw: Any) -> None:
     """Measure what --transferred carries of --adapter: score probe texts under source, source + adapter, target,
     target + transferred and target + a random control of the same size; print effects, recovery and a verdict."""
-    from .probes import read_prompts
-    from .report import verify_lines
-    from .verify import run_verify
 
     log = (lambda msg: click.echo(msg, err=True)) if not (quiet or as_json) else None
     prompts = read_prompts(prompts_file) if prompts_file is not None else None
@@ -459,8 +455,6 @@ def verify(prompts_file: Path | None, texts_file: Path | None, report_path: Path
 
 
 def _run_refine_cli(source: Path, adapter: Path, target: Path, out: Path, quiet: bool, as_json: bool, report_path: Path | None, kw: dict[str, Any]) -> None:
-    from .probes import read_prompts
-    from .refine import run_refine
 
     prompts_file, texts_file = kw.pop("prompts_file"), kw.pop("texts_file")
     if prompts_file is not None:
@@ -529,7 +523,6 @@ def refine(source: Path, adapter: Path, target: Path, out: Path, quiet: bool, as
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def inspect(path: Path, as_json: bool) -> None:
     """Describe a model folder or an adapter folder: architecture, dims, modules, rank, dtype."""
-    from .estimate import describe
 
     info = describe(path)
     if as_json:
@@ -547,9 +540,6 @@ def inspect(path: Path, as_json: bool) -> None:
 @click.option("--quiet", "-q", is_flag=True)
 def demo(rank: int, keep: Path | None, quiet: bool) -> None:
     """Build two small models of different families and a LoRA, transfer it, print the report."""
-    from .engine import transfer as run_transfer
-    from .report import summary_lines
-    from .synthetic import DEMO_SOURCE, DEMO_TARGET, write_adapter, write_model
 
     with tempfile.TemporaryDirectory(prefix="crosslora-demo-") as tmp:
         root = keep or Path(tmp)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import InputError
+from lowmem_crosslora.errors import InputError
 
 _UNITS = {
     "": 1,

@@ -279,12 +279,13 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 
 def run_module(args: list[str], cwd: Path | None = None, timeout: float = 120) -> tuple[int, str, str]:
-    """Run `python -m lowmem_crosslora ARGS` in a fresh process."""
+    """Run the CLI with ARGS in a fresh process (through bench/crash.py, which installs the fault a test
+    sets in LOWMEM_CROSSLORA_TEST_KILL; without one it is `python -m lowmem_crosslora ARGS`)."""
     import subprocess
 
     repo = Path(__file__).resolve().parents[1]
     env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
-    p = subprocess.run([sys.executable, "-m", "lowmem_crosslora", *args], capture_output=True, text=True, cwd=cwd or repo, env=env, timeout=timeout)
+    p = subprocess.run([sys.executable, "-m", "bench.crash", *args], capture_output=True, text=True, cwd=cwd or repo, env=env, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
 

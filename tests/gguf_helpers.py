@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from conftest import CANONICAL_TO_NAME
 
-from lowmem_crosslora.gguf_model import GGUF_MODULES, permute_rows
+from lowmem_crosslora.io.gguf_model import GGUF_MODULES, permute_rows
 
 HF_MODULES = CANONICAL_TO_NAME  # canonical module -> the llama-style module path
 
@@ -80,7 +80,7 @@ def dequantized_folder(model_dir: Path, gguf_file: Path, dest: Path) -> Path:
     (in Hugging Face order), so that a transfer from either must give the same result."""
     from safetensors.torch import save_file
 
-    from lowmem_crosslora.gguf_model import GGUFCheckpoint
+    from lowmem_crosslora.io.gguf_model import GGUFCheckpoint
 
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.json").write_text((model_dir / "config.json").read_text())

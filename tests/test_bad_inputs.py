@@ -15,7 +15,7 @@ import torch
 from conftest import read_tensors, run_cli, run_module, transfer_args
 from safetensors.torch import load_file, save_file
 
-from lowmem_crosslora.output import state_dir_for
+from lowmem_crosslora.io.runstate import state_dir_for
 
 
 class Boom:

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli, run_module
 
 import lowmem_crosslora
-from lowmem_crosslora import engine as engine_mod
+from lowmem_crosslora.services import factoring as engine_mod
 
 SRC, TGT = "llama", "llama_wide"  # 3 -> 4 layers: with --layer-map depth two target layers share a source layer
 OPTS = {"rank": 16, "device": "cpu", "layer_map": "depth", "exact_ratio": 0.8}

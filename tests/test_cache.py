@@ -18,9 +18,9 @@ import pytest
 from conftest import run_cli
 
 from lowmem_crosslora import transfer
-from lowmem_crosslora.cache import BasisCache, CacheKey, default_cache_dir
-from lowmem_crosslora.engine import CacheWarning
-from lowmem_crosslora.synthetic import ModelSpec, write_adapter, write_model
+from lowmem_crosslora.services.cache import BasisCache, CacheKey, default_cache_dir
+from lowmem_crosslora.services.factoring import CacheWarning
+from lowmem_crosslora.services.synthetic import ModelSpec, write_adapter, write_model
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_SPEC = ModelSpec("llama", 64, 176, 4, 2, 1, 32, vocab=64)
@@ -260,7 +260,7 @@ def test_exact_entries_serve_smaller_ranks_by_truncation(models: Path, tmp_path:
     """Precomputed at rank 24, a rank-16 transfer reuses the exact entries (byte-identically) and
     recomputes the randomized ones, whose rank-24 basis is not the rank-16 one bit for bit."""
     cache = tmp_path / "cache"
-    from lowmem_crosslora.engine import precompute_bases
+    from lowmem_crosslora.commands.bases import precompute_bases
 
     precompute_bases(models / "source", 24, device="cpu", cache_dir=cache)
     _, ref, _ = run(models, tmp_path / "ref", None, use_cache=False)
@@ -292,7 +292,7 @@ def test_cache_key_fields() -> None:
 
 def _cli(models: Path, out: Path, cache: Path) -> list[str]:
     return [
-        sys.executable, "-m", "lowmem_crosslora", "transfer",
+        sys.executable, "-m", "bench.crash", "transfer",
         "--adapter", str(models / "adapter"), "--source", str(models / "source"), "--target", str(models / "target"),
         "--out", str(out), "--device", "cpu", "--rank", str(RANK), "--quiet", "--cache-dir", str(cache),
     ]  # fmt: skip
@@ -346,7 +346,7 @@ def test_resume_recomputes_nothing_cached(models: Path, tmp_path: Path, kill: st
 def test_entries_that_do_not_fit_the_budget_are_computed(models: Path, reference: bytes, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Reading an entry is planned inside --max-memory: when the planner says it does not fit, the
     basis is computed instead (and a write that does not fit beside the next matrix is done at once)."""
-    from lowmem_crosslora.memory import Budget
+    from lowmem_crosslora.services.memory import Budget
 
     cache = tmp_path / "cache"
     run(models, tmp_path / "a", cache)
@@ -369,9 +369,9 @@ def test_entries_that_do_not_fit_the_budget_are_computed(models: Path, reference
 def test_hashing_ahead_on_a_thread_gives_the_same_keys_and_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """On an accelerator the next weights are hashed ahead on a thread; the keys and the output must
     be those of hashing inline (forced here on the CPU by making the engine think it is elsewhere)."""
-    import lowmem_crosslora.engine as engine_mod
+    import lowmem_crosslora.services.factoring as engine_mod
     from lowmem_crosslora import transfer as run
-    from lowmem_crosslora.synthetic import DEMO_SOURCE, DEMO_TARGET, write_adapter, write_model
+    from lowmem_crosslora.services.synthetic import DEMO_SOURCE, DEMO_TARGET, write_adapter, write_model
 
     s = write_model(tmp_path / "s", DEMO_SOURCE, dtype="float32")
     t = write_model(tmp_path / "t", DEMO_TARGET, dtype="float32", seed=1)
@@ -401,7 +401,7 @@ def test_hashing_ahead_on_a_thread_gives_the_same_keys_and_bytes(tmp_path: Path,
 
 
 def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    import lowmem_crosslora.cache as cache_mod
+    import lowmem_crosslora.io.hashing as cache_mod
 
     calls: list[int] = []
     real = cache_mod.content_hash

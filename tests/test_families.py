@@ -342,7 +342,7 @@ def test_killed_fused_target_resumes_byte_identical(zoo: Any, tmp_path: Path) ->
 def test_batch_onto_a_fused_target_matches_lone_transfers(zoo: Any, runs: Runs, tmp_path: Path) -> None:
     """Two adapters with different ranks per module onto phi3 in one batch: each output has its own
     stacked layout and is byte-identical to that adapter's lone transfer."""
-    from lowmem_crosslora.engine import transfer_batch
+    from lowmem_crosslora.commands.transfer import transfer_batch
 
     kw = {"use_rslora": True, "rank_pattern": {"k_proj": 4}, "alpha_pattern": {"v_proj": 32, "up_proj": 4}}
     alone = [runs.get("llama", "phi3"), runs.get("llama", "phi3", "fused-patterned", adapter_kw=kw)]

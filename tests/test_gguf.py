@@ -24,10 +24,10 @@ from conftest import run_cli  # noqa: E402
 from gguf_helpers import dequantized_folder, read_hf, write_gguf  # noqa: E402
 
 import lowmem_crosslora  # noqa: E402
-from lowmem_crosslora.gguf_lora import GGUF_NAME  # noqa: E402
-from lowmem_crosslora.gguf_model import GGUFCheckpoint, permute_rows, reverse_permute_rows  # noqa: E402
-from lowmem_crosslora.output import ADAPTER_NAME, CONFIG_NAME, REPORT_NAME  # noqa: E402
-from lowmem_crosslora.synthetic import ModelSpec, write_adapter, write_model  # noqa: E402
+from lowmem_crosslora.io.gguf_lora import GGUF_NAME  # noqa: E402
+from lowmem_crosslora.io.gguf_model import GGUFCheckpoint, permute_rows, reverse_permute_rows  # noqa: E402
+from lowmem_crosslora.io.partial import ADAPTER_NAME, CONFIG_NAME, REPORT_NAME  # noqa: E402
+from lowmem_crosslora.services.synthetic import ModelSpec, write_adapter, write_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Rows of 64, 128 and 192 values: multiples of the 32-value blocks of Q8_0 / Q4_0 / Q4_1 / Q5_0.
@@ -346,7 +346,7 @@ def test_per_module_scales_fold_into_lora_b(models: dict[str, Path], tmp_path: P
 
 def _cli(models: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "lowmem_crosslora", "transfer", "--adapter", str(models["adapter"]),
+        sys.executable, "-m", "bench.crash", "transfer", "--adapter", str(models["adapter"]),
         "--source", str(models["src.q.gguf"]), "--target", str(models["tgt.q.gguf"]), "--out", str(out),
         "--device", "cpu", "--rank", "8", "--quiet", "--no-cache", "--out-format", "both", *extra,
     ]  # fmt: skip

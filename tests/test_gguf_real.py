@@ -54,7 +54,7 @@ def smol_adapter(real: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
 
 def test_smol_gguf_reads_like_transformers(real: dict[str, Path]) -> None:
     """Every q..down weight, q and k included (un-permuted), equals transformers' GGUF loader's."""
-    from lowmem_crosslora.gguf_model import GGUFCheckpoint
+    from lowmem_crosslora.io.gguf_model import GGUFCheckpoint
 
     sd = load_gguf_model(real["smol"]).state_dict()
     ck = GGUFCheckpoint(real["smol"])
@@ -150,7 +150,7 @@ def test_llama_cpp_applies_the_lora_gguf_as_peft_does(real: dict[str, Path], tmp
     if case == "qwen-target":
         assert corr > 0.95, corr
         return
-    import lowmem_crosslora.gguf_lora as gl
+    import lowmem_crosslora.io.gguf_lora as gl
 
     entries = gl.entries_for_file(out / "adapter_model.safetensors", alpha=16)
     monkeypatch.setattr(gl, "PERMUTED", frozenset())

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from lowmem_crosslora import transfer
-from lowmem_crosslora.synthetic import ModelSpec, write_adapter, write_model
+from lowmem_crosslora.services.synthetic import ModelSpec, write_adapter, write_model
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

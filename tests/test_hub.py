@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import run_cli, transfer_args
 
-from lowmem_crosslora.hub import hub_cache_dir, resolve
+from lowmem_crosslora.io.hub import hub_cache_dir, resolve
 
 HF_VARS = ("HF_HUB_CACHE", "HF_HOME", "HUGGINGFACE_HUB_CACHE")
 

@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowmem_crosslora
-from lowmem_crosslora.bases import BlockedMatrix, InCoreMatrix, exact_svd, fix_signs, randomized_svd, scipy_svd, seed_for
-from lowmem_crosslora.plan import source_layer_for
-from lowmem_crosslora.project import frobenius_of_product, project_factors
+from lowmem_crosslora.linalg.bases import BlockedMatrix, InCoreMatrix, exact_svd, fix_signs, randomized_svd, scipy_svd, seed_for
+from lowmem_crosslora.linalg.projection import frobenius_of_product, project_factors
+from lowmem_crosslora.services.plan import source_layer_for
 
 GAP = 8  # the planted spectral gap, and the SVD rank of the transfers below
 TOL = 2e-5  # float32 computation, relative to the norm of the compared quantity

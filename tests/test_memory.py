@@ -18,12 +18,13 @@ import torch
 from conftest import transfer_args
 from safetensors.torch import load_file
 
-from lowmem_crosslora import memory, transfer
-from lowmem_crosslora.bases import BlockedMatrix, InCoreMatrix, randomized_svd
+from lowmem_crosslora import transfer
 from lowmem_crosslora.errors import BudgetError
-from lowmem_crosslora.memory import Budget
+from lowmem_crosslora.linalg.bases import BlockedMatrix, InCoreMatrix, randomized_svd
+from lowmem_crosslora.services import memory
+from lowmem_crosslora.services.memory import Budget
+from lowmem_crosslora.services.synthetic import ModelSpec, write_adapter, write_model
 from lowmem_crosslora.sizes import format_size, parse_size
-from lowmem_crosslora.synthetic import ModelSpec, write_adapter, write_model
 
 # Wide enough that one float32 base matrix (gate/up/down: 6144 x 1024 = 24 MiB) dwarfs the
 # working set the blocked path needs at a small rank.

@@ -26,12 +26,19 @@ pytest.importorskip("peft")
 
 from test_verify import write_lora, write_model  # noqa: E402
 
-from lowmem_crosslora import refine as refine_mod  # noqa: E402
-from lowmem_crosslora.distill import OBJECTIVES, TrainText, batch_norms, choose_shape, segments, smallest_room, train_bytes, truncate  # noqa: E402
+from lowmem_crosslora.commands import refine as refine_mod  # noqa: E402
+from lowmem_crosslora.commands.refine import CHECKPOINT_NAME, batch_indices, run_refine  # noqa: E402
+from lowmem_crosslora.commands.verify import run_verify  # noqa: E402
 from lowmem_crosslora.errors import InputError, Interrupted  # noqa: E402
-from lowmem_crosslora.probes import Probe, stable_seed  # noqa: E402
-from lowmem_crosslora.refine import CHECKPOINT_NAME, INITS, PROBES_NAME, batch_indices, run_refine, state_dir_for  # noqa: E402
-from lowmem_crosslora.verify import encode, run_verify, token_logprobs  # noqa: E402
+from lowmem_crosslora.io.runstate import state_dir_for  # noqa: E402
+from lowmem_crosslora.services.distill import OBJECTIVES, TrainText, batch_norms, choose_shape, segments, smallest_room, train_bytes, truncate  # noqa: E402
+from lowmem_crosslora.services.options import INITS  # noqa: E402
+from lowmem_crosslora.services.probes import (  # noqa: E402
+    PROBES_NAME,  # noqa: E402
+    Probe,
+    stable_seed,
+)
+from lowmem_crosslora.services.scoring import encode, token_logprobs  # noqa: E402
 
 PROMPTS = ["The weather", "A story:"]
 FAST: dict[str, Any] = {"steps": 2, "batch": 2, "samples": 4, "contrast_samples": 2, "max_new_tokens": 12, "prompts": PROMPTS, "device": "cpu"}
@@ -265,7 +272,7 @@ def test_refined_output_is_a_peft_adapter_that_changes_the_target(models: dict[s
 
     out, report = refined["out"], refined["report"]
     assert {p.name for p in out.iterdir()} == OUT_FILES
-    assert not state_dir_for(out).exists()
+    assert not state_dir_for(out, "refine").exists()
     assert not any(p.name.startswith(".") for p in out.parent.iterdir())
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["lora_alpha"] == 16 and cfg["lora_dropout"] == 0.0 and cfg["inference_mode"] is True
@@ -338,7 +345,7 @@ def test_killed_cli_run_resumes_to_the_same_bytes(
     code, _out, err = run_module(cli_args(models, out))
     assert code == -9, err
     monkeypatch.delenv("LOWMEM_CROSSLORA_TEST_KILL")
-    state = state_dir_for(out)
+    state = state_dir_for(out, "refine")
     assert not out.exists() and state.is_dir()
     assert torch.load(state / CHECKPOINT_NAME, weights_only=True)["step"] == 2
     probes = (state / PROBES_NAME).read_bytes()
@@ -361,7 +368,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(models: dict[str, Path], tmp_
     refine(models, tmp_path / "ref", **kw)
     with pytest.raises(Interrupted):
         refine(models, tmp_path / "out", progress=stop_at(1), **kw)
-    assert not (tmp_path / "out").exists() and state_dir_for(tmp_path / "out").is_dir()
+    assert not (tmp_path / "out").exists() and state_dir_for(tmp_path / "out", "refine").is_dir()
     logs: list[str] = []
     refine(models, tmp_path / "out", log=logs.append, **kw)
     assert "resuming at step 1 of 4" in logs
@@ -382,7 +389,7 @@ def test_other_options_do_not_resume_an_interrupted_refine(
         m.setattr(refine_mod, "_test_kill", interrupt)
         code, _out, err = run_cli(cli_args(models, out, "--quiet"), capsys)
     assert code == 130 and "to resume, run: lowmem-crosslora refine" in err
-    state = state_dir_for(out)
+    state = state_dir_for(out, "refine")
     checkpoint = (state / CHECKPOINT_NAME).read_bytes()
 
     code, _out, err = run_cli(cli_args(models, out, "--lr", "0.01"), capsys)

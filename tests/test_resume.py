@@ -33,8 +33,9 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_crosslora.output import ADAPTER_NAME, JOURNAL_NAME, PARTIAL_NAME, REPORT_NAME, _line_check, state_dir_for
-from lowmem_crosslora.synthetic import ModelSpec, write_adapter, write_model
+from lowmem_crosslora.io.partial import ADAPTER_NAME, JOURNAL_NAME, PARTIAL_NAME, REPORT_NAME, _line_check
+from lowmem_crosslora.io.runstate import state_dir_for
+from lowmem_crosslora.services.synthetic import ModelSpec, write_adapter, write_model
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE_SPEC = ModelSpec("llama", 64, 176, 4, 2, 1, 32, vocab=64)
@@ -56,7 +57,7 @@ def build_models(root: Path) -> Path:
 
 def cli_args(root: Path, out: Path, *extra: str, rank: int = RANK) -> list[str]:
     return [
-        sys.executable, "-m", "lowmem_crosslora", "transfer",
+        sys.executable, "-m", "bench.crash", "transfer",
         "--adapter", str(root / "adapter"), "--source", str(root / "source"), "--target", str(root / "target"),
         "--out", str(out), "--device", "cpu", "--rank", str(rank), "--quiet", *extra,
     ]  # fmt: skip

@@ -25,9 +25,10 @@ from conftest import Zoo, run_cli
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
+from lowmem_crosslora.commands.verify import mean_se, ratio_se, run_verify  # noqa: E402
 from lowmem_crosslora.errors import InputError  # noqa: E402
-from lowmem_crosslora.probes import Probe, read_prompts, read_texts, sample_probes  # noqa: E402
-from lowmem_crosslora.verify import encode, mean_se, ratio_se, run_verify  # noqa: E402
+from lowmem_crosslora.services.probes import Probe, read_prompts, read_texts, sample_probes  # noqa: E402
+from lowmem_crosslora.services.scoring import encode  # noqa: E402
 
 EXTRA_CHARS = "éèàçöüäñßøåæœ€—“”‘’«»°×µ你好世界"
 PROMPTS = ["The weather today", "A story:", "Notes from the meeting:"]
@@ -181,7 +182,7 @@ def test_sampling_is_seeded(pair: dict[str, Path]) -> None:
 def _sample_without_cache(model, tok, probe) -> str:  # type: ignore[no-untyped-def]
     """An independent sampler: no cache, no padding, the whole sequence recomputed every step; the same
     nucleus rule and the row's own generator (seed from the probe)."""
-    from lowmem_crosslora.probes import prefix_ids
+    from lowmem_crosslora.services.probes import prefix_ids
 
     g = torch.Generator().manual_seed(probe.seed)
     ids = prefix_ids(tok) + list(tok(probe.prompt, add_special_tokens=False)["input_ids"])
@@ -327,7 +328,7 @@ def test_budget_too_small_exits_3(pair: dict[str, Path], capsys: pytest.CaptureF
 
 
 def test_verdicts() -> None:
-    from lowmem_crosslora.verify import effects, verdict
+    from lowmem_crosslora.commands.verify import effects, verdict
 
     def ll(src: list[float], tgt: list[float], ctl: list[float]) -> dict[str, list[float]]:
         zero = [0.0] * len(src)

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from .errors import InputError
+from lowmem_crosslora.errors import InputError
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

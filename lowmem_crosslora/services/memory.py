@@ -10,13 +10,10 @@ GPU memory is torch's allocated peak.
 
 Before each matrix the budget picks how to factor it (device, in-core or blocked, block size) from
 a memory model; while running, a sampler thread watches the real figure and the engine stops
-cleanly, keeping finished units, if the budget is crossed.
-"""
+cleanly, keeping finished units, if the budget is crossed."""
 
 from __future__ import annotations
 
-import ctypes
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -24,84 +21,25 @@ from dataclasses import dataclass
 import psutil
 import torch
 
-from .errors import BudgetError
-from .sizes import format_size
+from lowmem_crosslora.dtypes import tag_bytes
+from lowmem_crosslora.errors import BudgetError
+from lowmem_crosslora.linalg.bases import InCoreMatrix, finish, randomized_svd
+from lowmem_crosslora.linalg.projection import project_factors
+from lowmem_crosslora.sizes import format_size
+from lowmem_crosslora.sysmem import host_anon_bytes, host_file_bytes, host_resident, release_free_memory
 
 F32 = 4
+
+
 # Headroom kept for allocator slack, Python objects and the writer's buffers.
 SLACK = 4 * 1024**2
+
+
 MIN_BLOCK_ROWS = 16
+
+
 # GPU headroom for the solvers' own workspaces (cuSOLVER QR and SVD), which grow with the panels.
 GPU_SLACK = 16 * 1024**2
-
-
-def _status_kib(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
-
-
-def host_resident(pid: int | str = "self") -> tuple[int, int]:
-    """(private, file-backed) resident bytes of a process (this one by default)."""
-    anon = file = None
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    anon = int(line.split()[1]) * 1024
-                elif line.startswith("RssFile:"):
-                    file = int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    if anon is None:
-        return (host_anon_bytes(), 0) if pid == "self" else (0, 0)
-    return anon, file or 0
-
-
-def host_anon_bytes() -> int:
-    """Private (anonymous) resident memory of this process, in bytes."""
-    v = _status_kib("RssAnon")
-    if v is not None:
-        return v
-    try:
-        return int(psutil.Process().memory_full_info().uss)
-    except (psutil.Error, AttributeError):
-        return int(psutil.Process().memory_info().rss)
-
-
-def host_file_bytes() -> int:
-    """File-backed resident memory (mapped checkpoint pages, shared libraries): reclaimable."""
-    return _status_kib("RssFile") or 0
-
-
-_LIBC: ctypes.CDLL | None = None
-
-
-def tune_allocator() -> None:
-    """Make glibc return freed memory to the OS promptly, so the measured figure tracks live data."""
-    global _LIBC
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD: blocks >= 256 KiB get their own mapping
-            libc.mallopt(-1, 256 << 10)  # M_TRIM_THRESHOLD: give back free heap tops above 256 KiB
-            _LIBC = libc
-        except (OSError, AttributeError):
-            _LIBC = None
-
-
-def release_free_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc's malloc_trim); a no-op elsewhere."""
-    if _LIBC is not None:
-        try:
-            _LIBC.malloc_trim(0)
-        except AttributeError:
-            pass
 
 
 @dataclass(frozen=True)
@@ -127,7 +65,7 @@ def panel_bytes(m: int, n: int, q: int, r: int) -> int:
 
 
 def stored_bytes(dtype: str) -> int:
-    return {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}.get(dtype, 4)
+    return tag_bytes(dtype)
 
 
 def warm_up_libraries() -> None:
@@ -147,8 +85,6 @@ def warm_up_cuda(device: str) -> None:
     """Create the CUDA context and the cuBLAS / cuSOLVER handles and workspaces before measuring:
     they are fixed costs of using the GPU at all (hundreds of MB of host memory, tens of MB of GPU
     memory), not working memory of the transfer."""
-    from .bases import InCoreMatrix, finish, randomized_svd
-    from .project import project_factors
 
     # A miniature of one unit, so that the kernels it uses are loaded (CUDA loads modules lazily, on
     # first use, into host memory) before the baseline is read.

@@ -29,6 +29,8 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from lowmem_crosslora.dtypes import name_bytes
+
 OBJECTIVES = ("lm", "delta", "lm+kl")
 # Rows of the vocabulary projection made at a time: their logits, log-softmax and gradients.
 LOGIT_CHUNK_BYTES = 48 * 1024**2
@@ -302,9 +304,8 @@ def choose_shape(
     """The fastest shape that fits `room`: the most texts per pass (fewer passes of gradient
     accumulation: the same step), without gradient checkpointing where that fits, else with it; then
     shorter texts (down to 32 tokens). The first of `dtypes` whose weights fit. None when nothing fits."""
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}
     for dt in dtypes:
-        wb = size[dt]
+        wb = name_bytes(dt)
         for seq in _lengths(longest):
             for micro in range(batch, 0, -1):
                 for ckpt in (False, True):
@@ -315,7 +316,7 @@ def choose_shape(
 
 
 def smallest_room(cfg: dict[str, Any], params: int, lora_params: int, longest: int, passes: int, dtype: str) -> int:
-    size = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    size = name_bytes(dtype)
     return train_bytes(cfg, params, lora_params, size, 1, min(longest, 32), True, passes)
 
 

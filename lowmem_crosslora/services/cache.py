@@ -21,18 +21,15 @@ temporary file in the same folder, fsync, os.replace) and verified on every read
 does not parse, whose checksum or key does not match, or whose shapes are wrong is deleted and
 recomputed, never trusted. A size limit is enforced after each write by evicting the least
 recently used entries (an entry's modification time is touched on every hit). The cache is an
-optimisation: any failure to read or write it is a warning, never a reason for a transfer to fail.
-"""
+optimisation: any failure to read or write it is a warning, never a reason for a transfer to fail."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import struct
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -43,14 +40,23 @@ from typing import Any
 import torch
 from safetensors.torch import save
 
-from .bases import Basis
-from .output import fsync_dir
+from lowmem_crosslora.dtypes import NAME_TAG, TAG_TORCH, TORCH_TAG
+from lowmem_crosslora.io.hashing import HashMemo
+from lowmem_crosslora.io.runstate import atomic_write
+from lowmem_crosslora.linalg.bases import Basis
 
 DEFAULT_LIMIT = 20 * 1000**3
+
+
 SCHEMA = "lowmem-crosslora/basis-cache/1"
+
+
 SUFFIX = ".safetensors"
-_DTYPES = {"F32": torch.float32, "F64": torch.float64}
-_DTYPE_TAGS = {v: k for k, v in _DTYPES.items()}
+
+
+_DTYPES = {t: TAG_TORCH[t] for t in ("F32", "F64")}  # what cache entries are stored in
+
+
 
 
 def default_cache_dir() -> Path:
@@ -66,128 +72,6 @@ def default_cache_dir() -> Path:
         return Path.home() / "Library" / "Caches" / "lowmem-crosslora"
     xdg = os.environ.get("XDG_CACHE_HOME")
     return Path(xdg if xdg and os.path.isabs(xdg) else Path.home() / ".cache") / "lowmem-crosslora"
-
-
-def content_hash(path: Path, offset: int, length: int, chunk: int = 16 << 20) -> str:
-    """BLAKE2b-256 of `length` bytes of a file from `offset`, read through a memory map (the pages
-    land in the page cache, so the engine's own read that may follow costs no second disk read)."""
-    import mmap
-
-    h = hashlib.blake2b(digest_size=32)
-    if length == 0:
-        return h.hexdigest()
-    with open(path, "rb") as f:
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
-        with mmap.mmap(f.fileno(), length + offset - start, access=mmap.ACCESS_READ, offset=start) as mm:
-            view = memoryview(mm)
-            try:
-                base = offset - start
-                for s in range(0, length, chunk):
-                    h.update(view[base + s : base + min(length, s + chunk)])
-            finally:
-                view.release()
-    return h.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
-    """Write `data` to `path` through a temporary file in the same folder and one rename, so that a
-    reader sees the old file or the whole new one; `durable` also fsyncs the file and the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    if durable:
-        fsync_dir(path.parent)
-
-
-MEMO_SCHEMA = "lowmem-crosslora/hash-memo/1"
-MEMO_DIR = "hashes"
-
-
-def file_identity(path: Path) -> list[int]:
-    """What says a file is unchanged: device, inode, size, and modification and change times in
-    nanoseconds (the change time moves on any write or metadata change and cannot be set back)."""
-    st = os.stat(path)
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-class HashMemo:
-    """Content hashes of base-weight files already hashed, so that a warm transfer does not read
-    every weight just to find its cache entries (hashing a 3B model's layers is seconds of work).
-
-    One small JSON file per weight file, in the cache folder's `hashes/`, holding the file's
-    identity (file_identity) and the hashes of byte spans of it. A memo is trusted only while the
-    file's identity is unchanged: any write to the file, a copy, a move to another disk, changes
-    it and the span is hashed again. Thread-safe (the engine may hash ahead on a thread)."""
-
-    def __init__(self, root: Path) -> None:
-        self.dir = root / MEMO_DIR
-        self._lock = threading.Lock()
-        self._files: dict[str, tuple[list[int], dict[str, str]]] = {}
-        self._dirty: set[str] = set()
-        self.writable = True
-
-    def _memo_path(self, real: str) -> Path:
-        return self.dir / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
-
-    def _load(self, real: str, ident: list[int]) -> dict[str, str]:
-        entry = self._files.get(real)
-        if entry is not None and entry[0] == ident:
-            return entry[1]
-        spans: dict[str, str] = {}
-        try:
-            doc = json.loads(self._memo_path(real).read_text(encoding="utf-8"))
-            if doc.get("schema") == MEMO_SCHEMA and doc.get("file") == real and doc.get("identity") == ident:
-                spans = {str(k): str(v) for k, v in doc.get("spans", {}).items()}
-        except (OSError, ValueError, AttributeError):
-            pass
-        self._files[real] = (ident, spans)
-        return spans
-
-    def get(self, path: Path, offset: int, length: int) -> str | None:
-        real = os.path.realpath(path)
-        ident = file_identity(Path(real))
-        with self._lock:
-            return self._load(real, ident).get(f"{offset}:{length}")
-
-    def put(self, path: Path, offset: int, length: int, digest: str) -> None:
-        real = os.path.realpath(path)
-        ident = file_identity(Path(real))
-        with self._lock:
-            self._load(real, ident)[f"{offset}:{length}"] = digest
-            self._dirty.add(real)
-
-    def save(self) -> None:
-        """Write the memos that changed (atomically; failure only costs a rehash next time)."""
-        with self._lock:
-            dirty, self._dirty = self._dirty, set()
-            if not self.writable:
-                return
-            for real in sorted(dirty):
-                ident, spans = self._files[real]
-                doc = {"schema": MEMO_SCHEMA, "file": real, "identity": ident, "spans": dict(sorted(spans.items()))}
-                try:
-                    atomic_write(self._memo_path(real), json.dumps(doc, sort_keys=True).encode(), durable=False)
-                except OSError:
-                    self.writable = False
-                    return
-
-    def clear(self) -> None:
-        with self._lock:
-            self._files.clear()
-            self._dirty.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -341,7 +225,7 @@ class BasisCache:
         for name, shape in want.items():
             info = header[name]
             dtype = _DTYPES[info["dtype"]]
-            if info["shape"] != shape or _DTYPE_TAGS[dtype] != key_dtype_tag(key):
+            if info["shape"] != shape or TORCH_TAG[dtype] != key_dtype_tag(key):
                 raise ValueError(f"tensor {name} has the wrong shape or dtype")
             begin, end = info["data_offsets"]
             count = 1
@@ -486,4 +370,4 @@ class BasisCache:
 
 
 def key_dtype_tag(key: CacheKey) -> str:
-    return {"float32": "F32", "float64": "F64"}[key.compute_dtype]
+    return NAME_TAG[key.compute_dtype]

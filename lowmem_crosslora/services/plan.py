@@ -9,17 +9,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from .adapter import PEFT_PREFIX, Adapter, LoraModule
-from .architectures import CANONICAL, fused_rows, module_shape
-from .checkpoint import Checkpoint
-from .errors import InputError
-from .fused import Placement, merge
+from lowmem_crosslora.architectures import CANONICAL, fused_rows, module_shape
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io.adapter import PEFT_PREFIX, Adapter, LoraModule
+from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.linalg.fused import Placement, merge
+from lowmem_crosslora.services.vllm import uniform_rank_alpha
 
 TARGET_FORMATS = ("peft", "vllm")
 
 LAYER_MAPS = ("index", "depth")
-DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 @dataclass
@@ -181,9 +180,9 @@ def build_plan(
         if out_dtype == "F64":
             out_dtype = "F32"
     else:
-        if dtype not in DTYPES:
-            raise InputError(f"unknown --dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-        out_dtype = DTYPES[dtype]
+        if dtype not in dtypes.OUTPUT:
+            raise InputError(f"unknown --dtype {dtype!r}; choose one of {', '.join(dtypes.OUTPUT)}")
+        out_dtype = dtypes.OUTPUT[dtype]
 
     Ls, Lt = source.dims.num_layers, target.dims.num_layers
     units: list[Unit] = []
@@ -244,7 +243,6 @@ def build_plan(
 
     # adapter_config.json: the source's default r / alpha, with per-module patterns where a module differs,
     # so every module keeps the effective scale it had (fused and padded modules: see place_units).
-    from .vllm import uniform_rank_alpha
 
     warnings = list(adapter.warnings)
     default_rank, default_alpha, use_rslora = adapter.default_rank, adapter.default_alpha, adapter.use_rslora

@@ -16,12 +16,10 @@ transfer's planner) on texts only, since token ids do not cross the tokenizer ga
    would have written (byte for byte on the CPU, with the same thread count).
 4. The finished folder (adapter_config.json, adapter_model.safetensors, crosslora_report.json with
    kind "refine", refine_probes.json: the texts it trained on, with their seeds) is renamed into
-   place in one step. verify reads refine_probes.json and grades on other seeds.
-"""
+   place in one step. verify reads refine_probes.json and grades on other seeds."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,13 +31,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from . import __version__
-from .adapter import adapter_fingerprint, check_finite, load_adapter
-from .cache import atomic_write
-from .checkpoint import Checkpoint
-from .distill import (
-    OBJECTIVES,
+from lowmem_crosslora import hooks
+from lowmem_crosslora.errors import BudgetError, InputError, Interrupted
+from lowmem_crosslora.io import runstate
+from lowmem_crosslora.io.adapter import adapter_fingerprint, check_finite, load_adapter
+from lowmem_crosslora.io.partial import ADAPTER_NAME, CONFIG_NAME, REPORT_NAME
+from lowmem_crosslora.io.runstate import check_output_dir, write_json
+from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.device import resolve_device
+from lowmem_crosslora.services.distill import (
     TrainShape,
     TrainText,
     base_token_logprobs,
@@ -50,15 +52,25 @@ from .distill import (
     smallest_room,
     truncate,
 )
-from .errors import BudgetError, InputError, Interrupted
-from .output import ADAPTER_NAME, CONFIG_NAME, REPORT_NAME, fsync_dir
-from .probes import DEFAULT_PROMPTS, Probe, read_texts, require_extras, sample_probes, stable_seed
-from .sizes import format_size
+from lowmem_crosslora.services.memory import Budget
+from lowmem_crosslora.services.options import RefineOptions
+from lowmem_crosslora.services.peft_config import adapter_config
+from lowmem_crosslora.services.pipeline import run_guarded
+from lowmem_crosslora.services.plan import build_plan
+from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, PROBES_NAME, Probe, read_texts, require_extras, sample_probes, stable_seed
+from lowmem_crosslora.services.report import build_refine_report
+from lowmem_crosslora.services.scoring import Loader, encode, free, private_weight_params, token_logprobs, vocab_size
+from lowmem_crosslora.services.stop import StopFlag
+from lowmem_crosslora.sizes import format_size
+from lowmem_crosslora.sysmem import host_anon_bytes, tune_allocator
+from lowmem_crosslora.version import __version__
 
-PROBES_NAME = "refine_probes.json"
 CHECKPOINT_NAME = "refine_checkpoint.pt"
+
+
 STATE_NAME = "refine_state.json"
-INITS = ("transfer", "fresh")
+
+
 SHAPE_KEYS = {
     "micro_batch": "micro_batch",
     "max_len": "max_len",
@@ -66,74 +78,12 @@ SHAPE_KEYS = {
     "weights_dtype": "weights_dtype",
     "bytes": "modelled_bytes",
 }
-# What refine ships (chosen by bench/bench_refine.py; the losers stay in the benchmark).
-DEFAULT_OBJECTIVE = "lm"
-DEFAULT_INIT = "fresh"
+
+
 Log = Callable[[str], None]
+
+
 Progress = Callable[[int, int, dict[str, float]], None]
-
-
-@dataclass
-class RefineOptions:
-    """Everything that changes the refined adapter (the fingerprint) plus how the run is carried out."""
-
-    objective: str = DEFAULT_OBJECTIVE
-    init: str = DEFAULT_INIT
-    steps: int = 24
-    lr: float = 1e-3
-    batch: int = 8
-    samples: int = 96
-    contrast_samples: int = 48
-    max_new_tokens: int = 48
-    max_len: int = 128
-    seed: int = 0
-    kl_weight: float = 1.0
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    rank: int = 320  # SVD rank of the transfer that places the modules (and initialises, for init "transfer")
-    layer_map: str = "index"
-    prompts: list[str] | None = None
-    device: str = "auto"
-    max_memory: int | None = None
-    max_gpu_memory: int | None = None
-    restart: bool = False
-    force: bool = False
-    cache_dir: str | None = None
-
-    def result_key(self) -> dict[str, Any]:
-        keep = (
-            "objective",
-            "init",
-            "steps",
-            "lr",
-            "batch",
-            "samples",
-            "contrast_samples",
-            "max_new_tokens",
-            "max_len",
-            "seed",
-            "kl_weight",
-            "lora_rank",
-            "lora_alpha",
-            "rank",
-            "layer_map",
-            "prompts",
-        )
-        return {k: getattr(self, k) for k in keep}
-
-    def check(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise InputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
-        if self.init not in INITS:
-            raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
-        if self.steps < 1 or self.batch < 1 or self.lr <= 0 or not math.isfinite(self.lr):
-            raise InputError("--steps and --batch must be at least 1 and --lr a positive number")
-        if self.samples < 1 or self.contrast_samples < 0 or self.max_new_tokens < 1 or self.max_len < 8:
-            raise InputError("--samples must be at least 1, --contrast-samples not negative, --max-new-tokens at least 1")
-        if (self.lora_rank is not None or self.lora_alpha is not None) and self.init == "transfer":
-            raise InputError("--lora-rank and --lora-alpha change the adapter's shape, so it cannot start from the transfer")
-        if self.lora_rank is not None and self.lora_rank < 1:
-            raise InputError("--lora-rank must be at least 1")
 
 
 @dataclass
@@ -171,10 +121,6 @@ class Prepared:
         return cls(ps, ss, es, ds, float(obj.get("seconds", 0.0)), extra=extra)
 
 
-def state_dir_for(out: Path) -> Path:
-    return out.parent / f".{out.name}.refine-partial"
-
-
 def fingerprint(adapter: Any, src: Checkpoint, tgt: Checkpoint, opts: RefineOptions, user: list[Probe]) -> str:
     payload = {
         "adapter": adapter_fingerprint(adapter),
@@ -184,14 +130,7 @@ def fingerprint(adapter: Any, src: Checkpoint, tgt: Checkpoint, opts: RefineOpti
         "texts": [p.to_json() for p in user],
         "version": __version__,
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-# ---- 1. the source ------------------------------------------------------------------------------
+    return runstate.fingerprint(payload)
 
 
 def prepare_source(src: Checkpoint, tok: Any, ad_path: Path, opts: RefineOptions, user: list[Probe], loader: Any, dev: str, say: Log) -> Prepared:
@@ -199,7 +138,6 @@ def prepare_source(src: Checkpoint, tok: Any, ad_path: Path, opts: RefineOptions
     under both, free the source."""
     from peft import PeftModel
 
-    from .verify import _vocab, encode, free, token_logprobs
 
     t0 = time.perf_counter()
     base = loader.load(src, opts.max_new_tokens)
@@ -217,19 +155,15 @@ def prepare_source(src: Checkpoint, tok: Any, ad_path: Path, opts: RefineOptions
         raise InputError("no probe texts: every sample ended at once (empty continuations); try other --prompts or pass --texts")
     enc = [encode(tok, p) for p in probes]
     with model.disable_adapter():
-        lp_base = token_logprobs(model, enc, dev, _vocab(src))
-    lp_ad = token_logprobs(model, enc, dev, _vocab(src))
+        lp_base = token_logprobs(model, enc, dev, vocab_size(src))
+    lp_ad = token_logprobs(model, enc, dev, vocab_size(src))
     del model, base
     free()
     delta = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(lp_ad, lp_base, strict=True)]
     return Prepared(probes, [e.start for e in enc], [list(e.ends) for e in enc], delta, time.perf_counter() - t0, sample_s)
 
 
-# ---- 2. the target ------------------------------------------------------------------------------
-
-
 def target_texts(tok: Any, prep: Prepared) -> list[TrainText]:
-    from .verify import encode
 
     out = []
     for p, s0, se, sd in zip(prep.probes, prep.src_start, prep.src_ends, prep.src_delta, strict=True):
@@ -289,15 +223,6 @@ def _load_checkpoint(path: Path, fp: str) -> dict[str, Any] | None:
     return ck if isinstance(ck, dict) and ck.get("fingerprint") == fp else None
 
 
-def _test_kill(step: int) -> None:
-    """Test-only: LOWMEM_CROSSLORA_TEST_KILL='refine_step:k' SIGKILLs this process once step k is checkpointed."""
-    spec = os.environ.get("LOWMEM_CROSSLORA_TEST_KILL")
-    if spec == f"refine_step:{step}":
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def _lora_config(cfg: dict[str, Any], opts: RefineOptions) -> dict[str, Any]:
     cfg = dict(cfg)
     cfg["lora_dropout"] = 0.0  # deterministic and resumable: no random masks
@@ -326,9 +251,6 @@ def _attach(base: Any, cfg: dict[str, Any], init_dir: Path | None, seed: int) ->
     return model
 
 
-# ---- the run ------------------------------------------------------------------------------------
-
-
 def run_refine(
     source: str | Path,
     adapter: str | Path,
@@ -342,7 +264,6 @@ def run_refine(
 ) -> dict[str, Any]:
     """Distil `adapter` (trained on `source`) into a LoRA on `target`, written as a PEFT folder at `out`.
     Options are RefineOptions' fields. Returns the report (kind "refine")."""
-    from .engine import StopFlag
 
     with StopFlag() as stop:
         try:
@@ -354,12 +275,6 @@ def run_refine(
 def _refine(
     source: Any, adapter: Any, target: Any, out: Path, texts: Any, say: Log, progress: Progress | None, stop: Any, opts: RefineOptions
 ) -> dict[str, Any]:
-    from .engine import adapter_config, check_output_dir, resolve_device
-    from .engine import transfer as run_transfer
-    from .memory import Budget, tune_allocator
-    from .plan import build_plan
-    from .report import build_refine_report
-    from .verify import _Loader, free, private_weight_params
 
     t_start = time.perf_counter()
     opts.check()
@@ -374,25 +289,12 @@ def _refine(
     require_extras("refine")
     tune_allocator()
     fp = fingerprint(ad, src, tgt, opts, user)
-    state = state_dir_for(out)
-    if state.exists() and opts.restart:
-        shutil.rmtree(state)
-    if state.exists():
-        try:
-            old = json.loads((state / STATE_NAME).read_text())["fingerprint"]
-        except (OSError, ValueError, KeyError, TypeError):
-            old = None
-        if old != fp:
-            raise InputError(
-                f"an interrupted refine in {state} was made with other inputs or options; "
-                "rerun it with the same ones to resume, or pass --restart to start over"
-            )
+    state = runstate.state_dir_for(out, "refine")
+    if runstate.claim(state, fp, opts.restart, "refine", {"options": opts.result_key(), "version": __version__}, state_file=STATE_NAME):
         say(f"resuming the refine in {state}")
-    state.mkdir(parents=True, exist_ok=True)
-    _write_json(state / STATE_NAME, {"fingerprint": fp, "options": opts.result_key(), "version": __version__})
 
     budget = Budget(opts.max_memory, opts.max_gpu_memory, dev)
-    loader = _Loader(budget, dev, "auto", say)
+    loader = Loader(budget, dev, "auto", say)
     src_tok, tgt_tok = loader.tokenizer(src), loader.tokenizer(tgt)  # both checked before the long work
     phases: dict[str, float] = {}
     budget.start()
@@ -405,7 +307,7 @@ def _refine(
         else:
             prep = prepare_source(src, src_tok, ad.path, opts, user, loader, dev, say)
             prep.extra = {"seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}
-            _write_json(probes_file, prep.to_json())
+            write_json(probes_file, prep.to_json())
             phases["source"] = prep.seconds
             # Train on the values as stored (rounded), as a resumed run reads them back: the same bytes either way.
             prep = Prepared.from_json(json.loads(probes_file.read_text()))
@@ -417,11 +319,11 @@ def _refine(
             init_dir = state / "init"
             t = time.perf_counter()
             if not (init_dir / REPORT_NAME).exists():  # a resumed run keeps the finished transfer
-                run_transfer(
-                    ad.path,
+                run_guarded(
+                    [(ad.path, init_dir)],
                     src.path,
                     tgt.path,
-                    init_dir,
+                    batch=False,
                     rank=opts.rank,
                     layer_map=opts.layer_map,
                     device=dev,
@@ -439,7 +341,6 @@ def _refine(
         main = [t for t in train if t.origin in ("adapter", "user")]
         contrast = [t for t in train if t.origin == "base"] if opts.objective != "lm" else []
         longest = min(opts.max_len, max(len(t.ids) for t in main + contrast))
-        from .memory import host_anon_bytes
 
         params = private_weight_params(tgt, "bfloat16") if dev == "cpu" else sum(math.prod(t.shape) for t in tgt.tensors.values())
         lora_params = _lora_param_count(plan, cfg)
@@ -529,7 +430,7 @@ def _refine(
                 raise BudgetError(f"{budget.exceeded}; the checkpoint of step {step + 1} is kept: rerun with a larger budget to resume")
             if progress is not None:
                 progress(step + 1, opts.steps, rec)
-            _test_kill(step + 1)
+            hooks.reached("refine_step", step + 1)
         phases["train"] = time.perf_counter() - t
         spent += phases["train"]
 
@@ -544,12 +445,11 @@ def _refine(
     if final.exists():
         shutil.rmtree(final)
     final.mkdir()
-    from safetensors.torch import save_file
 
     save_file(lora, str(final / ADAPTER_NAME), metadata={"format": "pt"})
     out_cfg = dict(cfg)
     out_cfg["inference_mode"] = True
-    _write_json(final / CONFIG_NAME, out_cfg)
+    write_json(final / CONFIG_NAME, out_cfg)
     shutil.copyfile(probes_file, final / PROBES_NAME)
     train_n = {"adapter": sum(p.origin == "adapter" for p in prep.probes), "base": sum(p.origin == "base" for p in prep.probes), "user": len(user)}
     report = build_refine_report(
@@ -580,12 +480,8 @@ def _refine(
         fingerprint=fp,
         version=__version__,
     )
-    _write_json(final / REPORT_NAME, report)
-    fsync_dir(final)
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    os.replace(final, out)
-    fsync_dir(out.parent)
+    write_json(final / REPORT_NAME, report)
+    runstate.publish(final, out, force=True)  # a non-empty --out without --force was refused before any work
     shutil.rmtree(state, ignore_errors=True)
     return report
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+import scipy.linalg
 import torch
 
 # Reads rows [start, stop) of a weight in its stored dtype.
@@ -210,7 +211,6 @@ def exact_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torc
 
 def scipy_svd(W: np.ndarray, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact SVD through scipy's LAPACK (gesvd, the most robust driver), on the CPU."""
-    import scipy.linalg
 
     U, S, Vh = scipy.linalg.svd(W, full_matrices=False, lapack_driver="gesvd", check_finite=False)
     return torch.from_numpy(np.ascontiguousarray(U[:, :r])), torch.from_numpy(S[:r].copy()), torch.from_numpy(np.ascontiguousarray(Vh[:r].T))

@@ -18,8 +18,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import InputError
+import torch
 
+from lowmem_crosslora.errors import InputError
+
+PROBES_NAME = "refine_probes.json"  # the probe texts refine trained on, kept in its output folder
 INSTALL_HINT = "pip install 'lowmem-crosslora[verify]'"
 
 # Neutral openings: no style, no task, no domain the adapter could have been trained on.
@@ -215,7 +218,6 @@ def _sample_rows(
 ) -> list[list[int]]:
     """Sample `steps` tokens after each prompt (token ids), a row each, with the KV cache; a row stops at
     an end-of-text token (not returned)."""
-    import torch
 
     B, T = len(prompts), max(len(p) for p in prompts)
     x = torch.zeros(B, T, dtype=torch.long)

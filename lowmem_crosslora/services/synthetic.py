@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .architectures import FAMILIES, ModelDims, module_shape
+from lowmem_crosslora.architectures import FAMILIES, ModelDims, module_shape
 
 _ARCH_CLASS = {
     "llama": "LlamaForCausalLM",

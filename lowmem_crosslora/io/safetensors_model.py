@@ -1,14 +1,4 @@
-"""Lazy, memory-mapped access to a Hugging Face model folder's safetensors weights.
-
-One tensor (or one block of its rows) at a time; a state dict is never loaded. Pickled
-checkpoints (.bin, .pt) are refused: nothing is ever unpickled here.
-
-Fused projections and gpt2's transposed Conv1D weights are seen through *views*: a view is named
-`<tensor>#<part>` (or `<tensor>#T` for a whole transposed weight), has the logical (out x in) shape
-of one canonical module, and reads only that module's rows from the map (for a Conv1D weight, its
-columns, transposed). Everything that reads a weight by name (reads, row blocks, content hashes)
-takes a view's name as well as a tensor's.
-"""
+"""A model folder of safetensors shards, memory-mapped: config, tensor index, row reads."""
 
 from __future__ import annotations
 
@@ -23,28 +13,16 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .architectures import Family, ModelDims, family_for, fused_rows, model_dims
-from .errors import InputError
+from lowmem_crosslora.architectures import Family, ModelDims, family_for, fused_rows, model_dims
+from lowmem_crosslora.dtypes import TAG_BYTES
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io import hashing
+from lowmem_crosslora.io.hub import resolve
+from lowmem_crosslora.io.reader import TensorInfo, model_identity, read_json
+from lowmem_crosslora.sysmem import host_file_bytes
 
 if TYPE_CHECKING:
-    from .cache import HashMemo
-
-SAFETENSORS_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def read_json(path: Path, what: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise InputError(f"{what}: {path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"{what}: cannot read {path}: {e}") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{what}: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{what}: {path} must hold a JSON object")
-    return data
+    from lowmem_crosslora.io.hashing import HashMemo
 
 
 def read_safetensors_header(path: Path, what: str) -> dict[str, Any]:
@@ -74,7 +52,7 @@ def read_safetensors_header(path: Path, what: str) -> dict[str, Any]:
             count = 1
             for d in info["shape"]:
                 count *= int(d)
-            nbytes = count * SAFETENSORS_DTYPE_BYTES[info["dtype"]]
+            nbytes = count * TAG_BYTES[info["dtype"]]
         except (KeyError, TypeError, ValueError):
             raise InputError(f"{what}: {path} has a corrupt entry for tensor {name!r}") from None
         if stop - begin != nbytes or begin < 0:
@@ -83,24 +61,6 @@ def read_safetensors_header(path: Path, what: str) -> dict[str, Any]:
     if 8 + n + end > size:
         raise InputError(f"{what}: {path} is truncated ({size} bytes, header needs {8 + n + end})")
     return header
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    file: Path
-    shape: tuple[int, ...]
-    dtype: str
-
-
-def model_identity(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> str:
-    """What a model is, independent of where and how it lies: its config plus every tensor's name,
-    stored dtype and shape."""
-    h = hashlib.sha256()
-    h.update(json.dumps(config, sort_keys=True).encode())
-    for name, info in sorted(tensors.items()):
-        h.update(json.dumps([name, info.dtype, list(info.shape)]).encode())
-    return h.hexdigest()[:32]
 
 
 @dataclass(frozen=True)
@@ -128,7 +88,6 @@ class Checkpoint:
     """A model folder: config.json plus model.safetensors or sharded safetensors with an index."""
 
     def __init__(self, path: str | os.PathLike[str], role: str = "model") -> None:
-        from .hub import resolve
 
         self.given = os.fspath(path)
         self.path = resolve(path, role)
@@ -296,7 +255,6 @@ class Checkpoint:
         """BLAKE2b-256 of a tensor's bytes as stored (the basis cache's content key), read once
         through a memory map; the pages stay in the page cache for the read that may follow.
         `memo` remembers hashes of unchanged files between runs (see cache.HashMemo)."""
-        from .cache import content_hash
 
         view = self.views.get(name)
         if view is not None:  # the stored tensor's hash, plus which of its rows the view takes
@@ -312,7 +270,7 @@ class Checkpoint:
             known = memo.get(info.file, offset, end - begin) if memo is not None else None
             if known is not None:
                 return known
-            h = content_hash(info.file, offset, end - begin)
+            h = hashing.content_hash(info.file, offset, end - begin)
             if memo is not None:
                 memo.put(info.file, offset, end - begin, h)
             return h
@@ -355,17 +313,6 @@ class Checkpoint:
         """Unmap the shards once this process holds more than `limit` bytes of mapped file pages,
         so the pages of tensors already factored stop counting as this process's resident memory.
         (Reopening a shard costs milliseconds, so this is done only past the limit.)"""
-        from .memory import host_file_bytes
 
         if self._open and host_file_bytes() > limit:
             self._open.clear()
-
-
-def open_checkpoint(path: str | os.PathLike[str], role: str = "model") -> Any:
-    """A base model: a GGUF file (gguf_model.GGUFCheckpoint, which needs the optional gguf package)
-    or a Hugging Face safetensors folder (Checkpoint). Both have the same reading interface."""
-    from .gguf_model import GGUFCheckpoint, is_gguf
-
-    if is_gguf(path):
-        return GGUFCheckpoint(path, role)
-    return Checkpoint(path, role)

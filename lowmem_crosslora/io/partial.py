@@ -6,8 +6,7 @@ offset is known once the plan exists); each unit's bytes go to their offsets as 
 are fsynced, then recorded in `journal.jsonl` with a checksum. Resume re-reads the journal, checks
 each recorded unit against the bytes on disk, and redoes whatever does not match. Finishing
 verifies every checksum, writes adapter_config.json and the report beside the adapter, fsyncs, and
-renames the folder into place in one step.
-"""
+renames the folder into place in one step."""
 
 from __future__ import annotations
 
@@ -16,7 +15,6 @@ import hashlib
 import json
 import os
 import shutil
-import signal
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -25,47 +23,30 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from lowmem_crosslora import hooks
+from lowmem_crosslora.dtypes import TAG_BYTES, TAG_TORCH
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io.runstate import disk_error, fsync_dir, state_dir_for
 
-DTYPE_TORCH = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 PARTIAL_NAME = "adapter_model.safetensors.partial"
+
+
 JOURNAL_NAME = "journal.jsonl"
+
+
 ADAPTER_NAME = "adapter_model.safetensors"
+
+
 CONFIG_NAME = "adapter_config.json"
+
+
 REPORT_NAME = "crosslora_report.json"
+
+
 JOURNAL_VERSION = 1
+
+
 SYNC_INTERVAL = 1.0  # seconds between fsyncs of the partial file and the journal
-
-
-def _test_hook(point: str, unit_index: int) -> None:
-    """Test-only: LOWMEM_CROSSLORA_TEST_KILL='point:k' SIGKILLs this process at that point of unit k.
-
-    Points: mid_write (half of the unit's first tensor written), before_journal (data written and
-    fsynced, not journaled), after_unit (journaled), finish:0 (adapter renamed inside the state
-    folder, folder not yet moved into place). LOWMEM_CROSSLORA_TEST_DELAY=seconds sleeps after
-    every journaled unit, so that a test can send a signal while the run is surely in its loop.
-    """
-    spec = os.environ.get("LOWMEM_CROSSLORA_TEST_KILL")
-    if spec and spec == f"{point}:{unit_index}":
-        os.kill(os.getpid(), signal.SIGKILL)
-    if point == "after_unit":
-        delay = os.environ.get("LOWMEM_CROSSLORA_TEST_DELAY")
-        if delay:
-            time.sleep(float(delay))
-
-
-def state_dir_for(out: Path) -> Path:
-    return out.parent / f".{out.name}.crosslora-partial"
-
-
-def disk_error(e: OSError, path: Path) -> InputError:
-    """One line for a failed write: what failed and why, and that rerunning the command resumes."""
-    where = e.filename if isinstance(e.filename, str) else path
-    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        why = "the disk is full" if e.errno != errno.EFBIG else "the file size limit was reached"
-        return InputError(f"cannot write {where}: {why}; finished units are kept, free space and rerun the same command to resume")
-    return InputError(f"cannot write {where}: {e.strerror or e}; finished units are kept, rerun the same command to resume")
 
 
 def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
@@ -108,7 +89,7 @@ class Layout:
         self.dtypes: dict[str, str] = {}
         offset = 0
         for name, dtype, shape in entries:
-            size = DTYPE_BYTES[dtype] * shape[0] * shape[1]
+            size = TAG_BYTES[dtype] * shape[0] * shape[1]
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
             self.ranges[name] = (offset, offset + size)
             self.shapes[name] = shape
@@ -125,7 +106,7 @@ class Layout:
         for region, (tensor, rows) in sorted((regions or {}).items()):
             b0, _ = self.ranges[tensor]
             cols = self.shapes[tensor][1]
-            row_bytes = DTYPE_BYTES[self.dtypes[tensor]] * cols
+            row_bytes = TAG_BYTES[self.dtypes[tensor]] * cols
             self.region_spans[region] = [(b0 + a * row_bytes, b0 + e * row_bytes) for a, e in rows]
             self.ranges[region] = (self.region_spans[region][0][0], self.region_spans[region][-1][1])
             self.shapes[region] = (sum(e - a for a, e in rows), cols)
@@ -146,20 +127,6 @@ class Layout:
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a folder's entries (renames, new files) durable; best effort where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _line_check(record: dict[str, Any]) -> str:
@@ -360,7 +327,7 @@ class PartialOutput:
         try:
             for name in names:
                 t = tensors[name]
-                if tuple(t.shape) != self.layout.shapes[name] or t.dtype != DTYPE_TORCH[self.layout.dtypes[name]]:
+                if tuple(t.shape) != self.layout.shapes[name] or t.dtype != TAG_TORCH[self.layout.dtypes[name]]:
                     raise AssertionError(f"tensor {name} does not match the planned layout")
                 data = memoryview(tensor_bytes(t))
                 spans = self.layout.spans(name)
@@ -373,7 +340,7 @@ class PartialOutput:
                     half = len(chunk) // 2 if k == 0 else 0
                     _pwrite_all(self._fd, chunk[:half], b)
                     if k == 0:
-                        _test_hook("mid_write", index)
+                        hooks.reached("mid_write", index)
                     _pwrite_all(self._fd, chunk[half:], b + half)
             # Durability is batched: fsync at most every SYNC_INTERVAL seconds (and always at the
             # end). A kill loses nothing (the bytes are in the kernel); a power cut loses at most the
@@ -384,7 +351,7 @@ class PartialOutput:
                 os.fsync(self._fd)
         except OSError as e:
             raise disk_error(e, self.partial) from None
-        _test_hook("before_journal", index)
+        hooks.reached("before_journal", index)
         rec = {"kind": "unit", "uid": uid, "tensors": names, "sha256": h.hexdigest(), "record": record}
         try:
             _write_all(self._jfd, _journal_line(rec))
@@ -394,7 +361,7 @@ class PartialOutput:
         except OSError as e:
             raise disk_error(e, self.journal_path) from None
         self.done[uid] = rec
-        _test_hook("after_unit", index)
+        hooks.reached("after_unit", index)
 
     # ---- finishing ------------------------------------------------------------------------
     def sync(self) -> None:
@@ -457,7 +424,7 @@ class PartialOutput:
                     os.fsync(f.fileno())
                 os.replace(tmp, self.dir / name)
             os.replace(self.partial, self.dir / ADAPTER_NAME)
-            _test_hook("finish", 0)  # a state folder caught here is resumed: the file goes back to .partial
+            hooks.reached("finish", 0)  # a state folder caught here is resumed: the file goes back to .partial
             if extra is not None:
                 extra(self.dir)
             self.journal_path.unlink()

@@ -8,13 +8,20 @@ from typing import Any
 
 import torch
 
-from .adapter import load_adapter
-from .checkpoint import Checkpoint, open_checkpoint, read_json
-from .engine import TransferOptions, resolve_device
-from .errors import InputError
-from .memory import Budget
-from .plan import build_plan
-from .sizes import format_size
+from lowmem_crosslora.architectures import module_shape
+from lowmem_crosslora.dtypes import tag_bytes
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io.adapter import load_adapter
+from lowmem_crosslora.io.checkpoints import open_checkpoint
+from lowmem_crosslora.io.gguf_model import is_gguf
+from lowmem_crosslora.io.hub import resolve
+from lowmem_crosslora.io.reader import read_json
+from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.device import resolve_device
+from lowmem_crosslora.services.memory import Budget
+from lowmem_crosslora.services.options import TransferOptions
+from lowmem_crosslora.services.plan import build_plan
+from lowmem_crosslora.sizes import format_size
 
 
 def measured_gflops(device: str = "cpu") -> float:
@@ -97,7 +104,6 @@ def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[s
 
 def describe(path: Path) -> dict[str, Any]:
     """Model or adapter folder (or a hub id in the local Hugging Face cache) -> a flat description."""
-    from .hub import resolve
 
     path = resolve(path, "path")
     if not path.exists():
@@ -124,7 +130,6 @@ def describe(path: Path) -> dict[str, Any]:
             "alpha_pattern": ad.config.get("alpha_pattern") or {},
             "skipped": ad.skipped,
         }
-    from .gguf_model import is_gguf
 
     if is_gguf(path) or (path / "config.json").exists():
         ck = open_checkpoint(path, "model")
@@ -136,9 +141,8 @@ def describe(path: Path) -> dict[str, Any]:
             count = 1
             for s in t.shape:
                 count *= s
-            nbytes += count * {"F32": 4, "F16": 2, "BF16": 2}.get(t.dtype, 4) if isinstance(ck, Checkpoint) else ck.entry(t.name).nbytes
+            nbytes += count * tag_bytes(t.dtype) if isinstance(ck, Checkpoint) else ck.entry(t.name).nbytes
         fam = ck.family
-        from .architectures import module_shape
 
         return {
             "kind": "model",

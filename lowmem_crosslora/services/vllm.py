@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .adapter import Adapter
-from .architectures import Family
+from lowmem_crosslora.architectures import Family
+from lowmem_crosslora.io.adapter import Adapter
 
 if TYPE_CHECKING:
-    from .plan import Unit
+    from lowmem_crosslora.services.plan import Unit
 
 # The ranks vLLM accepts for --max-lora-rank.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +29,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 
-from .errors import InputError
-from .gguf_model import GGUF_MODULES, permute_rows, require_gguf
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io.gguf_model import GGUF_MODULES, permute_rows, require_gguf
+from lowmem_crosslora.io.partial import ADAPTER_NAME, CONFIG_NAME
 
 GGUF_NAME = "adapter_model.gguf"
 OUT_FORMATS = ("peft", "gguf", "both")
@@ -93,7 +96,6 @@ def write_lora_gguf(
     """Write a llama.cpp LoRA GGUF at `dest` (via a temporary file and a rename) from the PEFT
     tensors in the safetensors file `tensors_file`, one tensor in memory at a time."""
     gguf = require_gguf()
-    from safetensors import safe_open
 
     alpha = float(alpha)
     plan: list[tuple[str, str, float, int | None]] = []  # (gguf name, peft name, factor on the rows, heads to permute)
@@ -166,9 +168,7 @@ def entries_for(plan: Any, use_rslora: bool) -> list[LoraEntry]:
 def entries_for_file(tensors_file: Path, alpha: float | None = None) -> list[LoraEntry]:
     """Entries for every q..down module of a finished PEFT adapter file (uniform scale alpha / rank,
     or 1.0 relative scale when alpha is None): for rewriting an output's GGUF by hand."""
-    import re
 
-    from safetensors import safe_open
 
     hf_to_canonical = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
     pat = re.compile(r"^base_model\.model\..*\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_A\.weight$")
@@ -185,7 +185,6 @@ def entries_for_file(tensors_file: Path, alpha: float | None = None) -> list[Lor
 
 def output_files(out_format: str) -> tuple[str, ...]:
     """The adapter files a finished output folder holds for this --out-format."""
-    from .output import ADAPTER_NAME
 
     return {"peft": (ADAPTER_NAME,), "gguf": (GGUF_NAME,)}.get(out_format, (ADAPTER_NAME, GGUF_NAME))
 
@@ -203,11 +202,9 @@ def finish_hooks(out_format: str, plan: Any, adapter: Any, target: Any) -> tuple
     name = Path(str(target.path)).name
 
     def write(folder: Path) -> None:
-        from .output import ADAPTER_NAME
 
         heads = {"num_heads": dims.num_heads, "num_kv_heads": dims.num_kv_heads}
         write_lora_gguf(folder / GGUF_NAME, folder / ADAPTER_NAME, entries, arch=arch, alpha=alpha, name=name, **heads)
 
-    from .output import ADAPTER_NAME, CONFIG_NAME
 
     return write, ((ADAPTER_NAME, CONFIG_NAME) if out_format == "gguf" else ())

@@ -9,35 +9,38 @@ in log-likelihood per byte; effects, their ratios and their differences come wit
 over texts (paired: every model scores the same texts).
 
 One model is resident at a time: the source (sample, then score with the adapter off and on), then
-the target (score base, transferred and control, switching adapters in place).
-"""
+the target (score base, transferred and control, switching adapters in place)."""
 
 from __future__ import annotations
 
-import gc
+import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .adapter import Adapter, check_finite, load_adapter
-from .checkpoint import Checkpoint
-from .errors import BudgetError, InputError
-from .probes import DEFAULT_PROMPTS, Probe, prefix_ids, read_texts, require_extras, sample_probes, stable_seed
-from .sizes import format_size
+import torch
+
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io.adapter import Adapter, check_finite, load_adapter
+from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.device import resolve_device
+from lowmem_crosslora.services.memory import Budget
+from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, PROBES_NAME, Probe, read_texts, require_extras, sample_probes, stable_seed
+from lowmem_crosslora.services.report import build_verify_report
+from lowmem_crosslora.services.scoring import Loader, encode, free, score, vocab_size
+from lowmem_crosslora.sysmem import tune_allocator
+from lowmem_crosslora.version import __version__
 
 CONFIGS = ("source_base", "source_adapter", "target_base", "target_transferred", "target_control")
+
+
 # z (mean over its standard error) below which a difference is "indistinguishable".
 Z_CUTOFF = 2.0
-# The log-softmax over the vocabulary is the scoring's working memory: keep a batch's logits below this.
-LOGITS_BYTES = 256 * 1024**2
+
+
 Log = Callable[[str], None]
-
-
-# ---- statistics ---------------------------------------------------------------------------------
 
 
 def mean_se(x: list[float]) -> tuple[float, float]:
@@ -128,79 +131,6 @@ def verdict(eff: dict[str, Any], what: str) -> str:
     return f"on {what}: {keeps}, {abs(z):.0f} standard errors {side} the random control{tail}"
 
 
-# ---- scoring ------------------------------------------------------------------------------------
-
-
-@dataclass
-class Encoded:
-    ids: list[int]  # prefix + prompt + text tokens
-    first: int  # index of the first scored token (its log-prob is read at first - 1)
-    nbytes: int  # UTF-8 bytes covered by the scored tokens
-    start: int = 0  # character (of prompt + text) where the first scored token starts
-    ends: tuple[int, ...] = ()  # character where each scored token ends (token boundaries, for segments)
-
-
-def encode(tokenizer: Any, probe: Probe) -> Encoded:
-    """Tokenize prompt + text in one piece (as the model would read it) and find the tokens of the text:
-    those that end after the prompt. Their characters (from the first scored token's start) are the bytes."""
-    full = probe.prompt + probe.text
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    offsets = [tuple(o) for o in enc["offset_mapping"]]
-    pre = prefix_ids(tokenizer)
-    cut = len(probe.prompt)
-    first_tok = next((i for i, (_s, e) in enumerate(offsets) if e > cut), len(ids))
-    if not pre and first_tok == 0:
-        first_tok = 1  # no start token: the first token has no context and is not scored
-    if first_tok >= len(ids):
-        return Encoded(pre + ids, len(pre) + len(ids), 0, len(full), ())
-    start = offsets[first_tok][0]
-    nbytes = len(full[start:].encode("utf-8"))
-    ends = tuple(int(e) for _s, e in offsets[first_tok:])
-    return Encoded(pre + ids, len(pre) + first_tok, nbytes, int(start), ends)
-
-
-def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[list[float]]:
-    """Log-probability (nats) of each scored token of each encoded text under `model` as it is."""
-    import torch
-
-    out: list[list[float]] = [[] for _ in encoded]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
-    i = 0
-    model.eval()
-    while i < len(order):
-        # Texts are sorted by length: the 16th from here bounds the longest a batch could hold.
-        longest = len(encoded[order[min(len(order) - 1, i + 15)]].ids)
-        batch = max(1, min(16, LOGITS_BYTES // max(1, 8 * longest * vocab)))
-        idx = order[i : i + batch]
-        T = max(len(encoded[j].ids) for j in idx)
-        x = torch.zeros(len(idx), T, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
-        for row, j in enumerate(idx):
-            ids = encoded[j].ids
-            x[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tok = torch.gather(logp, 2, x[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).double().cpu()
-        del logits, logp
-        for row, j in enumerate(idx):
-            e = encoded[j]
-            out[j] = tok[row, e.first - 1 : len(e.ids) - 1].tolist() if e.nbytes else []
-        i += batch
-    return out
-
-
-def score(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[float]:
-    """Log-likelihood per byte (nats) of each encoded text under `model` as it is (adapters as set)."""
-    per_token = token_logprobs(model, encoded, device, vocab)
-    return [math.fsum(lp) / e.nbytes if e.nbytes else math.nan for lp, e in zip(per_token, encoded, strict=True)]
-
-
-# ---- adapters -----------------------------------------------------------------------------------
-
-
 def check_adapter_fits(adapter: Adapter, model: Checkpoint, what: str) -> None:
     """Every adapted module must be a linear weight of `model` with the factors' shapes."""
     fan_in_fan_out = bool(adapter.config.get("fan_in_fan_out", False))
@@ -237,7 +167,6 @@ def install_control(peft_model: Any, transferred: str | Path, seed: int, name: s
     (Gaussian A and B, seeded per module) rescaled so that ||s B A||_F equals the transferred module's.
     `like` names the loaded adapter whose norms it takes (default: the other one). Returns the
     control's norm per module."""
-    import torch
 
     peft_model.load_adapter(str(transferred), adapter_name=name)
     norms: dict[str, float] = {}
@@ -262,100 +191,10 @@ def install_control(peft_model: Any, transferred: str | Path, seed: int, name: s
     return norms
 
 
-# ---- the run ------------------------------------------------------------------------------------
-
-
-STORED = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
-
-
-def private_weight_params(ckpt: Checkpoint, dtype: str) -> int:
-    """Parameters whose copies are private memory once transformers loads the model as `dtype`.
-    transformers 5 leaves tensors stored in that very dtype on the safetensors memory map (file-backed
-    pages, reclaimable, outside the budget like the transfer's reads); anything converted, or loaded
-    by an older transformers, is private."""
-    import math
-
-    import transformers
-
-    mapped = int(transformers.__version__.split(".")[0]) >= 5
-    return sum(math.prod(t.shape) for t in ckpt.tensors.values() if not (mapped and t.dtype == STORED[dtype]))
-
-
-def _model_bytes(ckpt: Checkpoint, dtype: str, device: str = "cpu") -> int:
-    """Budgeted bytes of the model's weights: private host memory on the CPU, all of them on a GPU."""
-    import math
-
-    n = private_weight_params(ckpt, dtype) if device == "cpu" else sum(math.prod(t.shape) for t in ckpt.tensors.values())
-    return n * (4 if dtype == "float32" else 2)
-
-
-def _vocab(ckpt: Checkpoint) -> int:
-    return int(ckpt.config.get("vocab_size") or ckpt.config.get("text_config", {}).get("vocab_size") or 32000)
-
-
-class _Loader:
-    """Loads one model at a time inside the budget: float32 where it fits, bfloat16 where only that does."""
-
-    def __init__(self, budget: Any, device: str, dtype: str, log: Log) -> None:
-        self.budget, self.device, self.dtype, self.log = budget, device, dtype, log
-        self.used: dict[str, str] = {}
-
-    def pick_dtype(self, ckpt: Checkpoint, max_new_tokens: int) -> str:
-        if self.dtype != "auto":
-            return self.dtype
-        if self.device != "cpu":
-            room = self.budget.max_gpu or float("inf")
-        else:
-            from .memory import host_anon_bytes
-
-            room = self.budget.max_host - max(0, host_anon_bytes() - self.budget.baseline)
-        # Measured on Qwen2.5-0.5B in float32: weights 1.98 GB, peak working 2.9 GiB: the logits and their
-        # log-softmax (up to LOGITS_BYTES together), the layers' activations and the loader's slack.
-        work = 2 * LOGITS_BYTES + 64 * 1024**2
-        for name in ("float32", "bfloat16"):
-            if int(1.15 * _model_bytes(ckpt, name, self.device)) + work <= room:
-                return name
-        need = int(1.15 * _model_bytes(ckpt, "bfloat16", self.device)) + work
-        raise BudgetError(
-            f"{ckpt.role} model {ckpt.path} needs about {format_size(need)} of working memory to score texts in bfloat16, "
-            f"over the budget ({format_size(int(room))} left); raise --max-memory to at least {format_size(need)}"
-        )
-
-    def tokenizer(self, ckpt: Checkpoint) -> Any:
-        """The model folder's own tokenizer; it must be a fast one (character offsets)."""
-        from transformers import AutoTokenizer
-
-        where = f"{ckpt.role} {ckpt.path}"
-        if not any((ckpt.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            raise InputError(f"{where}: no tokenizer in the model folder (tokenizer.json); verify scores text with each model's own tokenizer")
-        try:
-            tok = AutoTokenizer.from_pretrained(str(ckpt.path))
-        except (OSError, ValueError, TypeError, ImportError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise InputError(f"{where}: cannot load its tokenizer: {first}") from None
-        if not getattr(tok, "is_fast", False):
-            raise InputError(f"{where}: verify needs a fast tokenizer (tokenizer.json) for character offsets")
-        return tok
-
-    def load(self, ckpt: Checkpoint, max_new_tokens: int) -> Any:
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        dtype = self.pick_dtype(ckpt, max_new_tokens)
-        self.used[ckpt.role] = dtype
-        self.log(f"loading {ckpt.role} {ckpt.path} ({dtype}, {self.device})")
-        model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=getattr(torch, dtype))
-        model.to(self.device)
-        model.eval()
-        return model
-
-
 def refine_training_set(folder: Path) -> dict[str, Any] | None:
     """What refine trained an adapter folder on (its refine_probes.json): seed, prompts and the
     (prompt, text) pairs; None for an adapter that refine did not make."""
-    import json
 
-    from .refine import PROBES_NAME
 
     f = Path(folder) / PROBES_NAME
     if not f.exists():
@@ -365,21 +204,6 @@ def refine_training_set(folder: Path) -> dict[str, Any] | None:
         return {"seed": int(obj["seed"]), "prompts": obj.get("prompts", "built-in"), "texts": {(t["prompt"], t["text"]) for t in obj["texts"]}}
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{f}: unreadable; it says which texts refine trained this adapter on, so verify cannot choose fresh ones") from None
-
-
-def free(*objs: Any) -> None:
-    from .memory import release_free_memory
-
-    del objs
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-    release_free_memory()
 
 
 def run_verify(
@@ -405,9 +229,6 @@ def run_verify(
     A refined adapter (refine_probes.json in its folder) is graded on fresh texts: `seed` defaults to
     the seed after the one refine sampled its training texts with, the same seed on the same prompts is
     refused, and any sampled text refine trained on is dropped."""
-    from .engine import resolve_device
-    from .memory import Budget, tune_allocator
-    from .report import build_verify_report
 
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
@@ -445,7 +266,7 @@ def run_verify(
 
     budget = Budget(max_memory, None, dev)  # after the imports: the libraries are part of the baseline
     budget.start()
-    loader = _Loader(budget, dev, dtype, say)
+    loader = Loader(budget, dev, dtype, say)
     phases: dict[str, float] = {}
     src_norms, tr_norms = adapter_norms(ad), adapter_norms(tr)
     src_tok, tgt_tok = loader.tokenizer(src), loader.tokenizer(tgt)  # both checked before the long work starts
@@ -476,8 +297,8 @@ def run_verify(
         enc = [encode(tok, p) for p in probes]
         ll: dict[str, list[float]] = {}
         with model.disable_adapter():
-            ll["source_base"] = score(model, enc, dev, _vocab(src))
-        ll["source_adapter"] = score(model, enc, dev, _vocab(src))
+            ll["source_base"] = score(model, enc, dev, vocab_size(src))
+        ll["source_adapter"] = score(model, enc, dev, vocab_size(src))
         phases["score_source"] = time.perf_counter() - t
         del model, base, tok, enc
         free()
@@ -493,11 +314,11 @@ def run_verify(
         t = time.perf_counter()
         enc = [encode(tok, p) for p in probes]
         with model.disable_adapter():
-            ll["target_base"] = score(model, enc, dev, _vocab(tgt))
+            ll["target_base"] = score(model, enc, dev, vocab_size(tgt))
         model.set_adapter("transferred")
-        ll["target_transferred"] = score(model, enc, dev, _vocab(tgt))
+        ll["target_transferred"] = score(model, enc, dev, vocab_size(tgt))
         model.set_adapter("control")
-        ll["target_control"] = score(model, enc, dev, _vocab(tgt))
+        ll["target_control"] = score(model, enc, dev, vocab_size(tgt))
         phases["score_target"] = time.perf_counter() - t
         del model, base, tok, enc
         free()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -12,8 +13,11 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .checkpoint import read_json, read_safetensors_header
-from .errors import InputError
+from lowmem_crosslora.dtypes import TAG_TORCH, TORCH_TAG
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io.hub import resolve
+from lowmem_crosslora.io.reader import read_json
+from lowmem_crosslora.io.safetensors_model import read_safetensors_header
 
 PEFT_PREFIX = "base_model.model."
 _FACTOR = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.(?P<adapter>[^.]+))?\.(?P<kind>weight|bias)$")
@@ -97,7 +101,6 @@ class Adapter:
         self._handle = None
 
 
-_TORCH_TAGS = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 def _load_pickled(file: Path, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -109,7 +112,7 @@ def _load_pickled(file: Path, where: str) -> tuple[dict[str, Any], dict[str, tor
         raise InputError(f"{where}: cannot load {file.name} with torch.load(weights_only=True): {first}") from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InputError(f"{where}: {file.name} does not hold a state dict of tensors")
-    header = {k: {"shape": list(v.shape), "dtype": _TORCH_TAGS.get(v.dtype, str(v.dtype))} for k, v in state.items()}
+    header = {k: {"shape": list(v.shape), "dtype": TORCH_TAG.get(v.dtype, str(v.dtype))} for k, v in state.items()}
     return header, state
 
 
@@ -129,7 +132,6 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
 
     A pickled adapter_model.bin is refused unless `allow_pickle`; then it is read with
     torch.load(weights_only=True), which unpickles tensors and plain containers only."""
-    from .hub import resolve
 
     p = resolve(path, "adapter")
     where = f"adapter {p}"
@@ -203,7 +205,7 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
         a_shape, b_shape = tuple(a_info["shape"]), tuple(b_info["shape"])
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise InputError(f"{where}: module {module} has factors of shapes A {list(a_shape)} and B {list(b_shape)}, which do not multiply")
-        if a_info["dtype"] not in ("F32", "F16", "BF16", "F64"):
+        if a_info["dtype"] not in TAG_TORCH:
             raise InputError(f"{where}: tensor {a_name} has dtype {a_info['dtype']}; expected a float type")
         rank = int(a_shape[0])
         rkey = peft_pattern_key(rank_pattern, module)
@@ -256,7 +258,6 @@ def check_finite(adapter: Adapter) -> None:
 
 def adapter_fingerprint(adapter: Adapter) -> str:
     """Content hash of the adapter's config and weights (adapters are small: hash every byte)."""
-    import hashlib
 
     h = hashlib.sha256()
     h.update((adapter.path / "adapter_config.json").read_bytes())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from .adapter import Adapter
-from .checkpoint import Checkpoint
-from .plan import Plan
-from .sizes import format_size
+from lowmem_crosslora.io.adapter import Adapter
+from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.plan import Plan
+from lowmem_crosslora.sizes import format_size
 
 SCHEMA = "lowmem-crosslora/report/1"
 

@@ -28,12 +28,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from .architectures import Family, ModelDims, family_for, model_dims
-from .checkpoint import TensorInfo, model_identity
-from .errors import InputError
+from lowmem_crosslora.architectures import Family, ModelDims, family_for, model_dims
+from lowmem_crosslora.dtypes import PLAIN
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io import hashing
+from lowmem_crosslora.io.reader import TensorInfo, model_identity
+from lowmem_crosslora.sysmem import host_file_bytes
 
 if TYPE_CHECKING:
-    from .cache import HashMemo
+    from lowmem_crosslora.io.hashing import HashMemo
 
 INSTALL_HINT = "reading GGUF files needs the gguf package: pip install 'lowmem-crosslora[gguf]' (or pip install gguf)"
 
@@ -59,7 +62,6 @@ GGUF_MODULES = {
     "down": "ffn_down",
 }
 # Types read without dequantization (returned in their stored dtype).
-PLAIN_TYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 # Quantized types whose dequantization is supported (tested ones first).
 SUPPORTED_QUANTS = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS")
 # Bytes of float32 output dequantized per call: gguf's kernels hold every 16-row group's output
@@ -346,7 +348,7 @@ class GGUFCheckpoint:
         (one destination row index per GGUF row, -1 for rows not wanted), the rows are scattered
         into `out` chunk by chunk instead (the q/k un-permutation without a second full copy)."""
         raw = self._raw_rows(t, start, stop)
-        if t.type_name in PLAIN_TYPES and rows_to is None:
+        if t.type_name in PLAIN and rows_to is None:
             np_dtype = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16}[t.type_name]
             arr = raw.view(np_dtype)
             with warnings.catch_warnings():
@@ -360,7 +362,7 @@ class GGUFCheckpoint:
         try:
             for s in range(0, stop - start, step):
                 e = min(stop - start, s + step)
-                if t.type_name in PLAIN_TYPES:
+                if t.type_name in PLAIN:
                     block = self._decode(t, start + s, start + e).float()
                 else:
                     qtype = self._gguf.GGMLQuantizationType(t.ggml_type)
@@ -399,7 +401,7 @@ class GGUFCheckpoint:
             rows_to = torch.full((g1 - g0,), -1, dtype=torch.long)
             rows_to[gguf_rows - g0] = torch.arange(g0, g1) - start
             rows_to[(rows_to < 0) | (rows_to >= stop - start)] = -1
-            dtype = PLAIN_TYPES.get(t.type_name, torch.float32)
+            dtype = PLAIN.get(t.type_name, torch.float32)
             out = torch.empty(stop - start, t.shape[-1], dtype=dtype)
             return self._decode(t, g0, g1, rows_to=rows_to, out=out)
         except (OSError, ValueError) as e:
@@ -432,13 +434,12 @@ class GGUFCheckpoint:
         """BLAKE2b-256 of the tensor's bytes as stored (quantized), the basis cache's content key; for
         a q/k whose rows are permuted on reading, mixed with the head count, since the matrix factored
         is the permuted one. `memo` remembers hashes of unchanged files between runs (cache.HashMemo)."""
-        from .cache import content_hash
 
         t = self.entry(name)
         try:
             h = memo.get(self.path, t.offset, t.nbytes) if memo is not None else None
             if h is None:
-                h = content_hash(self.path, t.offset, t.nbytes)
+                h = hashing.content_hash(self.path, t.offset, t.nbytes)
                 if memo is not None:
                     memo.put(self.path, t.offset, t.nbytes, h)
         except (OSError, ValueError) as e:
@@ -462,7 +463,6 @@ class GGUFCheckpoint:
 
     def release_pages(self, limit: int) -> None:
         """Unmap the file once this process holds more than `limit` bytes of mapped file pages."""
-        from .memory import host_file_bytes
 
         if self._map is not None and host_file_bytes() > limit:
             self._map = None

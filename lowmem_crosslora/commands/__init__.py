@@ -1,0 +1,1 @@
+"""The commands, side by side: each is one job the CLI dispatches to; none imports another."""

@@ -1,0 +1,164 @@
+"""Run state: how every long job keeps its work safe and resumes it.
+
+A job that writes an output folder `out` works in a hidden state folder beside it,
+`.<out>.<kind>-partial` (kind: "crosslora" for a transfer, "refine" for a refine), and records there a
+fingerprint of everything that changes its result. A rerun with the same fingerprint resumes that
+work (`claim`); another fingerprint is refused with one line, unless --restart discards the state.
+Small files are written whole or not at all (`atomic_write`: a temporary file and one rename). The
+finished folder is published in one rename (`publish`): an old output is moved aside first and only
+removed once the new one is in place, so no interruption leaves neither. See docs/ARCHITECTURE.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lowmem_crosslora.errors import InputError
+
+STATE_FILE = "state.json"  # a claimed state folder's fingerprint, for jobs without a journal of their own
+
+
+def state_dir_for(out: Path, kind: str = "crosslora") -> Path:
+    """The hidden state folder of a job writing `out`."""
+    return out.parent / f".{out.name}.{kind}-partial"
+
+
+def fingerprint(payload: dict[str, Any]) -> str:
+    """A short stable digest of a job's inputs and result-changing options (JSON, sorted keys)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (renames, new files) durable; best effort where folders cannot be opened."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
+    """Write `data` to `path` through a temporary file in the same folder and one rename, so that a
+    reader sees the old file or the whole new one; `durable` also fsyncs the file and the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any, indent: int = 1) -> None:
+    """A JSON file (sorted keys, a final newline), written atomically and durably."""
+    atomic_write(path, (json.dumps(obj, indent=indent, sort_keys=True) + "\n").encode())
+
+
+def disk_error(e: OSError, path: Path) -> InputError:
+    """One line for a failed write: what failed and why, and that rerunning the command resumes."""
+    where = e.filename if isinstance(e.filename, str) else path
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        why = "the disk is full" if e.errno != errno.EFBIG else "the file size limit was reached"
+        return InputError(f"cannot write {where}: {why}; finished units are kept, free space and rerun the same command to resume")
+    return InputError(f"cannot write {where}: {e.strerror or e}; finished units are kept, rerun the same command to resume")
+
+
+def _inside(a: Path, b: Path) -> bool:
+    try:
+        a.relative_to(b)
+        return True
+    except ValueError:
+        return False
+
+
+def inside(a: Path, b: Path) -> bool:
+    """Whether path `a` lies inside `b` (or is `b`), after resolving both."""
+    return _inside(a.resolve(), b.resolve())
+
+
+def check_output_dir(out: Path, inputs: list[Path], force: bool) -> None:
+    """An output folder must lie apart from the inputs, and be absent or empty unless --force."""
+    o = out.resolve()
+    for p in inputs:
+        q = p.resolve()
+        if _inside(o, q):
+            raise InputError(f"output folder {out} lies inside the input {p}; choose a folder outside the inputs")
+        if _inside(q, o):
+            raise InputError(f"the input {p} lies inside the output folder {out}; choose another output folder")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"output {out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise InputError(f"output folder {out} is not empty; use --force to replace it")
+
+
+def refuse_other_run(state: Path, what: str, old: str | None, new: str, detail: str = "") -> None:
+    """The one check of an interrupted run: state made with another fingerprint is never mixed in."""
+    if old is not None and old != new:
+        raise InputError(
+            f"an interrupted {what} in {state} was made with other inputs or options{detail}; "
+            "rerun it with the same ones to resume, or pass --restart to start over"
+        )
+
+
+def claim(state: Path, fp: str, restart: bool, what: str, record: dict[str, Any], state_file: str = STATE_FILE) -> bool:
+    """Take the state folder for a job of fingerprint `fp`: discard it first on --restart, refuse it
+    when another run's, else create it and record the fingerprint (with `record`). True: resumed."""
+    if state.exists() and restart:
+        shutil.rmtree(state)
+    resumed = state.exists()
+    if resumed:
+        try:
+            old = json.loads((state / state_file).read_text())["fingerprint"]
+        except (OSError, ValueError, KeyError, TypeError):
+            old = ""
+        refuse_other_run(state, what, old, fp)
+    state.mkdir(parents=True, exist_ok=True)
+    write_json(state / state_file, {"fingerprint": fp, **record})
+    return resumed
+
+
+def publish(staged: Path, out: Path, force: bool) -> None:
+    """Move the finished folder `staged` to `out` in one rename. A non-empty `out` needs `force`; it is
+    moved aside first and removed only once the new folder is in place."""
+    fsync_dir(staged)
+    old = None
+    if out.exists() or out.is_symlink():
+        if out.is_dir() and not out.is_symlink() and any(out.iterdir()):
+            if not force:
+                raise InputError(f"output folder {out} is not empty; use --force to replace it")
+            old = out.parent / f".{out.name}.crosslora-old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+        elif out.is_dir() and not out.is_symlink():
+            out.rmdir()
+        else:
+            if not force:
+                raise InputError(f"output {out} exists and is not a folder")
+            out.unlink()
+    os.replace(staged, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
