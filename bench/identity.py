@@ -1,7 +1,7 @@
 """Byte identity of the tool's outputs across a change that must not change behaviour.
 
 Builds fixed inputs, runs the real commands in fresh processes, and hashes (SHA-256) every output
-file whose bytes the options fix (reports hold wall times, so they are left out):
+file whose bytes the options fix (reports hold wall times, so they are left out, and so is the wall time inside refine_probes.json):
 
   demo     `lowmem-crosslora demo` (its built-in llama -> qwen2 pair and rank-8 LoRA)
   gguf     the demo's adapter transferred with --out-format both (PEFT folder + llama.cpp GGUF)
@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,10 +28,10 @@ from pathlib import Path
 
 import torch
 
+from bench import BENCH
 from bench.bench_transfer import ensure_data
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results" / "identity.json"
+RESULTS = BENCH / "results" / "identity.json"
 HASHED = ("adapter_model.safetensors", "adapter_config.json", "adapter_model.gguf", "refine_probes.json")
 CASES = ("demo", "gguf", "batch", "refine", "quick")
 # One thread: the tiny refine's float sums then do not depend on how many cores the machine has.
@@ -44,11 +45,20 @@ def cli(*args: str | Path) -> None:
         raise SystemExit(f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stderr[-3000:]}")
 
 
+def content(p: Path) -> bytes:
+    """The bytes the options fix: refine_probes.json less its one wall time ("seconds")."""
+    if p.name != "refine_probes.json":
+        return p.read_bytes()
+    doc = json.loads(p.read_text())
+    doc.pop("seconds", None)
+    return json.dumps(doc, sort_keys=True).encode()
+
+
 def hashes(folder: Path) -> dict[str, str]:
     out = {}
     for p in sorted(folder.rglob("*")):
         if p.is_file() and p.name in HASHED:
-            out[str(p.relative_to(folder))] = hashlib.sha256(p.read_bytes()).hexdigest()
+            out[str(p.relative_to(folder))] = hashlib.sha256(content(p)).hexdigest()
     if not out:
         raise SystemExit(f"{folder}: no output file to hash")
     return out
@@ -121,20 +131,27 @@ def case_refine(root: Path) -> dict[str, str]:
 
 
 def case_quick(root: Path) -> dict[str, str]:
-    src, tgt, ad = ensure_data(HERE / "data", "small")
+    src, tgt, ad = ensure_data(WORK / "data", "small")
     out = root / "quick-out"
     cli("transfer", "--adapter", ad, "--source", src, "--target", tgt, "--out", out, "--device", "cpu", "--no-cache", "-q")
     return hashes(out)
 
 
+# A fixed folder: adapter_config.json names the target's path, so every run must use the same paths.
+WORK = Path(tempfile.gettempdir()) / "lowmem-crosslora-identity"
+
+
 def run(skip: list[str]) -> dict[str, dict[str, str]]:
     got = {}
-    with tempfile.TemporaryDirectory(prefix="crosslora-identity-") as tmp:
-        for name in CASES:
-            if name in skip:
-                continue
-            got[name] = globals()[f"case_{name}"](Path(tmp))
-            print(f"{name:<8} " + "  ".join(f"{k}={v[:12]}" for k, v in got[name].items()), flush=True)
+    shutil.rmtree(WORK / "run", ignore_errors=True)
+    root = WORK / "run"
+    root.mkdir(parents=True)
+    for name in CASES:
+        if name in skip:
+            continue
+        got[name] = globals()[f"case_{name}"](root)
+        print(f"{name:<8} " + "  ".join(f"{k}={v[:12]}" for k, v in got[name].items()), flush=True)
+    shutil.rmtree(root, ignore_errors=True)
     return got
 
 

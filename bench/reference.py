@@ -1,4 +1,6 @@
-"""The two yardsticks of bench_transfer.py, each run in its own process.
+"""The two yardsticks of bench.bench_transfer, each run in its own process.
+
+    python -m bench.reference naive|floor --adapter A --source S --target T [--device cuda] [--out DIR]
 
 naive: what a research script does: both state dicts loaded whole with
        safetensors.torch.load_file, torch.svd_lowrank per module, dense dW, dense projection, then a
@@ -27,7 +29,7 @@ from lowmem_crosslora.services.plan import build_plan
 def units(adapter: str, source: str, target: str, rank: int):
     ad = load_adapter(adapter)
     src, tgt = Checkpoint(source, "source"), Checkpoint(target, "target")
-    plan = build_plan(ad, src, tgt, rank=rank)
+    plan = build_plan(ad, src, tgt, rank=rank, layer_map="index")
     return ad, src, tgt, plan
 
 

@@ -1,20 +1,20 @@
 """Kill/resume sweep for issue 4: how often does a killed transfer resume to the same bytes, and how
 much work does a resume redo?
 
-Builds the small synthetic pair of tests/test_resume.py (4 layers x 7 modules = 28 units), makes an
+Builds the small synthetic pair of the crash tests (bench/crash.py: 4 layers x 7 modules = 28 units), makes an
 uninterrupted reference run, then for every unit index k and every test-hook point (mid_write,
 before_journal, after_unit) plus the finishing step, and for N kills at seeded random times, runs
 
-    python -m lowmem_crosslora transfer ... --device cpu --rank 16 --quiet    (SIGKILLed)
-    python -m lowmem_crosslora transfer ... --device cpu --rank 16 --quiet    (the same command: resume)
+    python -m bench.crash transfer ... --device cpu --rank 16 --quiet    (SIGKILLed)
+    python -m bench.crash transfer ... --device cpu --rank 16 --quiet    (the same command: resume)
 
 and checks that the killed run left nothing under the output name and that the resumed adapter is
 byte-identical to the reference. Units redone by a resume = the unit in flight at the kill (1 for
 mid_write / before_journal and for a random kill that landed inside the unit loop, 0 for
 after_unit / finish) + journaled units the resume did not reuse (should always be 0).
 
-    python bench/resume_sweep.py                       # 84 + 1 hook kills, 20 random kills, 2 workers
-    python bench/resume_sweep.py --random 50 --workers 1
+    python -m bench.resume_sweep                       # 84 + 1 hook kills, 20 random kills, 2 workers
+    python -m bench.resume_sweep --random 50 --workers 1
 
 Prints a summary and writes bench/results/resume_sweep.json.
 """
@@ -27,95 +27,32 @@ import os
 import platform
 import random
 import shutil
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(REPO))
+from bench import BENCH
+from bench.crash import KILLED, SOURCE_SPEC, TARGET_SPEC, build_pair, child_env, journal_units, run_child, transfer_command, watch_run
+from lowmem_crosslora.io.partial import ADAPTER_NAME, REPORT_NAME
+from lowmem_crosslora.io.runstate import state_dir_for
 
-from lowmem_crosslora.io.partial import ADAPTER_NAME, JOURNAL_NAME, REPORT_NAME, _line_check  # noqa: E402
-from lowmem_crosslora.io.runstate import state_dir_for  # noqa: E402
-from lowmem_crosslora.services.synthetic import ModelSpec, write_adapter, write_model  # noqa: E402
-
-SOURCE_SPEC = ModelSpec("llama", 64, 176, 4, 2, 1, 32, vocab=64)
-TARGET_SPEC = ModelSpec("qwen2", 96, 256, 4, 3, 1, 32, vocab=64)
 POINTS = ("mid_write", "before_journal", "after_unit")
-KILLED = -signal.SIGKILL
-
-
-def args_for(root: Path, out: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "bench.crash", "transfer",
-        "--adapter", str(root / "adapter"), "--source", str(root / "source"), "--target", str(root / "target"),
-        "--out", str(out), "--device", "cpu", "--rank", "16", "--quiet",
-    ]  # fmt: skip
-
-
-def env_for(kill: str | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("LOWMEM_CROSSLORA_TEST_KILL", None)
-    env.pop("LOWMEM_CROSSLORA_TEST_DELAY", None)
-    # One OpenMP thread per run: runs go side by side, and torch's spinning workers would otherwise
-    # make a loaded machine crawl. Every run of the sweep (the reference too) uses the same setting.
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
-    if kill:
-        env["LOWMEM_CROSSLORA_TEST_KILL"] = kill
-    return env
-
-
-def journaled(out: Path) -> int:
-    path = state_dir_for(out) / JOURNAL_NAME
-    if not path.exists():
-        return 0
-    n = 0
-    for line in path.read_bytes().split(b"\n"):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("kind") == "unit" and _line_check({k: v for k, v in rec.items() if k != "check"}) == rec.get("check"):
-            n += 1
-    return n
-
-
-def run_watched(args: list[str], out: Path, env: dict[str, str], kill_after: float | None) -> tuple[int, float, str]:
-    """Run; once the journal exists wait kill_after s and SIGKILL (None: let it end).
-
-    Returns (rc, seconds from the journal's appearance to its removal when the output moves into place, stderr)."""
-    journal = state_dir_for(out) / JOURNAL_NAME
-    p = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=REPO)
-    deadline = time.monotonic() + 300
-    while not journal.exists() and p.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.001)
-    t0 = time.monotonic()
-    if kill_after is not None and p.poll() is None:
-        time.sleep(kill_after)
-        p.send_signal(signal.SIGKILL)
-    while kill_after is None and journal.exists() and p.poll() is None:
-        time.sleep(0.0005)
-    window = time.monotonic() - t0
-    _, err = p.communicate(timeout=300)
-    return p.returncode, window, err
+TIMEOUT = 300
 
 
 def one_case(case: dict, root: Path, work: Path, ref: bytes, units: int) -> dict:
     out = work / case["name"] / "out"
     out.parent.mkdir(parents=True)
-    args = args_for(root, out)
+    args = transfer_command(root, out)
     t0 = time.monotonic()
     if case["kind"] == "hook":
-        p = subprocess.run(args, env=env_for(case["spec"]), capture_output=True, text=True, cwd=REPO, timeout=300)
+        p = run_child(args, kill=case["spec"], timeout=TIMEOUT)
         rc, err = p.returncode, p.stderr
     else:
-        rc, _, err = run_watched(args, out, env_for(), case["delay"])
+        rc, _, err = watch_run(args, out, kill_after=case["delay"], timeout=TIMEOUT)
     res = dict(case, killed_rc=rc, kill_seconds=round(time.monotonic() - t0, 3))
     final_exists = out.exists() and any(out.iterdir())
     if rc == 0 or (rc == KILLED and final_exists and not state_dir_for(out).exists()):
@@ -125,9 +62,9 @@ def one_case(case: dict, root: Path, work: Path, ref: bytes, units: int) -> dict
         res.update(outcome="unexpected_exit", stderr=err[-2000:])
         return res
     res["left_final_files"] = final_exists
-    res["journaled"] = j = journaled(out)
+    res["journaled"] = j = len(journal_units(out))
     t1 = time.monotonic()
-    r = subprocess.run(args, env=env_for(), capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = run_child(args, timeout=TIMEOUT)
     res["resume_seconds"] = round(time.monotonic() - t1, 3)
     if r.returncode != 0:
         res.update(outcome="resume_failed", stderr=r.stderr[-2000:])
@@ -185,18 +122,15 @@ def main() -> None:
     ap.add_argument("--random", type=int, default=20, help="kills at seeded random times")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="cases run side by side")
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "resume_sweep.json")
+    ap.add_argument("--out", type=Path, default=BENCH / "results" / "resume_sweep.json")
     a = ap.parse_args()
 
     t_start = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="crosslora-resume-sweep-") as tmp:
-        root = Path(tmp)
-        write_model(root / "source", SOURCE_SPEC, dtype="float32", seed=0, spectrum="decaying")
-        write_model(root / "target", TARGET_SPEC, dtype="float32", seed=1, spectrum="decaying")
-        write_adapter(root / "adapter", SOURCE_SPEC, rank=8, alpha=16, seed=2, base=str(root / "source"))
+        root = build_pair(Path(tmp))
         ref_out = root / "reference"
         t0 = time.monotonic()
-        rc, loop, err = run_watched(args_for(root, ref_out), ref_out, env_for(), None)
+        rc, loop, err = watch_run(transfer_command(root, ref_out), ref_out, env=child_env(), timeout=TIMEOUT)
         ref_seconds = time.monotonic() - t0
         if rc != 0:
             raise SystemExit(f"reference run failed: {err}")
@@ -233,7 +167,7 @@ def main() -> None:
 
     summary = summarize(results)
     doc = {
-        "command": " ".join(["python", "bench/resume_sweep.py", *sys.argv[1:]]),
+        "command": " ".join(["python", "-m", "bench.resume_sweep", *sys.argv[1:]]),
         "machine": {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count()},
         "models": {"source": SOURCE_SPEC.__dict__, "target": TARGET_SPEC.__dict__, "units": units, "adapter_bytes": len(ref)},
         "reference_seconds": round(ref_seconds, 3),

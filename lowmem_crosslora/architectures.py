@@ -22,8 +22,8 @@ from lowmem_crosslora.errors import InputError
 
 CANONICAL = ("q", "k", "v", "o", "gate", "up", "down")
 
-# The module paths shared by the llama-style decoder layer.
-_LLAMA_MODULES: Mapping[str, str] = {
+# The module paths shared by the llama-style decoder layer (public: the tests' table of llama module paths).
+LLAMA_MODULES: Mapping[str, str] = {
     "q": "self_attn.q_proj",
     "k": "self_attn.k_proj",
     "v": "self_attn.v_proj",
@@ -81,12 +81,12 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    name: Family(name, _LLAMA_MODULES, _LLAMA_SHAPES, _LLAMA_PREFIXES) for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
+    name: Family(name, LLAMA_MODULES, _LLAMA_SHAPES, _LLAMA_PREFIXES) for name in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 }
-FAMILIES["gemma3"] = Family("gemma3", _LLAMA_MODULES, _LLAMA_SHAPES, _LLAMA_PREFIXES, config_section="text_config")
+FAMILIES["gemma3"] = Family("gemma3", LLAMA_MODULES, _LLAMA_SHAPES, _LLAMA_PREFIXES, config_section="text_config")
 FAMILIES["phi3"] = Family(
     "phi3",
-    {**_LLAMA_MODULES, "q": "self_attn.qkv_proj", "k": "self_attn.qkv_proj", "v": "self_attn.qkv_proj", "gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj"},
+    {**LLAMA_MODULES, "q": "self_attn.qkv_proj", "k": "self_attn.qkv_proj", "v": "self_attn.qkv_proj", "gate": "mlp.gate_up_proj", "up": "mlp.gate_up_proj"},
     _LLAMA_SHAPES,
     _LLAMA_PREFIXES,
     fused={"self_attn.qkv_proj": FusedLayout("concat", ("q", "k", "v")), "mlp.gate_up_proj": FusedLayout("concat", ("gate", "up"))},

@@ -1,4 +1,7 @@
-"""Command line: transfer, plan, inspect, verify, refine, demo. Exit codes: 0 done, 1 unexpected, 2 bad input, 3 budget."""
+"""Command line: transfer, plan, inspect, verify, refine, demo. Exit codes: 0 done, 1 unexpected, 2 bad input, 3 budget.
+
+Every command option's default and help text is a field of services/options.py's dataclasses, added
+here by `click_options`; this module only adds the inputs and outputs, dispatches and prints."""
 
 from __future__ import annotations
 
@@ -18,77 +21,77 @@ import click
 from lowmem_crosslora.commands.bases import precompute_bases
 from lowmem_crosslora.commands.inspect import describe, plan_summary
 from lowmem_crosslora.commands.refine import run_refine
+from lowmem_crosslora.commands.transfer import batch_outputs, transfer_batch
 from lowmem_crosslora.commands.transfer import transfer as run_transfer
-from lowmem_crosslora.commands.transfer import transfer_batch
 from lowmem_crosslora.commands.verify import run_verify
 from lowmem_crosslora.errors import CrossLoraError, InputError, Interrupted
 from lowmem_crosslora.services.cache import BasisCache
+from lowmem_crosslora.services.options import BasesOptions, CacheOptions, RefineOptions, TransferOptions, VerifyOptions, click_options
 from lowmem_crosslora.services.probes import read_prompts
 from lowmem_crosslora.services.report import summary_lines, verify_lines
 from lowmem_crosslora.services.synthetic import DEMO_SOURCE, DEMO_TARGET, write_adapter, write_model
-from lowmem_crosslora.sizes import format_size, parse_size
+from lowmem_crosslora.sizes import format_size
 from lowmem_crosslora.version import __version__
 
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+PATH = click.Path(path_type=Path)
 
-def _size(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
-    if value is None:
-        return None
 
-    try:
-        return parse_size(value)
-    except InputError as e:
-        raise click.BadParameter(str(e)) from None
+def _stack(*decorators: Decorator) -> Decorator:
+    """One decorator applying `decorators` so that their options list in the order given."""
 
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return decorate
+
+
+def _path(name: str, help: str, dest: str | None = None, **kw: Any) -> Decorator:
+    return click.option(name, *([dest] if dest else []), required=True, type=PATH, help=help, **kw)
+
+
+def _json(help: str) -> Decorator:
+    return click.option("--json", "as_json", is_flag=True, help=help)
+
+
+def _report(help: str = "Also write the report JSON here.") -> Decorator:
+    return click.option("--report", "report_path", default=None, type=PATH, help=help)
+
+
+_quiet = click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 
 ADAPTER_HELP = "PEFT LoRA adapter folder trained on the source model."
 BATCH_ADAPTER_HELP = (
-    "PEFT LoRA adapter folder trained on the source model. Repeat it, or give a folder of adapter folders, "
-    "to transfer several in one run: each base matrix is then read and factored once for all of them, and "
-    "each goes to --out/<adapter folder name>."
+    f"{ADAPTER_HELP} Repeat it, or give a folder of adapter folders, to transfer several in one run: each base matrix "
+    "is then read and factored once for all of them, and each goes to --out/<adapter folder name>."
 )
+BASE_HELP = "{} base model: a folder (config.json + safetensors) or a .gguf."
+TOKENIZER_BASE_HELP = "{} base model folder (with its tokenizer)."
+# The TransferOptions that transfer and plan share, in the order --help lists them.
+TRANSFER_MODEL = ("rank", "layer_map", "dtype", "device", "max_memory", "max_gpu_memory", "seed", "oversample", "niter", "compute_dtype", "target_format")
 
 
 def common_inputs(f: Callable[..., Any], batch: bool = False) -> Callable[..., Any]:
-    adapter = (
-        click.option("--adapter", "adapters", required=True, multiple=True, type=click.Path(path_type=Path), help=BATCH_ADAPTER_HELP)
-        if batch
-        else click.option("--adapter", required=True, type=click.Path(path_type=Path), help=ADAPTER_HELP)
-    )
-    opts = [
+    adapter = _path("--adapter", BATCH_ADAPTER_HELP, "adapters", multiple=True) if batch else _path("--adapter", ADAPTER_HELP)
+    return _stack(
         adapter,
-        click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model: a folder (config.json + safetensors) or a .gguf."),
-        click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model: a folder (config.json + safetensors) or a .gguf."),
-        click.option("--rank", default=320, show_default=True, type=int, help="SVD rank r (clipped to each module's dimensions)."),
-        click.option(
-            "--layer-map",
-            default="index",
-            show_default=True,
-            type=click.Choice(["index", "depth"]),
-            help="index: same layer number; depth: target layer j takes source layer round(j(Ls-1)/(Lt-1)).",
-        ),
-        click.option("--dtype", default=None, type=click.Choice(["float32", "float16", "bfloat16"]), help="Output dtype [default: the source adapter's]."),
-        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."),
-        click.option("--max-memory", default=None, callback=_size, help="Host memory budget, e.g. 2GB, 1.5GiB [default: half of what is available]."),
-        click.option("--max-gpu-memory", default=None, callback=_size, help="GPU memory budget [default: 80% of free GPU memory]."),
-        click.option("--seed", default=0, show_default=True, type=int, help="Seed mixed into every randomized SVD's key."),
-        click.option("--oversample", default=10, show_default=True, type=int, help="Extra columns of the randomized range finder (q = r + oversample)."),
-        click.option("--niter", default=2, show_default=True, type=int, help="Power iterations of the randomized SVD."),
-        click.option(
-            "--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of the SVD and projection."
-        ),
-        click.option(
-            "--for",
-            "target_format",
-            default="peft",
-            show_default=True,
-            type=click.Choice(["peft", "vllm"]),
-            help="vllm: one r and lora_alpha for every module (exactly rescaled), as vLLM requires.",
-        ),
-        click.option("--allow-pickle", is_flag=True, help="Read a pickled adapter_model.bin with torch.load(weights_only=True)."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
+        _path("--source", BASE_HELP.format("Source")),
+        _path("--target", BASE_HELP.format("Target")),
+        click_options(TransferOptions, only=(*TRANSFER_MODEL, "allow_pickle")),
+    )(f)
+
+
+# The options refine adds (shared by `refine` and `transfer --refine`); --texts is an input of its own.
+REFINE_RUN = ("steps", "lr", "batch", "samples", "contrast_samples", "max_new_tokens", "prompts")
+REFINE_SHAPE = ("lora_rank", "lora_alpha")
+REFINE_KEYS = ("steps", "lr", "batch", "samples", "contrast_samples", "max_new_tokens", "prompts_file", "texts_file", *REFINE_SHAPE)
+refine_options = _stack(
+    click_options(RefineOptions, only=REFINE_RUN),
+    click.option("--texts", "texts_file", default=None, type=PATH, help='Your own texts of the adapter\'s kind too: .jsonl ({"text": ...}) or plain text.'),
+    click_options(RefineOptions, only=REFINE_SHAPE),
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -123,107 +126,19 @@ def _warn(msg: str) -> None:
     click.echo(f"warning: {msg}", err=True)
 
 
-def cache_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    f = click.option(
-        "--cache-limit",
-        default=None,
-        callback=_size,
-        help="Size limit of the basis cache; least recently used entries are evicted past it [default: 20GB].",
-    )(f)
-    return click.option(
-        "--cache-dir",
-        default=None,
-        type=click.Path(path_type=Path),
-        help="Basis cache folder [default: the platform's user cache folder, e.g. ~/.cache/lowmem-crosslora].",
-    )(f)
-
-
-REFINE_KEYS = ("steps", "lr", "batch", "samples", "contrast_samples", "max_new_tokens", "prompts_file", "texts_file", "lora_rank", "lora_alpha")
-
-
-def refine_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """The options refine adds (shared by `refine` and `transfer --refine`)."""
-    opts = [
-        click.option("--steps", default=24, show_default=True, type=int, help="Optimizer steps of the distillation."),
-        click.option("--lr", default=1e-3, show_default=True, type=float, help="AdamW learning rate."),
-        click.option("--batch", default=8, show_default=True, type=int, help="Probe texts per step (split into passes that fit the budget)."),
-        click.option("--samples", default=96, show_default=True, type=int, help="Probe texts sampled from source + adapter."),
-        click.option("--contrast-samples", default=48, show_default=True, type=int, help="Contrast texts sampled from the source base."),
-        click.option("--max-new-tokens", default=48, show_default=True, type=int, help="Length of each sampled text, in source tokens."),
-        click.option(
-            "--prompts",
-            "prompts_file",
-            default=None,
-            type=click.Path(path_type=Path),
-            help="Prompts to sample probe texts from, one a line [default: built-in].",
-        ),
-        click.option(
-            "--texts",
-            "texts_file",
-            default=None,
-            type=click.Path(path_type=Path),
-            help='Your own texts of the adapter\'s kind too: .jsonl ({"text": ...}) or plain text.',
-        ),
-        click.option("--lora-rank", default=None, type=int, help="Rank of the trained LoRA [default: the source adapter's]."),
-        click.option("--lora-alpha", default=None, type=float, help="lora_alpha of the trained LoRA [default: the source adapter's]."),
-    ]
-    for o in reversed(opts):
-        f = o(f)
-    return f
-
-
-def batch_outputs(adapters: tuple[Path, ...], out: Path) -> list[tuple[Path, Path]] | None:
-    """(adapter, output) pairs for a batch, or None for a single transfer into --out.
-
-    One --adapter that is an adapter folder is a single transfer. Several, or one folder holding
-    adapter folders (no adapter_config.json of its own), are a batch: each adapter goes to
-    --out/<its folder name>."""
-
-    if len(adapters) == 1 and ((adapters[0] / "adapter_config.json").exists() or not adapters[0].is_dir()):
-        return None
-    found: list[Path] = []
-    for a in adapters:
-        if (a / "adapter_config.json").exists() or not a.is_dir():
-            found.append(a)
-            continue
-        inner = sorted(p for p in a.iterdir() if p.is_dir() and (p / "adapter_config.json").exists())
-        if not inner:
-            raise InputError(f"adapter {a}: neither an adapter folder (adapter_config.json + adapter_model.safetensors) nor a folder of adapter folders")
-        found.extend(inner)
-    names: dict[str, Path] = {}
-    for a in found:
-        name = a.name or a.resolve().name
-        if name in names:
-            raise InputError(f"adapters {names[name]} and {a} share the folder name {name!r}, so their outputs under {out} would collide; rename one")
-        names[name] = a
-    return [(a, out / (a.name or a.resolve().name)) for a in found]
-
-
 @cli.command()
 @partial(common_inputs, batch=True)
 @click.option(
     "--out",
     required=True,
-    type=click.Path(path_type=Path),
+    type=PATH,
     help="Output adapter folder (created; must be empty unless --force). With several adapters: the folder that receives one output folder per adapter.",
 )
-@click.option("--resume/--no-resume", default=True, show_default=True, help="Continue an interrupted transfer into the same --out.")
-@click.option("--restart", is_flag=True, help="Discard an interrupted transfer's state and start over.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-@click.option(
-    "--out-format",
-    default="peft",
-    show_default=True,
-    type=click.Choice(["peft", "gguf", "both"]),
-    help="peft: a PEFT adapter folder; gguf: a llama.cpp LoRA GGUF (adapter_model.gguf) and the report; both: all of them.",
-)
-@click.option(
-    "--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here (a list of reports for several adapters)."
-)
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout (a list of reports for several adapters).")
-@cache_options
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the basis cache.")
+@click_options(TransferOptions, only=("resume", "restart", "force", "out_format"))
+@_report("Also write the report JSON here (a list of reports for several adapters).")
+@_quiet
+@_json("Print the report as JSON on stdout (a list of reports for several adapters).")
+@click_options(TransferOptions, only=("cache_dir", "cache_limit", "use_cache"))
 @click.option(
     "--refine",
     "do_refine",
@@ -232,17 +147,7 @@ def batch_outputs(adapters: tuple[Path, ...], out: Path) -> list[tuple[Path, Pat
 )
 @refine_options
 def transfer(
-    adapters: tuple[Path, ...],
-    out: Path,
-    resume: bool,
-    restart: bool,
-    force: bool,
-    report_path: Path | None,
-    quiet: bool,
-    as_json: bool,
-    no_cache: bool,
-    do_refine: bool,
-    **kw: Any,
+    adapters: tuple[Path, ...], source: Path, target: Path, out: Path, report_path: Path | None, quiet: bool, as_json: bool, do_refine: bool, **kw: Any
 ) -> None:
     """Transfer --adapter from --source onto --target, writing a PEFT adapter folder at --out."""
 
@@ -253,66 +158,58 @@ def transfer(
             raise InputError("--refine takes one --adapter (it trains on the target, one adapter at a time)")
         if kw["out_format"] != "peft" or kw["target_format"] != "peft":
             raise InputError("--refine writes a PEFT folder: drop --out-format and --for, or convert the refined folder afterwards")
-        keep = {k: kw[k] for k in ("rank", "layer_map", "seed", "device", "max_memory", "max_gpu_memory", "cache_dir")}
-        _run_refine_cli(kw["source"], adapters[0], kw["target"], out, quiet, as_json, report_path, {**refine_kw, **keep, "restart": restart, "force": force})
+        keep = {k: kw[k] for k in ("rank", "layer_map", "seed", "device", "max_memory", "max_gpu_memory", "cache_dir", "restart", "force")}
+        _run_refine_cli(source, adapters[0], target, out, quiet, as_json, report_path, {**refine_kw, **keep})
         return
     progress, close = _progress_printer(quiet or as_json)
     log = (lambda msg: click.echo(msg, err=True)) if not quiet else None
-    inputs = {k: kw.pop(k) for k in ("source", "target")}
-    kw["cache_dir"] = str(kw["cache_dir"]) if kw["cache_dir"] is not None else None
-    common = dict(progress=progress, log=log, warn=_warn, resume=resume, restart=restart, force=force, use_cache=not no_cache, **kw)
     try:
         if pairs is None:
-            result: Any = run_transfer(adapters[0], inputs["source"], inputs["target"], out, **common)
+            result: Any = run_transfer(adapters[0], source, target, out, progress=progress, log=log, warn=_warn, **kw)
             reports = [result]
         else:
             out.mkdir(parents=True, exist_ok=True)
-            result = reports = transfer_batch(pairs, inputs["source"], inputs["target"], **common)
+            result = reports = transfer_batch(pairs, source, target, progress=progress, log=log, warn=_warn, **kw)
     finally:
         close()
     if report_path is not None:
         report_path.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     if as_json:
         click.echo(json.dumps(result, indent=2, sort_keys=True))
-    elif not quiet:
-        if pairs is None:
-            for line in summary_lines(reports[0]):
-                click.echo(line)
-            click.echo(f"wrote {out}")
-            return
-        for (_, o), rep in zip(pairs, reports, strict=True):
-            e = rep["summary"]["energy_retained"]
-            energy = f"energy retained mean {e['mean']:.3f}" if e["mean"] is not None else "no energy figure"
-            click.echo(f"wrote {o}: {rep['summary']['units']} modules, {energy}")
-        s = reports[-1]["summary"]
-        c = s.get("cache")
-        click.echo(
-            f"{len(reports)} adapters in {s['seconds']:.1f} s on {s['device']}, each base matrix factored once"
-            + (f"; basis cache: {c['hits']} bases read, {c['stored']} computed and stored" if c else "")
-        )
-        click.echo("energy retained is not behaviour: measure the transferred adapters before trusting them.")
+    elif not quiet and pairs is None:
+        for line in summary_lines(reports[0]):
+            click.echo(line)
+        click.echo(f"wrote {out}")
+    elif not quiet and pairs is not None:
+        _print_batch(pairs, reports)
+
+
+def _print_batch(pairs: list[tuple[Path, Path]], reports: list[dict[str, Any]]) -> None:
+    for (_, o), rep in zip(pairs, reports, strict=True):
+        e = rep["summary"]["energy_retained"]
+        energy = f"energy retained mean {e['mean']:.3f}" if e["mean"] is not None else "no energy figure"
+        click.echo(f"wrote {o}: {rep['summary']['units']} modules, {energy}")
+    s = reports[-1]["summary"]
+    c = s.get("cache")
+    click.echo(
+        f"{len(reports)} adapters in {s['seconds']:.1f} s on {s['device']}, each base matrix factored once"
+        + (f"; basis cache: {c['hits']} bases read, {c['stored']} computed and stored" if c else "")
+    )
+    click.echo("energy retained is not behaviour: measure the transferred adapters before trusting them.")
 
 
 @cli.command()
-@click.argument("model", type=click.Path(path_type=Path))
-@click.option("--rank", required=True, type=int, help="SVD rank R; each weight is stored at min(R, m, n).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps (the device of the transfers that will use them).")
-@click.option("--max-memory", default=None, callback=_size, help="Host memory budget [default: half of what is available].")
-@click.option("--max-gpu-memory", default=None, callback=_size, help="GPU memory budget [default: 80% of free GPU memory].")
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed mixed into every randomized SVD's key.")
-@click.option("--oversample", default=10, show_default=True, type=int, help="Extra columns of the randomized range finder.")
-@click.option("--niter", default=2, show_default=True, type=int, help="Power iterations of the randomized SVD.")
-@click.option("--compute-dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]), help="Precision of the SVD.")
-@cache_options
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def bases(model: Path, rank: int, quiet: bool, as_json: bool, cache_dir: Path | None, **kw: Any) -> None:
+@click.argument("model", type=PATH)
+@click_options(BasesOptions)
+@_quiet
+@_json("Print the summary as JSON.")
+def bases(model: Path, quiet: bool, as_json: bool, **kw: Any) -> None:
     """Precompute MODEL's SVD factors (q, k, v, o, gate, up, down of every layer) into the basis cache,
     so that a later transfer with the same --rank, --seed, SVD settings and device type only projects."""
 
     progress, close = _progress_printer(quiet or as_json, label="bases")
     try:
-        summary = precompute_bases(model, rank, cache_dir=cache_dir, progress=progress, warn=_warn, **kw)
+        summary = precompute_bases(model, progress=progress, warn=_warn, **kw)
     finally:
         close()
     if as_json:
@@ -329,15 +226,14 @@ def cache() -> None:
     """The basis cache: list, prune or clear stored SVD factors."""
 
 
-def _open_cache(cache_dir: Path | None) -> Any:
-
+def _open_cache(cache_dir: str | None) -> Any:
     return BasisCache(cache_dir, warn=_warn)
 
 
 @cache.command("ls")
-@click.option("--cache-dir", default=None, type=click.Path(path_type=Path), help="Basis cache folder [default: the platform's].")
-@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
+@click_options(CacheOptions, only=("cache_dir",))
+@_json("Print as JSON.")
+def cache_ls(cache_dir: str | None, as_json: bool) -> None:
     """List the entries, least recently used first, and the total size."""
 
     c = _open_cache(cache_dir)
@@ -354,9 +250,8 @@ def cache_ls(cache_dir: Path | None, as_json: bool) -> None:
 
 
 @cache.command("prune")
-@click.option("--cache-dir", default=None, type=click.Path(path_type=Path), help="Basis cache folder [default: the platform's].")
-@click.option("--max-size", default="20GB", show_default=True, callback=_size, help="Evict least recently used entries until the cache is at most this size.")
-def cache_prune(cache_dir: Path | None, max_size: int) -> None:
+@click_options(CacheOptions)
+def cache_prune(cache_dir: str | None, max_size: int) -> None:
     """Evict least recently used entries down to --max-size."""
 
     c = _open_cache(cache_dir)
@@ -366,8 +261,8 @@ def cache_prune(cache_dir: Path | None, max_size: int) -> None:
 
 
 @cache.command("clear")
-@click.option("--cache-dir", default=None, type=click.Path(path_type=Path), help="Basis cache folder [default: the platform's].")
-def cache_clear(cache_dir: Path | None) -> None:
+@click_options(CacheOptions, only=("cache_dir",))
+def cache_clear(cache_dir: str | None) -> None:
     """Delete every entry."""
     c = _open_cache(cache_dir)
     n = c.clear()
@@ -376,7 +271,7 @@ def cache_clear(cache_dir: Path | None) -> None:
 
 @cli.command()
 @common_inputs
-@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@_json("Print the plan as JSON.")
 def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) -> None:
     """Show what maps to what, what is skipped and why, and a memory and time estimate; no SVD."""
 
@@ -404,44 +299,26 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
 
 
 @cli.command()
-@click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model folder (with its tokenizer).")
-@click.option("--adapter", required=True, type=click.Path(path_type=Path), help="The PEFT LoRA adapter trained on the source.")
-@click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model folder (with its tokenizer).")
-@click.option("--transferred", required=True, type=click.Path(path_type=Path), help="The transferred adapter folder (transfer's --out).")
+@_path("--source", TOKENIZER_BASE_HELP.format("Source"))
+@_path("--adapter", "The PEFT LoRA adapter trained on the source.")
+@_path("--target", TOKENIZER_BASE_HELP.format("Target"))
+@_path("--transferred", "The transferred adapter folder (transfer's --out).")
+@click_options(VerifyOptions, only=("prompts",))
 @click.option(
-    "--prompts", "prompts_file", default=None, type=click.Path(path_type=Path), help="Prompts to sample probe texts from, one a line [default: built-in]."
+    "--texts", "texts_file", default=None, type=PATH, help='Your own texts too: .jsonl ({"text": ...} a line) or plain text separated by blank lines.'
 )
-@click.option(
-    "--texts",
-    "texts_file",
-    default=None,
-    type=click.Path(path_type=Path),
-    help='Your own texts too: .jsonl ({"text": ...} a line) or plain text separated by blank lines.',
-)
-@click.option("--samples", default=32, show_default=True, type=int, help="Probe texts sampled from source + adapter.")
-@click.option("--neutral-samples", default=8, show_default=True, type=int, help="Neutral texts sampled from the source base (collateral).")
-@click.option("--max-new-tokens", default=64, show_default=True, type=int, help="Length of each sampled text, in source tokens.")
-@click.option(
-    "--seed",
-    default=None,
-    type=int,
-    help="Seed of the sampling and of the random control adapter [default: 0; for a refined adapter, the seed after the one it trained on].",
-)
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option(
-    "--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]), help="auto: float32 where the budget allows."
-)
-@click.option("--max-memory", default=None, callback=_size, help="Host memory budget, e.g. 4GB [default: half of what is available].")
-@click.option("--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click_options(VerifyOptions, exclude=("prompts",))
+@_report()
+@_json("Print the report as JSON on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the verdict.")
-def verify(prompts_file: Path | None, texts_file: Path | None, report_path: Path | None, as_json: bool, quiet: bool, **kw: Any) -> None:
+def verify(source: Path, adapter: Path, target: Path, transferred: Path, prompts_file: Path | None, texts_file: Path | None, **kw: Any) -> None:
     """Measure what --transferred carries of --adapter: score probe texts under source, source + adapter, target,
     target + transferred and target + a random control of the same size; print effects, recovery and a verdict."""
 
+    report_path, as_json, quiet = kw.pop("report_path"), kw.pop("as_json"), kw.pop("quiet")
     log = (lambda msg: click.echo(msg, err=True)) if not (quiet or as_json) else None
     prompts = read_prompts(prompts_file) if prompts_file is not None else None
-    report = run_verify(kw.pop("source"), kw.pop("adapter"), kw.pop("target"), kw.pop("transferred"), prompts=prompts, texts=texts_file, log=log, **kw)
+    report = run_verify(source, adapter, target, transferred, prompts=prompts, texts=texts_file, log=log, **kw)
     if report_path is not None:
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if as_json:
@@ -455,11 +332,9 @@ def verify(prompts_file: Path | None, texts_file: Path | None, report_path: Path
 
 
 def _run_refine_cli(source: Path, adapter: Path, target: Path, out: Path, quiet: bool, as_json: bool, report_path: Path | None, kw: dict[str, Any]) -> None:
-
     prompts_file, texts_file = kw.pop("prompts_file"), kw.pop("texts_file")
     if prompts_file is not None:
         kw["prompts"] = read_prompts(prompts_file)
-    kw["cache_dir"] = str(kw["cache_dir"]) if kw.get("cache_dir") is not None else None
     log = (lambda msg: click.echo(msg, err=True)) if not (quiet or as_json) else None
     state: dict[str, Any] = {"bar": None}
 
@@ -494,23 +369,16 @@ def _run_refine_cli(source: Path, adapter: Path, target: Path, out: Path, quiet:
 
 
 @cli.command()
-@click.option("--source", required=True, type=click.Path(path_type=Path), help="Source base model folder (with its tokenizer).")
-@click.option("--adapter", required=True, type=click.Path(path_type=Path), help=ADAPTER_HELP)
-@click.option("--target", required=True, type=click.Path(path_type=Path), help="Target base model folder (with its tokenizer).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output adapter folder (created; must be empty unless --force).")
+@_path("--source", TOKENIZER_BASE_HELP.format("Source"))
+@_path("--adapter", ADAPTER_HELP)
+@_path("--target", TOKENIZER_BASE_HELP.format("Target"))
+@_path("--out", "Output adapter folder (created; must be empty unless --force).")
 @refine_options
-@click.option("--seed", default=0, show_default=True, type=int, help="Seed of the probe texts, the initialisation and the batch order.")
-@click.option("--rank", default=320, show_default=True, type=int, help="SVD rank of the transfer that places the modules.")
-@click.option("--layer-map", default="index", show_default=True, type=click.Choice(["index", "depth"]), help="How target layers take source layers.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps.")
-@click.option("--max-memory", default=None, callback=_size, help="Host memory budget, e.g. 2GB [default: half of what is available].")
-@click.option("--max-gpu-memory", default=None, callback=_size, help="GPU memory budget [default: 80% of free GPU memory].")
-@click.option("--restart", is_flag=True, help="Discard an interrupted refine's checkpoint and start over.")
-@click.option("--force", is_flag=True, help="Replace a non-empty output folder.")
-@click.option("--report", "report_path", default=None, type=click.Path(path_type=Path), help="Also write the report JSON here.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-@cache_options
+@click_options(RefineOptions, only=("seed", "rank", "layer_map", "device", "max_memory", "max_gpu_memory", "restart", "force"))
+@_report()
+@_quiet
+@_json("Print the report as JSON on stdout.")
+@click_options(TransferOptions, only=("cache_dir", "cache_limit"))  # refine accepts transfer's --cache-limit (and ignores it)
 def refine(source: Path, adapter: Path, target: Path, out: Path, quiet: bool, as_json: bool, report_path: Path | None, **kw: Any) -> None:
     """Distil --adapter into a LoRA on --target from texts the source writes with it (no training data):
     the target's change in log-likelihood is trained to match the adapter's. Resumable; --out is a PEFT folder."""
@@ -519,7 +387,7 @@ def refine(source: Path, adapter: Path, target: Path, out: Path, quiet: bool, as
 
 
 @cli.command()
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=PATH)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def inspect(path: Path, as_json: bool) -> None:
     """Describe a model folder or an adapter folder: architecture, dims, modules, rank, dtype."""
@@ -536,7 +404,7 @@ def inspect(path: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--rank", default=48, show_default=True, type=int, help="SVD rank for the demo.")
-@click.option("--keep", type=click.Path(path_type=Path), default=None, help="Build the demo in this folder and keep it.")
+@click.option("--keep", type=PATH, default=None, help="Build the demo in this folder and keep it.")
 @click.option("--quiet", "-q", is_flag=True)
 def demo(rank: int, keep: Path | None, quiet: bool) -> None:
     """Build two small models of different families and a LoRA, transfer it, print the report."""

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import zlib
 from dataclasses import dataclass, field
@@ -22,16 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-CANONICAL_TO_NAME = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
+from bench import REPO, repo_env
+from bench.crash import command
+from lowmem_crosslora.architectures import LLAMA_MODULES
+
+# canonical module (q, k, v, o, gate, up, down) -> its path in a llama-style decoder layer
+CANONICAL_TO_NAME = dict(LLAMA_MODULES)
+LORA_TARGETS = [path.rsplit(".", 1)[-1] for path in CANONICAL_TO_NAME.values()]  # q_proj ... down_proj
 VOCAB = 128
 # Fixed token ids for forward passes.
 INPUT_IDS = torch.tensor([[1, 5, 17, 42, 99, 3, 64, 127, 8, 21, 77, 13]])
@@ -283,9 +279,7 @@ def run_module(args: list[str], cwd: Path | None = None, timeout: float = 120) -
     sets in LOWMEM_CROSSLORA_TEST_KILL; without one it is `python -m lowmem_crosslora ARGS`)."""
     import subprocess
 
-    repo = Path(__file__).resolve().parents[1]
-    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
-    p = subprocess.run([sys.executable, "-m", "bench.crash", *args], capture_output=True, text=True, cwd=cwd or repo, env=env, timeout=timeout)
+    p = subprocess.run(command(*args), capture_output=True, text=True, cwd=cwd or REPO, env=repo_env(), timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
 

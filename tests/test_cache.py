@@ -10,21 +10,17 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
 
+from bench.crash import build_pair, run_child, transfer_command
 from lowmem_crosslora import transfer
 from lowmem_crosslora.services.cache import BasisCache, CacheKey, default_cache_dir
 from lowmem_crosslora.services.factoring import CacheWarning
-from lowmem_crosslora.services.synthetic import ModelSpec, write_adapter, write_model
 
-REPO = Path(__file__).resolve().parents[1]
-SOURCE_SPEC = ModelSpec("llama", 64, 176, 4, 2, 1, 32, vocab=64)
-TARGET_SPEC = ModelSpec("qwen2", 96, 256, 4, 3, 1, 32, vocab=64)
 RANK = 16
 UNITS = 28
 MATRICES = 56  # every unit's source and target weight are distinct (layer map 'index')
@@ -32,11 +28,7 @@ MATRICES = 56  # every unit's source and target weight are distinct (layer map '
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cache-models")
-    write_model(root / "source", SOURCE_SPEC, dtype="float32", seed=0, spectrum="decaying")
-    write_model(root / "target", TARGET_SPEC, dtype="float32", seed=1, spectrum="decaying")
-    write_adapter(root / "adapter", SOURCE_SPEC, rank=8, alpha=16, seed=2, base=str(root / "source"))
-    return root
+    return build_pair(tmp_path_factory.mktemp("cache-models"))  # the crash tests' pair (bench/crash.py)
 
 
 def run(models: Path, out: Path, cache: Path | None, **kw) -> tuple[dict, bytes, list[str]]:
@@ -291,21 +283,7 @@ def test_cache_key_fields() -> None:
 
 
 def _cli(models: Path, out: Path, cache: Path) -> list[str]:
-    return [
-        sys.executable, "-m", "bench.crash", "transfer",
-        "--adapter", str(models / "adapter"), "--source", str(models / "source"), "--target", str(models / "target"),
-        "--out", str(out), "--device", "cpu", "--rank", str(RANK), "--quiet", "--cache-dir", str(cache),
-    ]  # fmt: skip
-
-
-def _env(kill: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("LOWMEM_CROSSLORA_TEST_KILL", None)
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
-    if kill:
-        env["LOWMEM_CROSSLORA_TEST_KILL"] = kill
-    return env
+    return transfer_command(models, out, "--cache-dir", str(cache), rank=RANK)
 
 
 @pytest.mark.parametrize("kill", ["after_unit:3", "mid_write:4"])
@@ -315,14 +293,14 @@ def test_resume_recomputes_nothing_cached(models: Path, tmp_path: Path, kill: st
     write waits for the one before, so the kill may catch the last write in flight: every earlier
     basis is in the cache, the last one may be."""
     cache, out = tmp_path / "cache", tmp_path / "out"
-    p = subprocess.run(_cli(models, out, cache), env=_env(kill), capture_output=True, text=True, timeout=120, cwd=REPO)
+    p = run_child(_cli(models, out, cache), kill=kill)
     assert p.returncode == -signal.SIGKILL, p.stderr
     before = {f.name: f.stat().st_ino for f in entry_files(cache)}
     done = 4
     factored = 2 * done + (2 if kill.startswith("mid_write") else 0)
     assert len(before) in (factored - 1, factored), len(before)
     hits = max(0, len(before) - 2 * done)  # the entries of unit 4, which the resume needs
-    p = subprocess.run(_cli(models, out, cache), env=_env(None), capture_output=True, text=True, timeout=120, cwd=REPO)
+    p = run_child(_cli(models, out, cache))
     assert p.returncode == 0, p.stderr
     report = json.loads((out / "crosslora_report.json").read_text())
     c = report["summary"]["cache"]
@@ -338,7 +316,7 @@ def test_resume_recomputes_nothing_cached(models: Path, tmp_path: Path, kill: st
         assert unit4["method"]["target"].startswith("cached:") == (hits == 2)
     # The result equals an uninterrupted run's with the same thread settings.
     ref = tmp_path / "ref"
-    p = subprocess.run([*_cli(models, ref, tmp_path / "c2"), "--no-cache"], env=_env(None), capture_output=True, text=True, timeout=120, cwd=REPO)
+    p = run_child([*_cli(models, ref, tmp_path / "c2"), "--no-cache"])
     assert p.returncode == 0, p.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
 

@@ -319,20 +319,16 @@ def test_killed_fused_target_resumes_byte_identical(zoo: Any, tmp_path: Path) ->
     """Units of a fused target write rows of shared tensors (gpt_neox: rows interleaved per head):
     a run killed halfway through writing one keeps the units journaled before it (their regions
     verify) and resumes to the same bytes."""
-    import os
-    import subprocess
-    import sys
+    from bench.crash import command, run_child
 
-    repo = Path(__file__).resolve().parents[1]
-    args = [sys.executable, "-m", "lowmem_crosslora", "transfer", "--adapter", str(zoo.adapter("phi3")), "--source", str(zoo.model("phi3"))]
+    args = command("transfer", "--adapter", str(zoo.adapter("phi3")), "--source", str(zoo.model("phi3")))
     args += ["--target", str(zoo.model("gpt_neox")), "--rank", "16", "--device", "cpu", "--quiet", "--no-cache"]
-    env = {**os.environ, "PYTHONPATH": str(repo)}
     ref = tmp_path / "ref"
-    assert subprocess.run([*args, "--out", str(ref)], env=env, cwd=repo, capture_output=True, timeout=300).returncode == 0
+    assert run_child([*args, "--out", str(ref)], timeout=300).returncode == 0
     out = tmp_path / "out"
-    p = subprocess.run([*args, "--out", str(out)], env={**env, "LOWMEM_CROSSLORA_TEST_KILL": "mid_write:4"}, cwd=repo, capture_output=True, timeout=300)
+    p = run_child([*args, "--out", str(out)], kill="mid_write:4", timeout=300)
     assert p.returncode == -9 and not out.exists()
-    p = subprocess.run([*args, "--out", str(out)], env=env, cwd=repo, capture_output=True, text=True, timeout=300)
+    p = run_child([*args, "--out", str(out)], timeout=300)
     assert p.returncode == 0, p.stderr
     assert (out / "adapter_model.safetensors").read_bytes() == (ref / "adapter_model.safetensors").read_bytes()
     report = json.loads((out / "crosslora_report.json").read_text())

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import signal
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,12 +22,12 @@ from conftest import run_cli  # noqa: E402
 from gguf_helpers import dequantized_folder, read_hf, write_gguf  # noqa: E402
 
 import lowmem_crosslora  # noqa: E402
+from bench.crash import command, run_child  # noqa: E402
 from lowmem_crosslora.io.gguf_lora import GGUF_NAME  # noqa: E402
 from lowmem_crosslora.io.gguf_model import GGUFCheckpoint, permute_rows, reverse_permute_rows  # noqa: E402
 from lowmem_crosslora.io.partial import ADAPTER_NAME, CONFIG_NAME, REPORT_NAME  # noqa: E402
 from lowmem_crosslora.services.synthetic import ModelSpec, write_adapter, write_model  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 # Rows of 64, 128 and 192 values: multiples of the 32-value blocks of Q8_0 / Q4_0 / Q4_1 / Q5_0.
 SRC = ModelSpec("llama", 64, 128, 2, 4, 2, 16, vocab=64)
 TGT = ModelSpec("qwen2", 96, 192, 2, 4, 2, 24, vocab=64)
@@ -222,13 +220,13 @@ def test_budget_below_one_dequantized_matrix(tmp_path: Path) -> None:
     budget = int(0.75 * LARGEST_F32)
     small, ref = tmp_path / "small", tmp_path / "ref"
     args = [a for a in _cli(m, small) if a not in ("--out-format", "both")]
-    p = subprocess.run([*args, "--max-memory", str(budget)], env=_env(None), capture_output=True, text=True, timeout=300)
+    p = run_child([*args, "--max-memory", str(budget)], timeout=300)
     assert p.returncode == 0, p.stderr
     rep = json.loads((small / REPORT_NAME).read_text())
     assert rep["summary"]["peak_working_bytes"] <= budget
     assert "blocked" in {mode for u in rep["units"] for mode in u["mode"].values()}
     args = [a for a in _cli(m, ref) if a not in ("--out-format", "both")]
-    p = subprocess.run(args, env=_env(None), capture_output=True, text=True, timeout=300)
+    p = run_child(args, timeout=300)
     assert p.returncode == 0, p.stderr
     a, b = adapter_tensors(ref), adapter_tensors(small)
     for k in a:
@@ -346,31 +344,21 @@ def test_per_module_scales_fold_into_lora_b(models: dict[str, Path], tmp_path: P
 
 def _cli(models: dict[str, Path], out: Path, *extra: str) -> list[str]:
     return [
-        sys.executable, "-m", "bench.crash", "transfer", "--adapter", str(models["adapter"]),
+        *command("transfer"), "--adapter", str(models["adapter"]),
         "--source", str(models["src.q.gguf"]), "--target", str(models["tgt.q.gguf"]), "--out", str(out),
         "--device", "cpu", "--rank", "8", "--quiet", "--no-cache", "--out-format", "both", *extra,
     ]  # fmt: skip
 
 
-def _env(kill: str | None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO)
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
-    env.pop("LOWMEM_CROSSLORA_TEST_KILL", None)
-    if kill:
-        env["LOWMEM_CROSSLORA_TEST_KILL"] = kill
-    return env
-
-
 @pytest.mark.parametrize("kill", ["after_unit:5", "finish:0"])
 def test_resume_with_gguf_inputs_and_output(models: dict[str, Path], tmp_path: Path, kill: str) -> None:
     ref, out = tmp_path / "ref", tmp_path / "out"
-    p = subprocess.run(_cli(models, ref), env=_env(None), capture_output=True, text=True, timeout=300)
+    p = run_child(_cli(models, ref), timeout=300)
     assert p.returncode == 0, p.stderr
-    p = subprocess.run(_cli(models, out), env=_env(kill), capture_output=True, text=True, timeout=300)
+    p = run_child(_cli(models, out), kill=kill, timeout=300)
     assert p.returncode == -signal.SIGKILL, p.stderr
     assert not out.exists() or not any(out.iterdir())
-    p = subprocess.run(_cli(models, out), env=_env(None), capture_output=True, text=True, timeout=300)
+    p = run_child(_cli(models, out), timeout=300)
     assert p.returncode == 0, p.stderr
     for name in (ADAPTER_NAME, GGUF_NAME):
         assert (out / name).read_bytes() == (ref / name).read_bytes(), name

@@ -1,4 +1,4 @@
-"""Real GGUF models (opt-in: `pytest -m realmodels`; fetch them first with `python bench/fetch_gguf.py`).
+"""Real GGUF models (opt-in: `pytest -m realmodels`; fetch them first with `python -m bench.fetch_gguf`).
 
 A LoRA built with peft on SmolLM2-135M-Instruct (loaded through transformers' GGUF loader) is
 transferred from the SmolLM2 GGUF to the Qwen2.5-Coder-0.5B-Instruct GGUF; the PEFT output must load
@@ -29,7 +29,7 @@ def real() -> dict[str, Path]:
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
     if not (SMOL.exists() and QWEN.exists()):
-        pytest.skip("real GGUF models absent: run python bench/fetch_gguf.py")
+        pytest.skip("real GGUF models absent: run python -m bench.fetch_gguf")
     return {"smol": SMOL, "qwen": QWEN}
 
 

@@ -1,5 +1,5 @@
 """The projection against an independent float64 dense reference, the sign-free invariants of
-DESIGN.md section 1, and unit tests of the bases and layer maps."""
+docs/METHOD.md, and unit tests of the bases and layer maps."""
 
 from __future__ import annotations
 

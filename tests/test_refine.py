@@ -1,6 +1,6 @@
 """refine: an adapter distilled onto a model of another family, from texts the source writes with it.
 
-Tiny models with offline tokenizers: the source is test_verify's llama (hidden 64, 2 layers, one token
+Tiny models with offline tokenizers (tests/helpers.py): the source is test_verify's llama (hidden 64, 2 layers, one token
 per character) with a rank-8 LoRA on q and o; the target a qwen2 (hidden 48, 2 layers) whose tokenizer
 merges common letter pairs, so the two tokenizations differ and the segments between them are not
 trivial. Every run samples a few short probe texts and trains a few steps, so the whole file stays fast
@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 import torch
 from conftest import read_tensors, run_cli, run_module
+from helpers import write_llama, write_lora, write_qwen2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-from test_verify import write_lora, write_model  # noqa: E402
-
+from lowmem_crosslora import hooks  # noqa: E402
 from lowmem_crosslora.commands import refine as refine_mod  # noqa: E402
 from lowmem_crosslora.commands.refine import CHECKPOINT_NAME, batch_indices, run_refine  # noqa: E402
 from lowmem_crosslora.commands.verify import run_verify  # noqa: E402
@@ -43,45 +43,12 @@ from lowmem_crosslora.services.scoring import encode, token_logprobs  # noqa: E4
 PROMPTS = ["The weather", "A story:"]
 FAST: dict[str, Any] = {"steps": 2, "batch": 2, "samples": 4, "contrast_samples": 2, "max_new_tokens": 12, "prompts": PROMPTS, "device": "cpu"}
 OUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "crosslora_report.json", PROBES_NAME}
-# The target's tokenizer: one token per ASCII character plus 28 merged letter pairs (128 entries, the models' vocabulary).
-MERGES = ["th", "he", "in", "er", "an", "re", "on", "at", "en", "nd", "ti", "es", "or", "te", "of", "ed", "is", "it", "al", "ar", "st", "to"]
-MERGES += ["nt", "ng", "se", "ha", "as", "ou"]
-
-
-def write_merge_tokenizer(folder: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n", "\t"] + MERGES
-    assert len(vocab) == 128
-    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=[(m[0], m[1]) for m in MERGES], unk_token="<unk>"))
-    tk.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
-
-
-def write_qwen2(folder: Path) -> Path:
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    torch.manual_seed(1)
-    cfg = Qwen2Config(
-        vocab_size=128,
-        hidden_size=48,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    Qwen2ForCausalLM(cfg).save_pretrained(folder)
-    write_merge_tokenizer(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("refine")
-    source = write_model(root / "llama")
+    source = write_llama(root / "llama")
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     return {"root": root, "source": source, "adapter": write_lora(source, root / "lora", seed=10), "target": write_qwen2(root / "qwen2"), "prompts": prompts}
@@ -381,13 +348,15 @@ def test_other_options_do_not_resume_an_interrupted_refine(
 ) -> None:
     out = tmp_path / "out"
 
-    def interrupt(step: int) -> None:
-        if step == 1:
+    def interrupt(point: str, step: int) -> None:
+        if point == "refine_step" and step == 1:
             raise KeyboardInterrupt
 
-    with monkeypatch.context() as m:
-        m.setattr(refine_mod, "_test_kill", interrupt)
+    remove = hooks.install(interrupt)
+    try:
         code, _out, err = run_cli(cli_args(models, out, "--quiet"), capsys)
+    finally:
+        remove()
     assert code == 130 and "to resume, run: lowmem-crosslora refine" in err
     state = state_dir_for(out, "refine")
     checkpoint = (state / CHECKPOINT_NAME).read_bytes()

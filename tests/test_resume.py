@@ -12,7 +12,8 @@ damaged on purpose (journal lines, the partial file), inputs are changed between
 Each run costs a fresh interpreter (torch's import is most of it), so the default selection keeps a
 subset of the sweep (every kill point at least once, first and last unit, one random kill); the
 tests marked slow add more points and run only when asked for (`pytest -m slow`, or
-LOWMEM_CROSSLORA_SLOW=1). bench/resume_sweep.py runs the full sweep and records the figures.
+LOWMEM_CROSSLORA_SLOW=1). `python -m bench.resume_sweep` runs the full sweep and records the figures.
+The runs' helpers (the pair, the command, its environment, timed kills, the journal) are bench/crash.py's.
 """
 
 from __future__ import annotations
@@ -33,71 +34,16 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_crosslora.io.partial import ADAPTER_NAME, JOURNAL_NAME, PARTIAL_NAME, REPORT_NAME, _line_check
+from bench import REPO
+from bench.crash import KILLED, SOURCE_SPEC, build_pair, child_env, journal_check, journal_units, run_child, transfer_command, watch_run
+from lowmem_crosslora.io.partial import ADAPTER_NAME, JOURNAL_NAME, PARTIAL_NAME, REPORT_NAME
 from lowmem_crosslora.io.runstate import state_dir_for
-from lowmem_crosslora.services.synthetic import ModelSpec, write_adapter, write_model
+from lowmem_crosslora.services.synthetic import write_adapter
 
-REPO = Path(__file__).resolve().parents[1]
-SOURCE_SPEC = ModelSpec("llama", 64, 176, 4, 2, 1, 32, vocab=64)
-TARGET_SPEC = ModelSpec("qwen2", 96, 256, 4, 3, 1, 32, vocab=64)
 RANK = 16
-KILLED = -signal.SIGKILL
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-
-
-def build_models(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    write_model(root / "source", SOURCE_SPEC, dtype="float32", seed=0, spectrum="decaying")
-    write_model(root / "target", TARGET_SPEC, dtype="float32", seed=1, spectrum="decaying")
-    write_adapter(root / "adapter", SOURCE_SPEC, rank=8, alpha=16, seed=2, base=str(root / "source"))
-    return root
-
-
-def cli_args(root: Path, out: Path, *extra: str, rank: int = RANK) -> list[str]:
-    return [
-        sys.executable, "-m", "bench.crash", "transfer",
-        "--adapter", str(root / "adapter"), "--source", str(root / "source"), "--target", str(root / "target"),
-        "--out", str(out), "--device", "cpu", "--rank", str(rank), "--quiet", *extra,
-    ]  # fmt: skip
-
-
-def child_env(kill: str | None = None, delay: float | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env.pop("LOWMEM_CROSSLORA_TEST_KILL", None)
-    env.pop("LOWMEM_CROSSLORA_TEST_DELAY", None)
-    # One OpenMP thread per run, the reference included (the bytes are compared between runs with
-    # the same setting): on a busy machine torch's spinning OpenMP workers make each run crawl.
-    env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = "1"
-    if kill:
-        env["LOWMEM_CROSSLORA_TEST_KILL"] = kill
-    if delay:
-        env["LOWMEM_CROSSLORA_TEST_DELAY"] = str(delay)
-    return env
-
-
-def run_cli(args: list[str], *, kill: str | None = None, preexec_fn=None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(args, env=child_env(kill), capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn, cwd=REPO)
-
-
-def journal_units(out: Path) -> list[dict]:
-    """Unit records of the state folder's journal whose line check holds (what a resume may reuse)."""
-    path = state_dir_for(out) / JOURNAL_NAME
-    if not path.exists():
-        return []
-    units = []
-    for line in path.read_bytes().split(b"\n"):
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("kind") == "unit":
-            check = rec.pop("check", None)
-            if _line_check(rec) == check:
-                units.append(rec)
-    return units
 
 
 def assert_nothing_final(out: Path) -> None:
@@ -134,33 +80,7 @@ class Models:
     loop_seconds: float  # an uninterrupted run: from the journal's appearance to its removal at the end
 
     def args(self, out: Path, *extra: str, rank: int = RANK) -> list[str]:
-        return cli_args(self.root, out, *extra, rank=rank)
-
-
-def watch_run(args: list[str], out: Path, *, kill_after: float | None = None, env: dict[str, str] | None = None) -> tuple[int, float]:
-    """Start a run; once its journal exists, wait `kill_after` seconds and SIGKILL it (None: let it end).
-
-    Returns the exit status and the seconds from the journal's appearance to its removal (the run
-    has then written every unit and moved the output into place; only the interpreter's exit is left)."""
-    journal = state_dir_for(out) / JOURNAL_NAME
-    p = subprocess.Popen(args, env=env or child_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 120
-        while not journal.exists() and p.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.001)
-        t0 = time.monotonic()
-        if kill_after is not None and p.poll() is None:
-            time.sleep(kill_after)
-            p.send_signal(signal.SIGKILL)
-        while kill_after is None and journal.exists() and p.poll() is None:
-            time.sleep(0.0005)
-        window = time.monotonic() - t0
-        p.communicate(timeout=120)
-        return p.returncode, window
-    finally:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+        return transfer_command(self.root, out, *extra, rank=rank)
 
 
 @dataclass
@@ -171,7 +91,7 @@ class KillResult:
 
 
 def resume_and_check(models: Models, out: Path) -> int:
-    r = run_cli(models.args(out))
+    r = run_child(models.args(out))
     assert r.returncode == 0, r.stderr
     assert (out / ADAPTER_NAME).read_bytes() == models.ref_bytes, "resumed adapter differs from the uninterrupted run"
     assert not state_dir_for(out).exists()
@@ -179,7 +99,7 @@ def resume_and_check(models: Models, out: Path) -> int:
 
 
 def kill_at(models: Models, out: Path, point: str, k: int) -> KillResult:
-    p = run_cli(models.args(out), kill=f"{point}:{k}")
+    p = run_child(models.args(out), kill=f"{point}:{k}")
     assert p.returncode == KILLED, (p.returncode, p.stderr)
     assert_nothing_final(out)
     journaled = len(journal_units(out))
@@ -187,7 +107,7 @@ def kill_at(models: Models, out: Path, point: str, k: int) -> KillResult:
 
 
 def kill_randomly(models: Models, out: Path, rng: random.Random) -> KillResult:
-    rc, _ = watch_run(models.args(out), out, kill_after=rng.uniform(0, models.loop_seconds))
+    rc, _, _ = watch_run(models.args(out), out, kill_after=rng.uniform(0, models.loop_seconds))
     if rc == 0 or (rc == KILLED and out.exists() and not state_dir_for(out).exists()):
         # the kill came too late: the run had finished (a kill between the final rename and the
         # exit leaves the complete output, never a partial one)
@@ -214,9 +134,9 @@ def _slow_only_when_asked(request: pytest.FixtureRequest) -> None:
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
-    root = build_models(tmp_path_factory.mktemp("resume-models"))
+    root = build_pair(tmp_path_factory.mktemp("resume-models"))
     out = root / "reference"
-    rc, loop = watch_run(cli_args(root, out), out)
+    rc, loop, _ = watch_run(transfer_command(root, out), out)
     assert rc == 0
     units = json.loads((out / REPORT_NAME).read_text())["summary"]["units"]
     assert 20 <= units <= 40
@@ -228,7 +148,7 @@ def half_state(models: Models, tmp_path_factory: pytest.TempPathFactory) -> tupl
     """The state folder of a run killed right after unit H = units // 2 was journaled (H + 1 done)."""
     out = tmp_path_factory.mktemp("half") / "out"
     h = models.units // 2
-    p = run_cli(models.args(out), kill=f"after_unit:{h}")
+    p = run_child(models.args(out), kill=f"after_unit:{h}")
     assert p.returncode == KILLED, p.stderr
     assert len(journal_units(out)) == h + 1
     return out, h + 1
@@ -302,7 +222,7 @@ def test_repeated_kills_then_resume(models: Models, tmp_path: Path) -> None:
     out = tmp_path / "out"
     n = models.units
     for point, k in (("before_journal", 2), ("mid_write", n // 3), ("after_unit", 2 * n // 3)):
-        p = run_cli(models.args(out), kill=f"{point}:{k}")
+        p = run_child(models.args(out), kill=f"{point}:{k}")
         assert p.returncode == KILLED, p.stderr
         assert_nothing_final(out)
     assert len(journal_units(out)) == 2 * n // 3 + 1
@@ -327,14 +247,14 @@ def _tamper(lines: list[bytes], i: int, how: str, units: list[dict]) -> None:
         rec = json.loads(line)
         rec.pop("check")
         rec["sha256"] = hashlib.sha256(b"not these bytes").hexdigest()
-        rec["check"] = _line_check(rec)
+        rec["check"] = journal_check(rec)
         lines[i] = json.dumps(rec, sort_keys=True).encode()
     elif how == "claims_other_unit":  # the line names another unit's tensors under its uid
         rec = json.loads(line)
         rec.pop("check")
         other = next(u for u in units if u["uid"] != rec["uid"])
         rec["tensors"], rec["sha256"] = other["tensors"], other["sha256"]
-        rec["check"] = _line_check(rec)
+        rec["check"] = journal_check(rec)
         lines[i] = json.dumps(rec, sort_keys=True).encode()
     else:
         raise AssertionError(how)
@@ -377,7 +297,7 @@ def test_torn_last_journal_line_then_more_units(models: Models, half_state: tupl
     raw = journal.read_bytes()
     journal.write_bytes(raw[: len(raw) - 40])  # cut into the last unit's line
     assert len(journal_units(out)) == done - 1
-    p = run_cli(models.args(out), kill=f"after_unit:{done + 2}")
+    p = run_child(models.args(out), kill=f"after_unit:{done + 2}")
     assert p.returncode == KILLED, p.stderr
     assert len(journal_units(out)) == done + 3
     assert resume_and_check(models, out) == done + 3
@@ -425,12 +345,12 @@ def test_changed_option_refuses_then_restart(models: Models, half_state: tuple[P
     copy_state(half_state, out)
     journal_before = (state_dir_for(out) / JOURNAL_NAME).read_bytes()
     for args in (models.args(out, rank=RANK // 2), models.args(out, "--seed", "7")):
-        p = run_cli(args)
+        p = run_child(args)
         assert p.returncode == 2
         assert_clean_error(p, "--restart")
         assert_nothing_final(out)
         assert (state_dir_for(out) / JOURNAL_NAME).read_bytes() == journal_before  # refused, and the state is untouched
-    p = run_cli(models.args(out, "--restart", rank=RANK // 2))
+    p = run_child(models.args(out, "--restart", rank=RANK // 2))
     assert p.returncode == 0, p.stderr
     assert resumed_units(out) == 0
     assert not state_dir_for(out).exists()
@@ -442,10 +362,10 @@ def test_changed_inputs_refuse_then_restart(models: Models, half_state: tuple[Pa
         shutil.copytree(models.root / name, root / name)  # copy2 keeps mtimes: the same fingerprints
     out = tmp_path / "out"
     done = copy_state(half_state, out)
-    args = cli_args(root, out)
+    args = transfer_command(root, out)
 
     write_adapter(root / "adapter", SOURCE_SPEC, rank=8, alpha=16, seed=99, base="other")  # rewritten adapter
-    p = run_cli(args)
+    p = run_child(args)
     assert p.returncode == 2
     assert_clean_error(p, "--restart")
     for f in (root / "adapter").iterdir():
@@ -454,13 +374,13 @@ def test_changed_inputs_refuse_then_restart(models: Models, half_state: tuple[Pa
     target_file = root / "target" / "model.safetensors"
     st = target_file.stat()
     os.utime(target_file, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))  # a touched target model
-    p = run_cli(args)
+    p = run_child(args)
     assert p.returncode == 2
     assert_clean_error(p, "--restart")
     assert_nothing_final(out)
     assert len(journal_units(out)) == done
 
-    p = run_cli(args + ["--restart"])
+    p = run_child(args + ["--restart"])
     assert p.returncode == 0, p.stderr
     assert resumed_units(out) == 0
     assert (out / ADAPTER_NAME).read_bytes() == models.ref_bytes  # same weights, so the same bytes
@@ -491,7 +411,7 @@ def small_tmpfs(tmp_path: Path, models: Models):
 
 def test_disk_full_is_clear_and_resumable(models: Models, small_tmpfs: Path) -> None:
     out = small_tmpfs / "out"
-    p = run_cli(models.args(out))
+    p = run_child(models.args(out))
     assert p.returncode == 2, p.stderr
     assert_clean_error(p, "cannot write", "disk is full", "resume")
     assert_nothing_final(out)
@@ -500,7 +420,7 @@ def test_disk_full_is_clear_and_resumable(models: Models, small_tmpfs: Path) -> 
 
     # an output that cannot be written at all: same kind of message, state kept
     assert _mount("-o", "remount,ro", str(small_tmpfs))
-    p = run_cli(models.args(out))
+    p = run_child(models.args(out))
     assert p.returncode == 2, p.stderr
     assert_clean_error(p, "cannot write", "resume")
     assert len(journal_units(out)) == journaled
@@ -518,7 +438,7 @@ def _fsize_limit(limit: int):
 
 def test_file_size_limit_at_start_is_clear(models: Models, tmp_path: Path) -> None:
     out = tmp_path / "out"
-    p = run_cli(models.args(out), preexec_fn=_fsize_limit(4096))
+    p = run_child(models.args(out), preexec_fn=_fsize_limit(4096))
     assert p.returncode == 2, p.stderr
     assert_clean_error(p, "cannot write", "file size limit")
     assert_nothing_final(out)
@@ -530,7 +450,7 @@ def test_file_size_limit_mid_run_keeps_finished_work(models: Models, half_state:
     done = copy_state(half_state, out)
     start, spans = partial_layout(out)
     limit = spans[max(spans, key=lambda k: spans[k][1])][1] - 4096  # inside the last tensor's bytes
-    p = run_cli(models.args(out), preexec_fn=_fsize_limit(limit))
+    p = run_child(models.args(out), preexec_fn=_fsize_limit(limit))
     assert p.returncode == 2, p.stderr
     assert_clean_error(p, "cannot write", "file size limit")
     assert_nothing_final(out)
@@ -569,7 +489,7 @@ def test_signal_stops_cleanly_and_prints_resume_command(models: Models, tmp_path
     # the printed command resumes (run through this interpreter rather than the installed script)
     cmd = shlex.split(err.split("to resume, run:", 1)[1].strip().splitlines()[0])
     assert cmd[0] == "lowmem-crosslora" and "--out" in cmd
-    r = run_cli([sys.executable, "-m", "lowmem_crosslora", *cmd[1:]])
+    r = run_child([sys.executable, "-m", "lowmem_crosslora", *cmd[1:]])
     assert r.returncode == 0, r.stderr
     assert (out / ADAPTER_NAME).read_bytes() == models.ref_bytes
     assert resumed_units(out) == journaled  # a clean stop loses nothing

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import Zoo, run_cli
+from helpers import with_tokenizer, write_llama, write_lora
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -30,64 +31,8 @@ from lowmem_crosslora.errors import InputError  # noqa: E402
 from lowmem_crosslora.services.probes import Probe, read_prompts, read_texts, sample_probes  # noqa: E402
 from lowmem_crosslora.services.scoring import encode  # noqa: E402
 
-EXTRA_CHARS = "éèàçöüäñßøåæœ€—“”‘’«»°×µ你好世界"
 PROMPTS = ["The weather today", "A story:", "Notes from the meeting:"]
 FAST = {"prompts": PROMPTS, "samples": 12, "neutral_samples": 4, "max_new_tokens": 16, "device": "cpu"}
-
-
-def write_char_tokenizer(folder: Path, vocab_size: int = 128) -> None:
-    """A fast tokenizer with one token per character: 3 specials, printable ASCII, newline, tab, a few
-    multi-byte characters; exactly `vocab_size` entries so every id the model can sample decodes."""
-    from tokenizers import Tokenizer, decoders, models
-    from transformers import PreTrainedTokenizerFast
-
-    vocab_list = (["<unk>", "<s>", "</s>"] + [chr(c) for c in range(32, 127)] + ["\n", "\t"] + list(EXTRA_CHARS))[:vocab_size]
-    assert len(vocab_list) == vocab_size
-    tk = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(vocab_list)}, merges=[], unk_token="<unk>"))
-    tk.decoder = decoders.Fuse()
-    PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(folder)
-
-
-def with_tokenizer(model_dir: Path, dest: Path) -> Path:
-    """A copy of a zoo model folder with a tokenizer (the zoo's own folders stay as other tests expect)."""
-    if not dest.exists():
-        shutil.copytree(model_dir, dest)
-        write_char_tokenizer(dest)
-    return dest
-
-
-def write_model(folder: Path, seed: int = 0) -> Path:
-    """A tiny llama whose q and o are square (hidden 64 = 4 heads x 16), with weights larger than the
-    usual initialisation (std 0.2) so that its next-token distributions are peaked and a LoRA on q and o
-    changes them clearly, and a character tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-        initializer_range=0.2,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    write_char_tokenizer(folder)
-    return folder
-
-
-def write_lora(model_dir: Path, out: Path, seed: int) -> Path:
-    """A random (init_lora_weights=False) rank-8 LoRA on q_proj and o_proj."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
-    get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +42,7 @@ def pair(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from lowmem_crosslora import transfer
 
     root = tmp_path_factory.mktemp("verify")
-    model = write_model(root / "llama")
+    model = write_llama(root / "llama")
     adapter = write_lora(model, root / "lora", seed=10)
     out = root / "self-transfer"
     transfer(adapter, model, model, out, rank=64, device="cpu", use_cache=False)
@@ -308,10 +253,11 @@ def test_transfer_works_without_the_verify_extra(pair: dict[str, Path], tmp_path
     """transformers and peft are imported only by verify: with both unimportable, transfer runs and verify says how to install them."""
     import subprocess
 
-    repo = Path(__file__).resolve().parents[1]
+    from bench import repo_env
+
     code = "import sys\nsys.modules['transformers'] = None; sys.modules['peft'] = None\nfrom lowmem_crosslora.cli import main\nmain(sys.argv[1:])\n"
     m, ad = str(pair["model"]), str(pair["adapter"])
-    env = {**__import__("os").environ, "PYTHONPATH": str(repo)}
+    env = repo_env()
     args = ["transfer", "--adapter", ad, "--source", m, "--target", m, "--out", str(tmp_path / "out"), "--rank", "16", "--device", "cpu", "-q", "--no-cache"]
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr

@@ -13,7 +13,7 @@ from lowmem_crosslora.io.checkpoints import open_checkpoint
 from lowmem_crosslora.services.device import resolve_device
 from lowmem_crosslora.services.factoring import Engine, MatrixJob, Progress, open_cache
 from lowmem_crosslora.services.memory import Budget
-from lowmem_crosslora.services.options import TransferOptions
+from lowmem_crosslora.services.options import BasesOptions
 from lowmem_crosslora.services.stop import StopFlag
 from lowmem_crosslora.sysmem import tune_allocator
 
@@ -22,34 +22,27 @@ def precompute_bases(
     model: str | Path,
     rank: int,
     *,
-    device: str = "auto",
-    cache_dir: str | Path | None = None,
-    cache_limit: int | None = None,
-    seed: int = 0,
-    oversample: int = 10,
-    niter: int = 2,
-    exact_ratio: float = 0.5,
-    compute_dtype: str = "float32",
-    max_memory: int | None = None,
-    max_gpu_memory: int | None = None,
     progress: Progress | None = None,
     warn: Callable[[str], None] | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Factor every q, k, v, o, gate, up, down weight of every layer of `model` at
     r = min(rank, m, n) into the basis cache, so that a later transfer only projects.
 
-    A transfer's r is min(rank, m, n, m', n'): exact-SVD entries serve any r up to the stored one;
-    randomized entries serve only the same r (see cache.py), that is, a transfer with the same
-    --rank, seed and SVD settings whose other model does not clip r further.
+    Options are BasesOptions' fields (device, cache_dir, cache_limit, seed, oversample, niter,
+    exact_ratio, compute_dtype, max_memory, max_gpu_memory). A transfer's r is min(rank, m, n, m', n'):
+    exact-SVD entries serve any r up to the stored one; randomized entries serve only the same r (see
+    cache.py), that is, a transfer with the same --rank, seed and SVD settings whose other model does
+    not clip r further.
     """
-    opts = TransferOptions(rank=rank, device=device, seed=seed, oversample=oversample, niter=niter, exact_ratio=exact_ratio, compute_dtype=compute_dtype)
+    opts = BasesOptions(rank=rank, **options)
     settings = opts.svd_settings()
     if rank < 1:
         raise InputError(f"--rank must be at least 1 (got {rank})")
     t_start = time.perf_counter()
     tune_allocator()
     ckpt = open_checkpoint(model, "model")
-    dev = resolve_device(device)
+    dev = resolve_device(opts.device)
     ident = ckpt.identity()
     jobs = []
     for layer in range(ckpt.dims.num_layers):
@@ -64,10 +57,10 @@ def precompute_bases(
             jobs.append(MatrixJob(ckpt, w, (m, n), min(rank, m, n), "model", ident))
     if not jobs:
         raise InputError(f"model {ckpt.path}: none of the weights q, k, v, o, gate, up, down was found")
-    budget = Budget(max_memory, max_gpu_memory, dev)
-    cache = open_cache(cache_dir, cache_limit, warn)
+    budget = Budget(opts.max_memory, opts.max_gpu_memory, dev)
+    cache = open_cache(opts.cache_dir, opts.cache_limit, warn)
     with StopFlag() as stop:
-        engine = Engine(None, settings, budget, dev, seed, stop, prefetch=True, cache=cache)
+        engine = Engine(None, settings, budget, dev, opts.seed, stop, prefetch=True, cache=cache)
         for job in jobs:
             m, n = job.shape
             engine.matrices.append((m, n, settings.q_for(job.r, m, n), job.r, ckpt.info(job.weight).dtype, 0))

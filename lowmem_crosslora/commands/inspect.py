@@ -26,9 +26,9 @@ from lowmem_crosslora.sizes import format_size
 
 def measured_gflops(device: str = "cpu") -> float:
     """A quick matmul rate on this machine (float32), to turn flop counts into seconds."""
-    n = 1024
+    n, r = 1024, TransferOptions().rank  # a range finder's shape at the default rank
     a = torch.randn(n, n, device=device)
-    b = torch.randn(n, 320, device=device)
+    b = torch.randn(n, r, device=device)
     (a @ b).sum().item()
     t0 = time.perf_counter()
     reps = 8
@@ -36,7 +36,7 @@ def measured_gflops(device: str = "cpu") -> float:
         c = a @ b
     float(c[0, 0])
     dt = max(time.perf_counter() - t0, 1e-6)
-    return 2 * n * n * 320 * reps / dt / 1e9
+    return 2 * n * n * r * reps / dt / 1e9
 
 
 def svd_flops(m: int, n: int, q: int, niter: int, exact: bool) -> float:
@@ -47,8 +47,9 @@ def svd_flops(m: int, n: int, q: int, niter: int, exact: bool) -> float:
     return 2.0 * m * n * q * passes + 4.0 * (m + n) * q * q * (niter + 1)
 
 
-def plan_summary(adapter: Path, source: Path, target: Path, **kw: Any) -> dict[str, Any]:
-    opts = TransferOptions(**kw)
+def plan_summary(adapter: Path, source: Path, target: Path, **options: Any) -> dict[str, Any]:
+    """What a transfer with these options (TransferOptions' fields) would do and cost; reads headers only."""
+    opts = TransferOptions(**options)
     settings = opts.svd_settings()
     ad = load_adapter(adapter, allow_pickle=opts.allow_pickle)
     src = open_checkpoint(source, "source")

@@ -56,3 +56,30 @@ def transfer_batch(
     if not adapters:
         raise InputError("no adapter to transfer")
     return run_guarded(adapters, source, target, progress=progress, log=log, warn=warn, batch=True, **options)
+
+
+def batch_outputs(adapters: tuple[Path, ...], out: Path) -> list[tuple[Path, Path]] | None:
+    """(adapter, output) pairs for a batch, or None for a single transfer into --out.
+
+    One --adapter that is an adapter folder is a single transfer. Several, or one folder holding
+    adapter folders (no adapter_config.json of its own), are a batch: each adapter goes to
+    --out/<its folder name>."""
+
+    if len(adapters) == 1 and ((adapters[0] / "adapter_config.json").exists() or not adapters[0].is_dir()):
+        return None
+    found: list[Path] = []
+    for a in adapters:
+        if (a / "adapter_config.json").exists() or not a.is_dir():
+            found.append(a)
+            continue
+        inner = sorted(p for p in a.iterdir() if p.is_dir() and (p / "adapter_config.json").exists())
+        if not inner:
+            raise InputError(f"adapter {a}: neither an adapter folder (adapter_config.json + adapter_model.safetensors) nor a folder of adapter folders")
+        found.extend(inner)
+    names: dict[str, Path] = {}
+    for a in found:
+        name = a.name or a.resolve().name
+        if name in names:
+            raise InputError(f"adapters {names[name]} and {a} share the folder name {name!r}, so their outputs under {out} would collide; rename one")
+        names[name] = a
+    return [(a, out / (a.name or a.resolve().name)) for a in found]

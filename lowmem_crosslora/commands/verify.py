@@ -17,6 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +28,9 @@ from lowmem_crosslora.io.adapter import Adapter, check_finite, load_adapter
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.device import resolve_device
 from lowmem_crosslora.services.memory import Budget
+from lowmem_crosslora.services.options import VerifyOptions
 from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, PROBES_NAME, Probe, read_texts, require_extras, sample_probes, stable_seed
-from lowmem_crosslora.services.report import build_verify_report
+from lowmem_crosslora.services.report import build_report
 from lowmem_crosslora.services.scoring import Loader, encode, free, score, vocab_size
 from lowmem_crosslora.sysmem import tune_allocator
 from lowmem_crosslora.version import __version__
@@ -194,8 +196,6 @@ def install_control(peft_model: Any, transferred: str | Path, seed: int, name: s
 def refine_training_set(folder: Path) -> dict[str, Any] | None:
     """What refine trained an adapter folder on (its refine_probes.json): seed, prompts and the
     (prompt, text) pairs; None for an adapter that refine did not make."""
-
-
     f = Path(folder) / PROBES_NAME
     if not f.exists():
         return None
@@ -206,36 +206,95 @@ def refine_training_set(folder: Path) -> dict[str, Any] | None:
         raise InputError(f"{f}: unreadable; it says which texts refine trained this adapter on, so verify cannot choose fresh ones") from None
 
 
+@dataclass
+class Inputs:
+    """verify's checked inputs: the models, both adapters, the texts and prompts, the seed to sample with."""
+
+    src: Checkpoint
+    tgt: Checkpoint
+    adapter: Adapter
+    transferred: Adapter
+    user: list[Probe]
+    prompts: list[str]
+    trained: dict[str, Any] | None  # what refine trained `transferred` on (None: not refined)
+    seed: int
+
+
+@dataclass
+class Scores:
+    """The probe texts and their log-likelihood per byte under each of the five models (CONFIGS)."""
+
+    probes: list[Probe] = field(default_factory=list)
+    ll: dict[str, list[float]] = field(default_factory=dict)
+    dropped: int = 0  # sampled texts left out because refine trained on them
+    phases: dict[str, float] = field(default_factory=dict)
+
+
 def run_verify(
     source: str | Path,
     adapter: str | Path,
     target: str | Path,
     transferred: str | Path,
     *,
-    prompts: list[str] | None = None,
     texts: list[Probe] | str | Path | None = None,
-    samples: int = 32,
-    neutral_samples: int = 8,
-    max_new_tokens: int = 64,
-    seed: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    max_memory: int | None = None,
     log: Log | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Score probe texts under source base, source + adapter, target base, target + transferred and
     target + random control; return the report (schema lowmem-crosslora/report/1, kind "verify").
+    Options are VerifyOptions' fields.
 
     A refined adapter (refine_probes.json in its folder) is graded on fresh texts: `seed` defaults to
     the seed after the one refine sampled its training texts with, the same seed on the same prompts is
     refused, and any sampled text refine trained on is dropped."""
-
+    opts = VerifyOptions(**options)
     say = log or (lambda msg: None)
     t0 = time.perf_counter()
-    if samples < 0 or neutral_samples < 0 or max_new_tokens < 1:
+    check_options(opts)
+    inp = load_inputs(source, adapter, target, transferred, texts, opts)
+    dev = resolve_device(opts.device)
+    require_extras()
+    tune_allocator()
+    budget = Budget(opts.max_memory, None, dev)  # after the imports: the libraries are part of the baseline
+    budget.start()
+    loader = Loader(budget, dev, opts.dtype, say)
+    norms = {"source": adapter_norms(inp.adapter), "transferred": adapter_norms(inp.transferred)}
+    src_tok, tgt_tok = loader.tokenizer(inp.src), loader.tokenizer(inp.tgt)  # both checked before the long work starts
+    scores = Scores()
+    try:
+        score_source(inp, opts, loader, src_tok, dev, scores, say)
+        norms["control"] = score_target(inp, loader, tgt_tok, dev, scores)
+    finally:
+        budget.stop()
+    return build_report(
+        "verify",
+        adapter=inp.adapter.path,
+        source=inp.src,
+        target=inp.tgt,
+        options=report_options(inp, opts, scores.dropped),
+        device=dev,
+        seconds=time.perf_counter() - t0,
+        phases=scores.phases,
+        budget=budget,
+        version=__version__,
+        transferred=inp.transferred.path,
+        sets=text_sets(scores, inp),
+        records=text_records(scores),
+        norms=norms,
+        dtypes=loader.used,
+    )
+
+
+def check_options(opts: VerifyOptions) -> None:
+    if opts.samples < 0 or opts.neutral_samples < 0 or opts.max_new_tokens < 1:
         raise InputError("--samples and --neutral-samples must not be negative, --max-new-tokens must be at least 1")
-    if dtype not in ("auto", "float32", "bfloat16", "float16"):
-        raise InputError(f"unknown --dtype {dtype!r}; choose auto, float32, bfloat16 or float16")
+    if opts.dtype not in ("auto", "float32", "bfloat16", "float16"):
+        raise InputError(f"unknown --dtype {opts.dtype!r}; choose auto, float32, bfloat16 or float16")
+
+
+def load_inputs(source: str | Path, adapter: str | Path, target: str | Path, transferred: str | Path, texts: Any, opts: VerifyOptions) -> Inputs:
+    """Open and check the models and adapters, read the texts, and choose the seed (refused where it
+    would grade a refined adapter on the texts it trained on)."""
     src = Checkpoint(source, "source")
     tgt = Checkpoint(target, "target")
     ad = load_adapter(adapter)
@@ -245,8 +304,9 @@ def run_verify(
     check_finite(ad)
     check_finite(tr)
     user = read_texts(texts) if isinstance(texts, (str, Path)) else list(texts or [])
-    prompt_list = list(prompts) if prompts else list(DEFAULT_PROMPTS)
+    prompt_list = list(opts.prompts) if opts.prompts else list(DEFAULT_PROMPTS)
     trained = refine_training_set(tr.path)
+    seed = opts.seed
     if trained is not None:
         same_prompts = (list(DEFAULT_PROMPTS) if trained["prompts"] == "built-in" else list(trained["prompts"])) == prompt_list
         if seed is None:
@@ -256,79 +316,81 @@ def run_verify(
                 f"{tr.path} was refined on texts sampled with seed {seed} from these prompts; grading it on them would measure "
                 "how well it learned its training texts, not the adapter's behaviour: pass another --seed"
             )
-    seed = 0 if seed is None else seed
-    if samples == 0 and neutral_samples == 0 and not user:
+    if opts.samples == 0 and opts.neutral_samples == 0 and not user:
         raise InputError("nothing to score: --samples and --neutral-samples are 0 and no --texts were given")
-    dev = resolve_device(device)
-    require_extras()
-    tune_allocator()
+    return Inputs(src, tgt, ad, tr, user, prompt_list, trained, 0 if seed is None else seed)
+
+
+def score_source(inp: Inputs, opts: VerifyOptions, loader: Loader, tok: Any, dev: str, scores: Scores, say: Log) -> None:
+    """The source: sample with the adapter on (and off, for neutral texts), score with it off and on, free it."""
     from peft import PeftModel
 
-    budget = Budget(max_memory, None, dev)  # after the imports: the libraries are part of the baseline
-    budget.start()
-    loader = Loader(budget, dev, dtype, say)
-    phases: dict[str, float] = {}
-    src_norms, tr_norms = adapter_norms(ad), adapter_norms(tr)
-    src_tok, tgt_tok = loader.tokenizer(src), loader.tokenizer(tgt)  # both checked before the long work starts
-    try:
-        # 1. The source: sample with the adapter on (and off, for neutral texts), score with it off and on.
-        t = time.perf_counter()
-        base, tok = loader.load(src, max_new_tokens), src_tok
-        model = PeftModel.from_pretrained(base, str(ad.path), adapter_name="adapter")
-        model.to(dev)
-        model.eval()
-        phases["load_source"] = time.perf_counter() - t
-        t = time.perf_counter()
-        probes = sample_probes(model, tok, prompt_list, samples, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
-        with model.disable_adapter():
-            probes += sample_probes(model, tok, prompt_list, neutral_samples, max_new_tokens=max_new_tokens, seed=seed, origin="base", device=dev)
-        dropped = 0
-        if trained is not None:
-            seen = trained["texts"]
-            kept = [p for p in probes if (p.prompt, p.text) not in seen]
-            dropped = len(probes) - len(kept)
-            probes = kept
-        probes += user
-        phases["sample"] = time.perf_counter() - t
-        if not probes:
-            raise InputError("no probe texts: every sample ended at once (empty continuations); try other --prompts or pass --texts")
-        say(f"scoring {len(probes)} texts under the source ({samples} sampled with the adapter, {neutral_samples} from the base, {len(user)} given)")
-        t = time.perf_counter()
-        enc = [encode(tok, p) for p in probes]
-        ll: dict[str, list[float]] = {}
-        with model.disable_adapter():
-            ll["source_base"] = score(model, enc, dev, vocab_size(src))
-        ll["source_adapter"] = score(model, enc, dev, vocab_size(src))
-        phases["score_source"] = time.perf_counter() - t
-        del model, base, tok, enc
-        free()
+    t = time.perf_counter()
+    base = loader.load(inp.src)
+    model = PeftModel.from_pretrained(base, str(inp.adapter.path), adapter_name="adapter")
+    model.to(dev)
+    model.eval()
+    scores.phases["load_source"] = time.perf_counter() - t
+    t = time.perf_counter()
+    kw = {"max_new_tokens": opts.max_new_tokens, "seed": inp.seed, "device": dev}
+    probes = sample_probes(model, tok, inp.prompts, opts.samples, origin="adapter", **kw)
+    with model.disable_adapter():
+        probes += sample_probes(model, tok, inp.prompts, opts.neutral_samples, origin="base", **kw)
+    if inp.trained is not None:
+        seen = inp.trained["texts"]
+        kept = [p for p in probes if (p.prompt, p.text) not in seen]
+        scores.dropped = len(probes) - len(kept)
+        probes = kept
+    probes += inp.user
+    scores.probes = probes
+    scores.phases["sample"] = time.perf_counter() - t
+    if not probes:
+        raise InputError("no probe texts: every sample ended at once (empty continuations); try other --prompts or pass --texts")
+    say(f"scoring {len(probes)} texts under the source ({opts.samples} sampled with the adapter, {opts.neutral_samples} from the base, {len(inp.user)} given)")
+    t = time.perf_counter()
+    enc = [encode(tok, p) for p in probes]
+    with model.disable_adapter():
+        scores.ll["source_base"] = score(model, enc, dev, vocab_size(inp.src))
+    scores.ll["source_adapter"] = score(model, enc, dev, vocab_size(inp.src))
+    scores.phases["score_source"] = time.perf_counter() - t
+    del model, base, enc
+    free()
 
-        # 2. The target: base, transferred, control.
-        t = time.perf_counter()
-        base, tok = loader.load(tgt, max_new_tokens), tgt_tok
-        model = PeftModel.from_pretrained(base, str(tr.path), adapter_name="transferred")
-        control_norms = install_control(model, tr.path, seed)
-        model.to(dev)
-        model.eval()
-        phases["load_target"] = time.perf_counter() - t
-        t = time.perf_counter()
-        enc = [encode(tok, p) for p in probes]
-        with model.disable_adapter():
-            ll["target_base"] = score(model, enc, dev, vocab_size(tgt))
-        model.set_adapter("transferred")
-        ll["target_transferred"] = score(model, enc, dev, vocab_size(tgt))
-        model.set_adapter("control")
-        ll["target_control"] = score(model, enc, dev, vocab_size(tgt))
-        phases["score_target"] = time.perf_counter() - t
-        del model, base, tok, enc
-        free()
-    finally:
-        budget.stop()
 
+def score_target(inp: Inputs, loader: Loader, tok: Any, dev: str, scores: Scores) -> dict[str, float]:
+    """The target: score the texts with no adapter, the transferred one and the random control, switching
+    adapters in place; free it. Returns the control's norm per module."""
+    from peft import PeftModel
+
+    t = time.perf_counter()
+    base = loader.load(inp.tgt)
+    model = PeftModel.from_pretrained(base, str(inp.transferred.path), adapter_name="transferred")
+    control_norms = install_control(model, inp.transferred.path, inp.seed)
+    model.to(dev)
+    model.eval()
+    scores.phases["load_target"] = time.perf_counter() - t
+    t = time.perf_counter()
+    enc = [encode(tok, p) for p in scores.probes]
+    with model.disable_adapter():
+        scores.ll["target_base"] = score(model, enc, dev, vocab_size(inp.tgt))
+    model.set_adapter("transferred")
+    scores.ll["target_transferred"] = score(model, enc, dev, vocab_size(inp.tgt))
+    model.set_adapter("control")
+    scores.ll["target_control"] = score(model, enc, dev, vocab_size(inp.tgt))
+    scores.phases["score_target"] = time.perf_counter() - t
+    del model, base, enc
+    free()
+    return control_norms
+
+
+def text_sets(scores: Scores, inp: Inputs) -> dict[str, dict[str, Any]]:
+    """Effects and a verdict per set of texts (the adapter's samples, the --texts, the neutral ones)."""
+    probes, ll = scores.probes, scores.ll
     # Texts one model could not score (nothing left after the prompt) are left out of every comparison.
     keep = [i for i in range(len(probes)) if all(not math.isnan(ll[c][i]) for c in CONFIGS)]
     sets: dict[str, dict[str, Any]] = {}
-    fresh = f"fresh samples (seed {seed}; refine trained on seed {trained['seed']}'s) " if trained is not None else "samples "
+    trained = inp.trained
+    fresh = f"fresh samples (seed {inp.seed}; refine trained on seed {trained['seed']}'s) " if trained is not None else "samples "
     labels = {
         "adapter": f"{fresh}of source + adapter on neutral prompts",
         "base": "neutral text (samples of the source base on the same prompts)",
@@ -347,37 +409,31 @@ def run_verify(
         else:
             eff["verdict"] = verdict(eff, labels[origin])
         sets[origin] = eff
+    return sets
 
+
+def text_records(scores: Scores) -> list[dict[str, Any]]:
+    """Every scored text with its log-likelihood per byte under each model (None where it had none)."""
     records = []
-    for i, p in enumerate(probes):
+    for i, p in enumerate(scores.probes):
         rec = p.to_json()
-        rec["loglik_per_byte"] = {c: (None if math.isnan(ll[c][i]) else round(ll[c][i], 6)) for c in CONFIGS}
+        rec["loglik_per_byte"] = {c: (None if math.isnan(scores.ll[c][i]) else round(scores.ll[c][i], 6)) for c in CONFIGS}
         records.append(rec)
+    return records
 
-    return build_verify_report(
-        source=src,
-        target=tgt,
-        adapter=str(ad.path),
-        transferred=str(tr.path),
-        options={
-            "prompts": "built-in" if not prompts else len(prompt_list),
-            "samples": samples,
-            "neutral_samples": neutral_samples,
-            "texts": len(user),
-            "max_new_tokens": max_new_tokens,
-            "seed": seed,
-            "refined_on": None if trained is None else {"seed": trained["seed"], "texts": len(trained["texts"]), "dropped_overlaps": dropped},
-            "device": device,
-            "dtype": dtype,
-            "max_memory": max_memory,
-        },
-        sets=sets,
-        records=records,
-        norms={"source": src_norms, "transferred": tr_norms, "control": control_norms},
-        dtypes=loader.used,
-        device=dev,
-        seconds=time.perf_counter() - t0,
-        phases=phases,
-        budget=budget,
-        version=__version__,
-    )
+
+def report_options(inp: Inputs, opts: VerifyOptions, dropped: int) -> dict[str, Any]:
+    """The options as the report states them (the seed chosen, what a refined adapter trained on)."""
+    trained = inp.trained
+    return {
+        "prompts": "built-in" if not opts.prompts else len(inp.prompts),
+        "samples": opts.samples,
+        "neutral_samples": opts.neutral_samples,
+        "texts": len(inp.user),
+        "max_new_tokens": opts.max_new_tokens,
+        "seed": inp.seed,
+        "refined_on": None if trained is None else {"seed": trained["seed"], "texts": len(trained["texts"]), "dropped_overlaps": dropped},
+        "device": opts.device,
+        "dtype": opts.dtype,
+        "max_memory": opts.max_memory,
+    }

@@ -145,29 +145,49 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
         raise InputError(f"{where}: peft_type {peft_type} is not supported; only LoRA adapters can be transferred")
     if config.get("use_dora"):
         raise InputError(f"{where}: DoRA adapters (use_dora=true) are not supported; only plain LoRA can be transferred")
-    file = p / "adapter_model.safetensors"
-    state: dict[str, torch.Tensor] | None = None
-    if not file.exists():
-        if not (p / "adapter_model.bin").exists():
-            raise InputError(f"{where}: adapter_model.safetensors not found")
-        if not allow_pickle:
-            raise InputError(
-                f"{where}: only a pickled adapter_model.bin found; pass --allow-pickle to read it with "
-                "torch.load(weights_only=True), or convert it to adapter_model.safetensors"
-            )
-        file = p / "adapter_model.bin"
-        header, state = _load_pickled(file, where)
-    else:
-        header = read_safetensors_header(file, "adapter")
+    file, header, state = _adapter_file(p, where, allow_pickle)
     adapter = Adapter(p, config, file=file, state=state)
     modules_to_save = config.get("modules_to_save") or []
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
     bias_mode = str(config.get("bias", "none"))
     counts = {"bias": 0, "save": 0, "lora_bias": 0}
-    rank_pattern = dict(config.get("rank_pattern") or {})
-    alpha_pattern = dict(config.get("alpha_pattern") or {})
+    factors = _lora_factors(adapter, header, where, [str(x) for x in modules_to_save], bias_mode, counts)
+    _add_modules(adapter, factors, where)
+    if not adapter.modules:
+        raise InputError(f"{where}: no LoRA factors (lora_A / lora_B) found in {file.name}")
+    if counts["bias"]:
+        adapter.warnings.append(f"adapter: {counts['bias']} bias tensors (bias={bias_mode!r}) are not transferred; the report lists them as skipped")
+    if counts["save"]:
+        names = ", ".join(map(str, modules_to_save))
+        adapter.warnings.append(f"adapter: {counts['save']} modules_to_save tensors ({names}) are not transferred; the report lists them")
+    if counts["lora_bias"]:
+        adapter.warnings.append(f"adapter: {counts['lora_bias']} LoRA bias tensors (lora_bias) are not transferred; the report lists them")
+    return adapter
 
+
+def _adapter_file(p: Path, where: str, allow_pickle: bool) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor] | None]:
+    """The adapter's tensor file, its header, and (for a pickled .bin read with --allow-pickle) its tensors."""
+    file = p / "adapter_model.safetensors"
+    if file.exists():
+        return file, read_safetensors_header(file, "adapter"), None
+    if not (p / "adapter_model.bin").exists():
+        raise InputError(f"{where}: adapter_model.safetensors not found")
+    if not allow_pickle:
+        raise InputError(
+            f"{where}: only a pickled adapter_model.bin found; pass --allow-pickle to read it with "
+            "torch.load(weights_only=True), or convert it to adapter_model.safetensors"
+        )
+    file = p / "adapter_model.bin"
+    header, state = _load_pickled(file, where)
+    return file, header, state
+
+
+def _lora_factors(
+    adapter: Adapter, header: dict[str, Any], where: str, modules_to_save: list[str], bias_mode: str, counts: dict[str, int]
+) -> dict[str, dict[str, tuple[str, dict[str, Any]]]]:
+    """module -> {"A": (tensor name, header entry), "B": ...}; every other tensor is recorded as skipped
+    (with its reason) and counted by kind."""
     factors: dict[str, dict[str, tuple[str, dict[str, Any]]]] = {}
     for name, info in sorted(header.items()):
         if name == "__metadata__":
@@ -178,7 +198,7 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
         if m is None:
             if "lora_embedding" in name:
                 reason = "embedding LoRA is not transferred (vocabularies differ between models)"
-            elif _in_modules_to_save(_module_of(name), [str(x) for x in modules_to_save]) or ".modules_to_save." in name:
+            elif _in_modules_to_save(_module_of(name), modules_to_save) or ".modules_to_save." in name:
                 reason = "modules_to_save copy: a full weight of the source model, not transferred"
                 counts["save"] += 1
             elif name.endswith(".bias"):
@@ -196,7 +216,13 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
         if module.startswith(PEFT_PREFIX):
             module = module[len(PEFT_PREFIX) :]
         factors.setdefault(module, {})[m.group("which")] = (name, info)
+    return factors
 
+
+def _add_modules(adapter: Adapter, factors: dict[str, dict[str, tuple[str, dict[str, Any]]]], where: str) -> None:
+    """Check each module's pair of factors against each other and the config's ranks; add the modules."""
+    rank_pattern = dict(adapter.config.get("rank_pattern") or {})
+    alpha_pattern = dict(adapter.config.get("alpha_pattern") or {})
     for module, parts in factors.items():
         if set(parts) != {"A", "B"}:
             missing = "lora_B" if "B" not in parts else "lora_A"
@@ -225,16 +251,6 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
             b_shape=(int(b_shape[0]), int(b_shape[1])),
             dtype=str(a_info["dtype"]),
         )
-    if not adapter.modules:
-        raise InputError(f"{where}: no LoRA factors (lora_A / lora_B) found in {file.name}")
-    if counts["bias"]:
-        adapter.warnings.append(f"adapter: {counts['bias']} bias tensors (bias={bias_mode!r}) are not transferred; the report lists them as skipped")
-    if counts["save"]:
-        names = ", ".join(map(str, modules_to_save))
-        adapter.warnings.append(f"adapter: {counts['save']} modules_to_save tensors ({names}) are not transferred; the report lists them")
-    if counts["lora_bias"]:
-        adapter.warnings.append(f"adapter: {counts['lora_bias']} LoRA bias tensors (lora_bias) are not transferred; the report lists them")
-    return adapter
 
 
 def check_finite(adapter: Adapter) -> None:

@@ -26,11 +26,13 @@ RowReader = Callable[[int, int], torch.Tensor]
 
 @dataclass(frozen=True)
 class SvdSettings:
-    rank: int = 320
-    oversample: int = 10
-    niter: int = 2
-    exact_ratio: float = 0.5  # exact SVD when q >= exact_ratio * min(m, n)
-    compute_dtype: torch.dtype = torch.float32
+    """How bases are computed (defaults and help: services/options.py's TransferOptions)."""
+
+    rank: int
+    oversample: int
+    niter: int
+    exact_ratio: float  # exact SVD when q >= exact_ratio * min(m, n)
+    compute_dtype: torch.dtype
 
     def q_for(self, r: int, m: int, n: int) -> int:
         return min(r + self.oversample, m, n)

@@ -1,9 +1,11 @@
-"""The distillation losses of `refine`, and the memory they need.
+"""The distillation of `refine`: both sides of its losses, the memory they need, its checkpoints.
 
 Texts cross the tokenizer gap, token ids do not. The source's side of every loss is therefore
-computed once, on text, before the target is loaded (refine.py); this module holds the target's
-side: a batch of encoded texts goes through the target (LoRA on, gradients on), and each objective
-turns the target's token log-probabilities into a loss.
+computed once, on text, before the target is loaded (prepare_source: the probe texts and the
+source's per-token changes, `Prepared`); target_texts carries them over to the target's tokens. The
+target's side: a batch of encoded texts goes through the target (LoRA on, gradients on), and each
+objective turns the target's token log-probabilities into a loss. After every step the training
+state is checkpointed (save_checkpoint / load_checkpoint), so an interrupted run resumes.
 
 Objectives (the benchmark compares them; refine ships the one that measured best):
 
@@ -23,17 +25,28 @@ backward pass (torch.utils.checkpoint), so no batch ever holds a (tokens x vocab
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from lowmem_crosslora.dtypes import name_bytes
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, Probe, sample_probes
+from lowmem_crosslora.services.scoring import Loader, encode, free, token_logprobs, vocab_size
 
 OBJECTIVES = ("lm", "delta", "lm+kl")
 # Rows of the vocabulary projection made at a time: their logits, log-softmax and gradients.
 LOGIT_CHUNK_BYTES = 48 * 1024**2
+
+
+Log = Callable[[str], None]
 
 
 @dataclass
@@ -53,6 +66,97 @@ class TrainText:
     origin: str
     nbytes: int
     base_lp: list[float] | None = None
+
+
+@dataclass
+class Prepared:
+    """The source's contribution, computed once and kept in the state folder: probe texts and, per
+    text, the source's token ends and per-token change in log-probability (adapter on minus off)."""
+
+    probes: list[Probe]
+    src_start: list[int]
+    src_ends: list[list[int]]
+    src_delta: list[list[float]]
+    seconds: float
+    sample_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "texts": [
+                {**p.to_json(), "source_start": s, "source_token_ends": e, "source_token_delta": [round(v, 6) for v in d]}
+                for p, s, e, d in zip(self.probes, self.src_start, self.src_ends, self.src_delta, strict=True)
+            ],
+            "seconds": round(self.seconds, 3),
+            **self.extra,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Prepared:
+        ps, ss, es, ds = [], [], [], []
+        for t in obj["texts"]:
+            ps.append(Probe(t["prompt"], t["text"], t["seed"], t["origin"]))
+            ss.append(int(t["source_start"]))
+            es.append([int(v) for v in t["source_token_ends"]])
+            ds.append([float(v) for v in t["source_token_delta"]])
+        extra = {k: v for k, v in obj.items() if k not in ("texts", "seconds")}
+        return cls(ps, ss, es, ds, float(obj.get("seconds", 0.0)), extra=extra)
+
+
+def prepare_source(
+    src: Checkpoint,
+    tok: Any,
+    adapter: Path,
+    loader: Loader,
+    dev: str,
+    say: Log,
+    *,
+    prompts: list[str] | None,
+    samples: int,
+    contrast_samples: int,
+    max_new_tokens: int,
+    seed: int,
+    user: list[Probe],
+) -> Prepared:
+    """Sample probe and contrast texts from the source (adapter on / off; `prompts` None: the built-in
+    ones), score them token by token under both, free the source."""
+    from peft import PeftModel
+
+    t0 = time.perf_counter()
+    base = loader.load(src)
+    model = PeftModel.from_pretrained(base, str(adapter), adapter_name="adapter")
+    model.to(dev)
+    model.eval()
+    prompts = prompts or list(DEFAULT_PROMPTS)
+    say(f"sampling {samples} texts from source + adapter and {contrast_samples} from the source base (seed {seed})")
+    probes = sample_probes(model, tok, prompts, samples, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
+    with model.disable_adapter():
+        probes += sample_probes(model, tok, prompts, contrast_samples, max_new_tokens=max_new_tokens, seed=seed, origin="base", device=dev)
+    sample_s = time.perf_counter() - t0
+    probes += user
+    if not any(p.origin in ("adapter", "user") for p in probes):
+        raise InputError("no probe texts: every sample ended at once (empty continuations); try other --prompts or pass --texts")
+    enc = [encode(tok, p) for p in probes]
+    with model.disable_adapter():
+        lp_base = token_logprobs(model, enc, dev, vocab_size(src))
+    lp_ad = token_logprobs(model, enc, dev, vocab_size(src))
+    del model, base
+    free()
+    delta = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(lp_ad, lp_base, strict=True)]
+    return Prepared(probes, [e.start for e in enc], [list(e.ends) for e in enc], delta, time.perf_counter() - t0, sample_s)
+
+
+def target_texts(tok: Any, prep: Prepared) -> list[TrainText]:
+    """The probe texts in the target's tokens, each with the source's changes summed over the segments
+    both tokenizations share; texts with nothing to score are left out."""
+    out = []
+    for p, s0, se, sd in zip(prep.probes, prep.src_start, prep.src_ends, prep.src_delta, strict=True):
+        e = encode(tok, p)
+        if e.nbytes == 0 or len(e.ids) - e.first < 1:
+            continue
+        seg, delta = segments(s0, se, e.start, list(e.ends), sd)
+        out.append(TrainText(e.ids, e.first, seg, delta, p.origin, e.nbytes))
+    return out
 
 
 def segments(src_start: int, src_ends: list[int], tgt_start: int, tgt_ends: list[int], src_delta: list[float]) -> tuple[list[int], list[float]]:
@@ -251,6 +355,46 @@ def batch_norms(objective: str, main: list[TrainText], contrast: list[TrainText]
     return {"tokens": max(1, tokens), "contrast_tokens": max(1, ctokens), "segments": max(1, segs)}
 
 
+# ---- training checkpoints ----------------------------------------------------------------------
+
+
+def lora_state(model: Any) -> dict[str, torch.Tensor]:
+    """Copies of the trainable (LoRA) parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(path: Path, model: Any, opt: Any, step: int, losses: list[dict[str, float]], fp: str, shape: TrainShape, seconds: float) -> None:
+    """The training state after `step` (LoRA, optimiser, losses, shape), written atomically and durably."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(
+            {
+                "fingerprint": fp,
+                "step": step,
+                "lora": lora_state(model),
+                "optimizer": opt.state_dict(),
+                "losses": losses,
+                "shape": shape.to_json(),
+                "seconds": seconds,
+            },
+            f,
+        )
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fp: str) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it is readable and was made by the run with fingerprint `fp`, else None."""
+    if not path.exists():
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is redone from the start, never trusted
+        return None
+    return ck if isinstance(ck, dict) and ck.get("fingerprint") == fp else None
+
+
 # ---- memory model ---------------------------------------------------------------------------------
 
 
@@ -272,6 +416,10 @@ class TrainShape:
             "weights_dtype": self.weights_dtype,
             "modelled_bytes": self.bytes,
         }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TrainShape:
+        return cls(obj["micro_batch"], obj["max_len"], obj["gradient_checkpointing"], obj["weights_dtype"], obj["modelled_bytes"])
 
 
 def train_bytes(cfg: dict[str, Any], params: int, lora_params: int, weights_bytes: int, micro: int, seq: int, ckpt: bool, passes: int) -> int:

@@ -1,40 +1,169 @@
-"""The options of every command: dataclasses whose fields are the only source of defaults and help text."""
+"""The options of every command: dataclasses whose fields are the only source of defaults and help
+text, and `click_options`, which turns their fields into click options (mergekit's MergeOptions
+pattern). A field's metadata says how it is spelled on the command line (see Flag)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Iterable
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
 
 from lowmem_crosslora import dtypes
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.linalg.bases import SvdSettings
+from lowmem_crosslora.services.cache import DEFAULT_LIMIT
 from lowmem_crosslora.services.distill import OBJECTIVES
+from lowmem_crosslora.sizes import parse_size
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+CLI = "cli"  # the metadata key of a field's command-line spelling
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a field is spelled on the command line."""
+
+    help: str
+    name: str | None = None  # the option; default --field-name ("--for", "--resume/--no-resume", "--no-cache")
+    dest: str | None = None  # the keyword the option fills; default the field's name (--prompts fills prompts_file)
+    type: Any = None  # a click type; default int or float from the annotation, else text
+    choices: tuple[str, ...] | None = None
+    negate: bool = False  # a flag that sets the field to False (--no-cache)
+    parse: Callable[[str], Any] | None = None  # e.g. parse_size; its InputError is a bad parameter
+
+
+def option(default: Any = MISSING, help: str = "", **cli: Any) -> Any:
+    """A dataclass field that is a command-line option; no default: a required option."""
+    return field(default=default, metadata={CLI: Flag(help, **cli)})
+
+
+def same(cls: type, name: str, **changes: Any) -> Any:
+    """Field `name` of `cls` again for another command: the same default and spelling, but for `changes`
+    (default= and any Flag attribute, e.g. help=)."""
+    f = {f.name: f for f in fields(cls)}[name]
+    default = changes.pop("default", f.default)
+    meta = {CLI: dataclasses.replace(f.metadata[CLI], **changes)} if CLI in f.metadata else {}
+    return field(default=default, metadata=meta)
+
+
+_TYPES = {"int": int, "float": float}  # the click types read from annotations ("int | None": int); others: text
+
+
+def _annotated(f: dataclasses.Field[Any]) -> type | None:
+    ann = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    return _TYPES.get(ann.split(" | ")[0])
+
+
+def _parsed(parse: Callable[[str], Any]) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            return parse(value)
+        except InputError as e:
+            raise click.BadParameter(str(e)) from None
+
+    return callback
+
+
+def _negated(ctx: click.Context, param: click.Parameter, value: bool) -> bool:
+    return not value
+
+
+def _click_option(f: dataclasses.Field[Any]) -> Callable[[F], F]:
+    c: Flag = f.metadata[CLI]
+    name = c.name or "--" + f.name.replace("_", "-")
+    kw: dict[str, Any] = {"help": c.help}
+    if f.default is MISSING:
+        kw["required"] = True
+    elif "/" in name:
+        kw.update(default=f.default, show_default=True)
+    elif isinstance(f.default, bool):
+        kw["is_flag"] = True
+    else:
+        kw["default"] = f.default
+        if f.default is not None:
+            kw["show_default"] = True
+    if c.negate:
+        kw["callback"] = _negated
+    elif c.parse is not None:
+        kw["callback"] = _parsed(c.parse)
+    elif c.choices is not None:
+        kw["type"] = click.Choice(list(c.choices))
+    elif c.type is not None:
+        kw["type"] = c.type
+    elif not kw.get("is_flag") and _annotated(f) is not None:
+        kw["type"] = _annotated(f)
+    return click.option(name, c.dest or f.name, **kw)
+
+
+def click_options(cls: type, only: Iterable[str] | None = None, exclude: Iterable[str] = ()) -> Callable[[F], F]:
+    """A decorator that adds the fields of `cls` that have a Flag as click options: those named in
+    `only`, in that order, or else every one but `exclude`, in the fields' order."""
+    spelled = {f.name: f for f in fields(cls) if CLI in f.metadata}
+    unknown = {*(only or ()), *exclude} - set(spelled)
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no command-line options {sorted(unknown)}")
+    names = list(only) if only is not None else [n for n in spelled if n not in set(exclude)]
+    decorators = [_click_option(spelled[n]) for n in names]
+
+    def decorate(func: F) -> F:
+        for d in reversed(decorators):
+            func = d(func)
+        return func
+
+    return decorate
+
+
+DEVICES = "auto, cpu, cuda, cuda:N or mps"
+LIMIT_TEXT = f"{DEFAULT_LIMIT // 1000**3}GB"  # the basis cache's size limit as typed on the command line
+
+
+def _host_budget(example: str) -> str:
+    return f"Host memory budget{example} [default: half of what is available]."
 
 
 @dataclass
 class TransferOptions:
-    rank: int = 320
-    layer_map: str = "index"
-    device: str = "auto"
-    dtype: str | None = None  # output dtype; default: the source adapter's
-    seed: int = 0
-    oversample: int = 10
-    niter: int = 2
+    rank: int = option(320, "SVD rank r (clipped to each module's dimensions).")
+    layer_map: str = option("index", "index: same layer number; depth: target layer j takes source layer round(j(Ls-1)/(Lt-1)).", choices=("index", "depth"))
+    device: str = option("auto", f"{DEVICES}.")
+    dtype: str | None = option(None, "Output dtype [default: the source adapter's].", choices=("float32", "float16", "bfloat16"))
+    seed: int = option(0, "Seed mixed into every randomized SVD's key.")
+    oversample: int = option(10, "Extra columns of the randomized range finder (q = r + oversample).")
+    niter: int = option(2, "Power iterations of the randomized SVD.")
     exact_ratio: float = 0.5
-    compute_dtype: str = "float32"
-    max_memory: int | None = None
-    max_gpu_memory: int | None = None
-    resume: bool = True
-    restart: bool = False
-    force: bool = False
+    compute_dtype: str = option("float32", "Precision of the SVD and projection.", choices=tuple(dtypes.COMPUTE))
+    max_memory: int | None = option(None, _host_budget(", e.g. 2GB, 1.5GiB"), parse=parse_size)
+    max_gpu_memory: int | None = option(None, "GPU memory budget [default: 80% of free GPU memory].", parse=parse_size)
+    resume: bool = option(True, "Continue an interrupted transfer into the same --out.", name="--resume/--no-resume")
+    restart: bool = option(False, "Discard an interrupted transfer's state and start over.")
+    force: bool = option(False, "Replace a non-empty output folder.")
     prefetch: bool = True
-    cache_dir: str | None = None  # the basis cache's folder; None: the platform's user cache folder
-    use_cache: bool = True
-    cache_limit: int | None = None  # bytes; None: cache.DEFAULT_LIMIT
-    target_format: str = "peft"  # "vllm": one r and lora_alpha for every module (see vllm.py)
-    allow_pickle: bool = False  # read an adapter_model.bin with torch.load(weights_only=True)
-    out_format: str = "peft"  # peft, gguf (a llama.cpp LoRA GGUF) or both; written at the end, so not in result_key
+    # the basis cache's folder; None: the platform's user cache folder
+    cache_dir: str | None = option(None, "Basis cache folder [default: the platform's user cache folder, e.g. ~/.cache/lowmem-crosslora].", type=click.Path())
+    use_cache: bool = option(True, "Neither read nor write the basis cache.", name="--no-cache", negate=True)
+    cache_limit: int | None = option(  # bytes; None: cache.DEFAULT_LIMIT
+        None, f"Size limit of the basis cache; least recently used entries are evicted past it [default: {LIMIT_TEXT}].", parse=parse_size
+    )
+    # "vllm": one r and lora_alpha for every module (see vllm.py)
+    target_format: str = option(
+        "peft", "vllm: one r and lora_alpha for every module (exactly rescaled), as vLLM requires.", name="--for", choices=("peft", "vllm")
+    )
+    # read an adapter_model.bin with torch.load(weights_only=True)
+    allow_pickle: bool = option(False, "Read a pickled adapter_model.bin with torch.load(weights_only=True).")
+    # peft, gguf (a llama.cpp LoRA GGUF) or both; written at the end, so not in result_key
+    out_format: str = option(
+        "peft",
+        "peft: a PEFT adapter folder; gguf: a llama.cpp LoRA GGUF (adapter_model.gguf) and the report; both: all of them.",
+        choices=("peft", "gguf", "both"),
+    )
 
     def result_key(self) -> dict[str, Any]:
         """The options that change the output's bytes (the budget and device only move rounding)."""
@@ -74,26 +203,30 @@ class RefineOptions:
 
     objective: str = DEFAULT_OBJECTIVE
     init: str = DEFAULT_INIT
-    steps: int = 24
-    lr: float = 1e-3
-    batch: int = 8
-    samples: int = 96
-    contrast_samples: int = 48
-    max_new_tokens: int = 48
+    steps: int = option(24, "Optimizer steps of the distillation.")
+    lr: float = option(1e-3, "AdamW learning rate.")
+    batch: int = option(8, "Probe texts per step (split into passes that fit the budget).")
+    samples: int = option(96, "Probe texts sampled from source + adapter.")
+    contrast_samples: int = option(48, "Contrast texts sampled from the source base.")
+    max_new_tokens: int = option(48, "Length of each sampled text, in source tokens.")
     max_len: int = 128
-    seed: int = 0
+    seed: int = same(TransferOptions, "seed", help="Seed of the probe texts, the initialisation and the batch order.")
     kl_weight: float = 1.0
-    lora_rank: int | None = None
-    lora_alpha: float | None = None
-    rank: int = 320  # SVD rank of the transfer that places the modules (and initialises, for init "transfer")
-    layer_map: str = "index"
-    prompts: list[str] | None = None
-    device: str = "auto"
-    max_memory: int | None = None
-    max_gpu_memory: int | None = None
-    restart: bool = False
-    force: bool = False
-    cache_dir: str | None = None
+    lora_rank: int | None = option(None, "Rank of the trained LoRA [default: the source adapter's].")
+    lora_alpha: float | None = option(None, "lora_alpha of the trained LoRA [default: the source adapter's].")
+    # SVD rank of the transfer that places the modules (and initialises, for init "transfer")
+    rank: int = same(TransferOptions, "rank", help="SVD rank of the transfer that places the modules.")
+    layer_map: str = same(TransferOptions, "layer_map", help="How target layers take source layers.")
+    # on the command line, --prompts names a file of them (prompts_file; services/probes.py reads it)
+    prompts: list[str] | None = option(
+        None, "Prompts to sample probe texts from, one a line [default: built-in].", dest="prompts_file", type=click.Path(path_type=Path)
+    )
+    device: str = same(TransferOptions, "device")
+    max_memory: int | None = same(TransferOptions, "max_memory", help=_host_budget(", e.g. 2GB"))
+    max_gpu_memory: int | None = same(TransferOptions, "max_gpu_memory")
+    restart: bool = same(TransferOptions, "restart", help="Discard an interrupted refine's checkpoint and start over.")
+    force: bool = same(TransferOptions, "force")
+    cache_dir: str | None = same(TransferOptions, "cache_dir")
 
     def result_key(self) -> dict[str, Any]:
         keep = (
@@ -135,11 +268,42 @@ class RefineOptions:
 class VerifyOptions:
     """How verify samples and scores its probe texts (the texts themselves are an argument of their own)."""
 
-    prompts: list[str] | None = None
-    samples: int = 32
-    neutral_samples: int = 8
-    max_new_tokens: int = 64
-    seed: int | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    max_memory: int | None = None
+    prompts: list[str] | None = same(RefineOptions, "prompts")
+    samples: int = same(RefineOptions, "samples", default=32)
+    neutral_samples: int = option(8, "Neutral texts sampled from the source base (collateral).")
+    max_new_tokens: int = same(RefineOptions, "max_new_tokens", default=64)
+    seed: int | None = option(
+        None, "Seed of the sampling and of the random control adapter [default: 0; for a refined adapter, the seed after the one it trained on]."
+    )
+    device: str = same(TransferOptions, "device")
+    dtype: str = option("auto", "auto: float32 where the budget allows.", choices=("auto", "float32", "bfloat16", "float16"))
+    max_memory: int | None = same(TransferOptions, "max_memory", help=_host_budget(", e.g. 4GB"))
+
+
+@dataclass
+class BasesOptions:
+    """What `bases` needs: the SVD settings of the transfers that will use the bases, and the cache."""
+
+    rank: int = same(TransferOptions, "rank", default=MISSING, help="SVD rank R; each weight is stored at min(R, m, n).")
+    device: str = same(TransferOptions, "device", help=f"{DEVICES} (the device of the transfers that will use them).")
+    max_memory: int | None = same(TransferOptions, "max_memory", help=_host_budget(""))
+    max_gpu_memory: int | None = same(TransferOptions, "max_gpu_memory")
+    seed: int = same(TransferOptions, "seed")
+    oversample: int = same(TransferOptions, "oversample", help="Extra columns of the randomized range finder.")
+    niter: int = same(TransferOptions, "niter")
+    exact_ratio: float = same(TransferOptions, "exact_ratio")
+    compute_dtype: str = same(TransferOptions, "compute_dtype", help="Precision of the SVD.")
+    cache_dir: str | Path | None = same(TransferOptions, "cache_dir")
+    cache_limit: int | None = same(TransferOptions, "cache_limit")
+
+    def svd_settings(self) -> SvdSettings:
+        shared = {f.name for f in fields(TransferOptions)}
+        return TransferOptions(**{k: v for k, v in dataclasses.asdict(self).items() if k in shared}).svd_settings()
+
+
+@dataclass
+class CacheOptions:
+    """The `cache` subcommands' options."""
+
+    cache_dir: str | None = same(TransferOptions, "cache_dir", help="Basis cache folder [default: the platform's].")
+    max_size: str = option(LIMIT_TEXT, "Evict least recently used entries until the cache is at most this size.", parse=parse_size)  # bytes once parsed

@@ -7,7 +7,6 @@ factored, when the budget has room for both). Source bases that a later unit nee
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import warnings
@@ -17,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_crosslora.errors import CrossLoraError, InputError, Interrupted
+from lowmem_crosslora.io import runstate
 from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
 from lowmem_crosslora.io.checkpoints import open_checkpoint
 from lowmem_crosslora.io.gguf_lora import check_out_format, finish_hooks, output_files
 from lowmem_crosslora.io.partial import ADAPTER_NAME, REPORT_NAME, Layout, PartialOutput, journal_fingerprint
 from lowmem_crosslora.io.runstate import check_output_dir, inside, state_dir_for
 from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.linalg.bases import SvdSettings
 from lowmem_crosslora.services.device import resolve_device
 from lowmem_crosslora.services.factoring import Engine, Progress, open_cache
 from lowmem_crosslora.services.memory import Budget
@@ -37,6 +38,7 @@ from lowmem_crosslora.version import __version__
 
 
 def run_fingerprint(adapter: Adapter, source: Checkpoint, target: Checkpoint, opts: TransferOptions) -> str:
+    """What a transfer's output depends on: a resumed or skipped output must have been made with the same."""
     payload = {
         "adapter": adapter_fingerprint(adapter),
         "source": source.fingerprint(),
@@ -44,10 +46,11 @@ def run_fingerprint(adapter: Adapter, source: Checkpoint, target: Checkpoint, op
         "options": opts.result_key(),
         "version": __version__,  # a release may change results: never mix two in one file
     }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
+    return runstate.fingerprint(payload)
 
 
 def run_guarded(pairs: list[tuple[str | Path, str | Path]], source: str | Path, target: str | Path, **kw: Any) -> list[dict[str, Any]]:
+    """run_transfers with SIGINT / SIGTERM turned into a stop at the next clean point (Interrupted)."""
     with StopFlag() as stop:
         try:
             return run_transfers(pairs, source, target, stop=stop, **kw)
@@ -81,13 +84,8 @@ def _prepare(ad: Adapter, out_path: Path, src: Checkpoint, tgt: Checkpoint, opts
     check_output_dir(out_path, [ad.path, src.path, tgt.path], opts.force)
     state = state_dir_for(out_path)
     if state.exists() and opts.resume and not opts.restart:
-        old = journal_fingerprint(out_path)
-        if old is not None and old != fingerprint:
-            raise InputError(
-                f"an interrupted transfer in {state} was made with other inputs or options "
-                "(the adapter, a model's weight files, or an option that changes the result); "
-                "rerun it with the same ones to resume, or pass --restart to start over"
-            )
+        detail = " (the adapter, a model's weight files, or an option that changes the result)"
+        runstate.refuse_other_run(state, "transfer", journal_fingerprint(out_path), fingerprint, detail)
     return task
 
 
@@ -107,6 +105,78 @@ def _open_output(task: Task, opts: TransferOptions, say: Callable[[str], None], 
     task.records = {uid: rec["record"] for uid, rec in partial.done.items()}
     task.pending = [u for u in plan.units if u.uid not in partial.done]
     task.resumed = len(plan.units) - len(task.pending)
+
+
+def _plan_tasks(
+    pairs: list[tuple[str | Path, str | Path]],
+    src: Checkpoint,
+    tgt: Checkpoint,
+    opts: TransferOptions,
+    batch: bool,
+    say: Callable[[str], None],
+    warn: Callable[[str], None] | None,
+) -> list[Task]:
+    """Every input checked, every output planned, before any work starts; the plans' warnings said."""
+    outs = [Path(o) for _, o in pairs]
+    seen_out: dict[Path, int] = {}
+    for i, o in enumerate(outs):
+        key = o.resolve()
+        if key in seen_out:
+            raise InputError(f"adapters {seen_out[key] + 1} and {i + 1} would both be written to {o}; give each its own output folder")
+        seen_out[key] = i
+    tasks: list[Task] = []
+    for (adapter, _), out_path in zip(pairs, outs, strict=True):
+        ad = load_adapter(adapter, allow_pickle=opts.allow_pickle)
+        if batch:
+            for o in outs:
+                if inside(o, ad.path) or inside(ad.path, o):
+                    raise InputError(f"output folder {o} and the adapter {ad.path} lie inside one another; choose folders apart")
+        tasks.append(_prepare(ad, out_path, src, tgt, opts, batch, say))
+    for t in tasks:  # skipped biases / modules_to_save, a rank vLLM needs --max-lora-rank for
+        for msg in t.plan.warnings:
+            msg = f"{t.adapter.path}: {msg}" if batch else msg
+            if warn is not None:
+                warn(msg)
+            else:
+                warnings.warn(msg, UserWarning, stacklevel=4)
+    return tasks
+
+
+def _run(
+    todo: list[Task],
+    src: Checkpoint,
+    tgt: Checkpoint,
+    opts: TransferOptions,
+    settings: SvdSettings,
+    budget: Budget,
+    device: str,
+    stop: StopFlag,
+    progress: Progress | None,
+    warn: Callable[[str], None] | None,
+) -> Engine:
+    """The unit loop over the outputs to write, under the budget; then every unit's bytes verified."""
+    total = sum(len(t.plan.units) for t in todo)
+    done_count = sum(t.resumed for t in todo)
+    if progress:
+        progress(done_count, total, "")
+    with stop:
+        cache = open_cache(opts.cache_dir, opts.cache_limit, warn) if opts.use_cache else None
+        engine = Engine(todo[0].plan, settings, budget, device, opts.seed, stop, prefetch=opts.prefetch, cache=cache)
+        budget.start()
+        try:
+            run_units(engine, todo, src, tgt, progress, done_count, total)
+            for t in todo:
+                assert t.partial is not None
+                bad = t.partial.verify_all([u.uid for u in t.plan.units])
+                if bad:
+                    raise CrossLoraError(f"{t.out}: verification failed for units {', '.join(bad[:5])}; rerun to redo them")
+        finally:
+            engine.close()
+            budget.stop()
+            for t in todo:
+                if t.partial is not None:
+                    t.partial.close()
+    return engine
 
 
 def run_transfers(
@@ -131,83 +201,33 @@ def run_transfers(
     src = open_checkpoint(source, "source")
     tgt = open_checkpoint(target, "target")
     check_out_format(opts.out_format, tgt.family.name)
-    outs = [Path(o) for _, o in pairs]
-    seen_out: dict[Path, int] = {}
-    for i, o in enumerate(outs):
-        key = o.resolve()
-        if key in seen_out:
-            raise InputError(f"adapters {seen_out[key] + 1} and {i + 1} would both be written to {o}; give each its own output folder")
-        seen_out[key] = i
-    # Every input is checked, every output planned, before any work starts.
-    tasks: list[Task] = []
-    for (adapter, _), out_path in zip(pairs, outs, strict=True):
-        ad = load_adapter(adapter, allow_pickle=opts.allow_pickle)
-        if batch:
-            for o in outs:
-                if inside(o, ad.path) or inside(ad.path, o):
-                    raise InputError(f"output folder {o} and the adapter {ad.path} lie inside one another; choose folders apart")
-        tasks.append(_prepare(ad, out_path, src, tgt, opts, batch, say))
-    for t in tasks:  # skipped biases / modules_to_save, a rank vLLM needs --max-lora-rank for
-        for msg in t.plan.warnings:
-            msg = f"{t.adapter.path}: {msg}" if batch else msg
-            if warn is not None:
-                warn(msg)
-            else:
-                warnings.warn(msg, UserWarning, stacklevel=3)
+    tasks = _plan_tasks(pairs, src, tgt, opts, batch, say, warn)
     device = resolve_device(opts.device)
     budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
     stop.check()
     todo = [t for t in tasks if t.report is None]
     for t in todo:
         _open_output(t, opts, say, f"{t.out}: " if batch else "")
-
-    total = sum(len(t.plan.units) for t in todo)
-    done_count = sum(t.resumed for t in todo)
-    if progress and todo:
-        progress(done_count, total, "")
-
-    engine: Engine | None = None
-    if todo:
-        with stop:
-            cache = open_cache(opts.cache_dir, opts.cache_limit, warn) if opts.use_cache else None
-            engine = Engine(todo[0].plan, settings, budget, device, opts.seed, stop, prefetch=opts.prefetch, cache=cache)
-            budget.start()
-            try:
-                run_units(engine, todo, src, tgt, progress, done_count, total)
-                for t in todo:
-                    assert t.partial is not None
-                    bad = t.partial.verify_all([u.uid for u in t.plan.units])
-                    if bad:
-                        raise CrossLoraError(f"{t.out}: verification failed for units {', '.join(bad[:5])}; rerun to redo them")
-            finally:
-                engine.close()
-                budget.stop()
-                for t in todo:
-                    if t.partial is not None:
-                        t.partial.close()
+    engine = _run(todo, src, tgt, opts, settings, budget, device, stop, progress, warn) if todo else None
 
     seconds = time.perf_counter() - t_start
     for t in todo:
         assert engine is not None and t.partial is not None
         report = build_report(
-            plan=t.plan,
-            records=[t.records[u.uid] for u in t.plan.units],
-            adapter=t.adapter,
+            "transfer",
+            adapter=t.adapter.path,
             source=src,
             target=tgt,
             options=asdict(opts),
             device=device,
             seconds=seconds,
-            peak_host=budget.peak_host,
-            peak_file=budget.peak_file,
-            peak_gpu=budget.peak_gpu,
-            gpu_baseline=budget.gpu_baseline,
             phases=engine.phases,
-            baseline_host=budget.baseline,
-            budget_host=budget.max_host,
+            budget=budget,
+            version=__version__,
+            plan=t.plan,
+            records=[t.records[u.uid] for u in t.plan.units],
             fallbacks=engine.fallbacks,
             resumed_units=t.resumed,
-            version=__version__,
         )
         report["run_fingerprint"] = t.fingerprint
         report["summary"]["cache"] = engine.cache.stats() if engine.cache is not None else None

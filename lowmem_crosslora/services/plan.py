@@ -9,7 +9,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from lowmem_crosslora.architectures import CANONICAL, fused_rows, module_shape
+from lowmem_crosslora import dtypes
+from lowmem_crosslora.architectures import CANONICAL, Family, fused_rows, module_shape
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.adapter import PEFT_PREFIX, Adapter, LoraModule
 from lowmem_crosslora.io.safetensors_model import Checkpoint
@@ -159,11 +160,14 @@ def build_plan(
     adapter: Adapter,
     source: Checkpoint,
     target: Checkpoint,
-    rank: int = 320,
-    layer_map: str = "index",
+    *,
+    rank: int,
+    layer_map: str,
     dtype: str | None = None,
     target_format: str = "peft",
 ) -> Plan:
+    """Which (target layer, module) takes which source LoRA module, at which SVD rank, written how.
+    `dtype` None: the adapter's own (float32 when its modules differ); see docs/METHOD.md."""
     if target_format not in TARGET_FORMATS:
         raise InputError(f"unknown --for {target_format!r}; choose one of {', '.join(TARGET_FORMATS)}")
     if layer_map not in LAYER_MAPS:
@@ -174,16 +178,61 @@ def build_plan(
     sources = _source_units(adapter, source, skipped)
     if not sources:
         raise InputError("adapter: none of its LoRA modules is a transferable module (q, k, v, o, gate, up, down) of the source model")
-    dtypes = {lora.dtype for lora in sources.values()}
-    if dtype is None:
-        out_dtype = "F32" if len(dtypes) > 1 else dtypes.pop()
-        if out_dtype == "F64":
-            out_dtype = "F32"
-    else:
-        if dtype not in dtypes.OUTPUT:
-            raise InputError(f"unknown --dtype {dtype!r}; choose one of {', '.join(dtypes.OUTPUT)}")
-        out_dtype = dtypes.OUTPUT[dtype]
+    out_dtype = _out_dtype({lora.dtype for lora in sources.values()}, dtype)
+    units, used = _map_units(sources, source, target, rank, layer_map)
+    skipped += _unmapped(sources, used, target, layer_map)
+    if not units:
+        raise InputError("nothing to transfer: no adapted module maps onto the target model")
 
+    # adapter_config.json: the source's default r / alpha, with per-module patterns where a module differs,
+    # so every module keeps the effective scale it had (fused and padded modules: see place_units).
+    tfam = target.family
+    warnings = list(adapter.warnings)
+    default_rank, default_alpha, use_rslora = adapter.default_rank, adapter.default_alpha, adapter.use_rslora
+    uniform_rank: tuple[int, float] | None = None
+    if target_format == "vllm":
+        uniform_rank = uniform_rank_alpha(units, tfam, adapter, warnings)
+    module_rank, module_alpha = place_units(units, target, adapter, uniform_rank)
+    if uniform_rank is not None:
+        default_rank, default_alpha = uniform_rank
+        use_rslora = False
+    rank_pattern = {m: r for m, r in module_rank.items() if r != default_rank}
+    alpha_pattern = {m: a for m, a in module_alpha.items() if a != default_alpha}
+    target_modules, layers_to_transform = _peft_modules(units, tfam, target.dims.num_layers)
+    return Plan(
+        units,
+        skipped,
+        layer_map,
+        rank,
+        out_dtype,
+        target_modules,
+        layers_to_transform,
+        rank_pattern,
+        alpha_pattern,
+        out_rank=default_rank,
+        out_alpha=default_alpha,
+        use_rslora=use_rslora,
+        fan_in_fan_out=tfam.conv1d,
+        target_format=target_format,
+        warnings=warnings,
+    )
+
+
+def _out_dtype(lora_dtypes: set[str], dtype: str | None) -> str:
+    """The output's tag: --dtype's, else the adapter's (float32 when its modules differ, or for float64)."""
+    if dtype is None:
+        out_dtype = "F32" if len(lora_dtypes) > 1 else lora_dtypes.pop()
+        return "F32" if out_dtype == "F64" else out_dtype
+    if dtype not in dtypes.OUTPUT:
+        raise InputError(f"unknown --dtype {dtype!r}; choose one of {', '.join(dtypes.OUTPUT)}")
+    return dtypes.OUTPUT[dtype]
+
+
+def _map_units(
+    sources: dict[tuple[int, str], LoraModule], source: Checkpoint, target: Checkpoint, rank: int, layer_map: str
+) -> tuple[list[Unit], set[tuple[int, str]]]:
+    """One unit per (target layer, module) whose mapped source layer has a LoRA on that module, in
+    layer and canonical module order; and the (source layer, module) keys used."""
     Ls, Lt = source.dims.num_layers, target.dims.num_layers
     units: list[Unit] = []
     used: set[tuple[int, str]] = set()
@@ -195,7 +244,7 @@ def build_plan(
             if lora is None:
                 continue
             if name not in tfam.modules:
-                continue  # reported below: the target family has no such module
+                continue  # reported by _unmapped: the target family has no such module
             sw = source.weight_name(sl, name)
             tw = target.weight_name(tl, name)
             tinfo = target.info(tw)
@@ -227,6 +276,13 @@ def build_plan(
                     lora=lora,
                 )
             )
+    return units, used
+
+
+def _unmapped(sources: dict[tuple[int, str], LoraModule], used: set[tuple[int, str]], target: Checkpoint, layer_map: str) -> list[dict[str, Any]]:
+    """The adapter's modules no unit takes, each with the reason."""
+    tfam, Lt = target.family, target.dims.num_layers
+    skipped: list[dict[str, Any]] = []
     for (sl, name), lora in sorted(sources.items()):
         if name not in tfam.modules:
             skipped.append({"tensor": lora.module, "reason": f"the target family {tfam.name} has no {name} projection"})
@@ -238,23 +294,12 @@ def build_plan(
                 else f"no target layer maps to source layer {sl} (layer map 'depth')"
             )
             skipped.append({"tensor": lora.module, "reason": reason})
-    if not units:
-        raise InputError("nothing to transfer: no adapted module maps onto the target model")
+    return skipped
 
-    # adapter_config.json: the source's default r / alpha, with per-module patterns where a module differs,
-    # so every module keeps the effective scale it had (fused and padded modules: see place_units).
 
-    warnings = list(adapter.warnings)
-    default_rank, default_alpha, use_rslora = adapter.default_rank, adapter.default_alpha, adapter.use_rslora
-    uniform_rank: tuple[int, float] | None = None
-    if target_format == "vllm":
-        uniform_rank = uniform_rank_alpha(units, tfam, adapter, warnings)
-    module_rank, module_alpha = place_units(units, target, adapter, uniform_rank)
-    if uniform_rank is not None:
-        default_rank, default_alpha = uniform_rank
-        use_rslora = False
-    rank_pattern = {m: r for m, r in module_rank.items() if r != default_rank}
-    alpha_pattern = {m: a for m, a in module_alpha.items() if a != default_alpha}
+def _peft_modules(units: list[Unit], tfam: Family, num_layers: int) -> tuple[list[str], list[int] | None]:
+    """PEFT's target_modules and layers_to_transform for the units: short names when every adapted
+    layer adapts the same modules and no short name also catches an unadapted module; else full names."""
     modules_by_layer: dict[int, set[str]] = {}
     paths_by_layer: dict[int, set[str]] = {}
     for u in units:
@@ -267,29 +312,9 @@ def build_plan(
     ambiguous = any(p.split(".")[-1] in all_names and p not in adapted_paths for p in set(tfam.modules.values()))
     layers = sorted(modules_by_layer)
     if uniform and not ambiguous:
-        target_modules: list[str] = all_names
-        layers_to_transform = None if layers == list(range(Lt)) else layers
-    else:
-        # Different layers adapt different modules: name every module exactly.
-        target_modules = sorted({u.target_module for u in units})
-        layers_to_transform = None
-    return Plan(
-        units,
-        skipped,
-        layer_map,
-        rank,
-        out_dtype,
-        target_modules,
-        layers_to_transform,
-        rank_pattern,
-        alpha_pattern,
-        out_rank=default_rank,
-        out_alpha=default_alpha,
-        use_rslora=use_rslora,
-        fan_in_fan_out=tfam.conv1d,
-        target_format=target_format,
-        warnings=warnings,
-    )
+        return all_names, (None if layers == list(range(num_layers)) else layers)
+    # Different layers adapt different modules: name every module exactly.
+    return sorted({u.target_module for u in units}), None
 
 
 def place_units(units: list[Unit], target: Checkpoint, adapter: Adapter, uniform: tuple[int, float] | None) -> tuple[dict[str, int], dict[str, float]]:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from lowmem_crosslora.io.adapter import Adapter
 from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.plan import Plan
 from lowmem_crosslora.sizes import format_size
 
@@ -24,67 +27,104 @@ def energy_summary(values: list[float]) -> dict[str, float | None]:
     }
 
 
+TRANSFER_NOTE = (
+    "energy_retained is ||U_s^T dW V_s||_F / ||dW||_F, the share of the adapter's update inside the rank-r "
+    "subspaces of the source weights. It is not a measure of behaviour: across model families the transfer "
+    "keeps energy far better than it keeps what the adapter does."
+)
+VERIFY_NOTE = (
+    "recovery = target effect / source effect on the same texts. A random adapter of realistic size also moves "
+    "log-likelihood (it flattens the distribution), so judge the transferred adapter against the random control "
+    "of the same per-module norms: target_minus_control and its z are the test."
+)
+REFINE_NOTE = (
+    "refine trained this adapter on the probe texts named in probe_set (kept in refine_probes.json). "
+    "Scores on those texts say nothing about the task: grade it with verify, which samples fresh texts."
+)
+# Options that say how a transfer ran, not what it made: left out of its report.
+RUN_ONLY_OPTIONS = ("resume", "restart", "force")
+
+
+@dataclass
+class Parts:
+    """What one kind of report puts into the shared frame, each dict at its place in the frame:
+    top-level fields before the models (`head`) and after the options (`tail`), the summary's
+    headline (`summary`), fields after its seconds (`timing`) and after its device (`run`), its
+    closing fields (`closing`; None: the budget's warnings), the kind's own sections (`body`)."""
+
+    summary: dict[str, Any]
+    body: dict[str, Any]
+    note: str
+    head: dict[str, Any] = field(default_factory=dict)
+    tail: dict[str, Any] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
+    run: dict[str, Any] = field(default_factory=dict)
+    closing: dict[str, Any] | None = None
+
+
 def build_report(
+    kind: str,
     *,
-    plan: Plan,
-    records: list[dict[str, Any]],
-    adapter: Adapter,
+    adapter: str | Path,
     source: Checkpoint,
     target: Checkpoint,
     options: dict[str, Any],
     device: str,
     seconds: float,
-    peak_host: int,
-    peak_file: int,
-    peak_gpu: int,
-    baseline_host: int,
-    gpu_baseline: int = 0,
-    phases: dict[str, float] | None = None,
-    budget_host: int,
-    fallbacks: list[str],
-    resumed_units: int,
+    phases: dict[str, float],
+    budget: Budget,
     version: str,
+    **parts: Any,
 ) -> dict[str, Any]:
+    """The report of a transfer, verify or refine run (schema lowmem-crosslora/report/1): the shared
+    frame (tool, version, kind, models, options, timing, memory, warnings) around the kind's own
+    parts, which `parts` holds (see transfer_parts, verify_parts and refine_parts)."""
+    if kind not in PARTS:
+        raise ValueError(f"unknown report kind {kind!r}")
+    if kind == "transfer":
+        options = {k: v for k, v in options.items() if k not in RUN_ONLY_OPTIONS}
+    p = PARTS[kind](**parts)
+    closing = p.closing if p.closing is not None else {"warnings": [budget.exceeded] if budget.exceeded else []}
+    return {
+        "schema": SCHEMA,
+        "tool": "lowmem-crosslora",
+        "version": version,
+        "kind": kind,
+        "adapter": str(adapter),
+        **p.head,
+        "source": model_info(source),
+        "target": model_info(target),
+        "options": options,
+        **p.tail,
+        "summary": {
+            **p.summary,
+            "seconds": round(seconds, 3),
+            **p.timing,
+            "device": device,
+            **p.run,
+            **memory_summary(budget, phases),
+            **closing,
+        },
+        **p.body,
+        "note": p.note,
+    }
+
+
+def transfer_parts(*, plan: Plan, records: list[dict[str, Any]], fallbacks: list[str], resumed_units: int) -> Parts:
+    """A transfer: energy retained per unit and module, what was skipped, the engine's fallbacks."""
     energies = [r["energy_retained"] for r in records if r.get("energy_retained") is not None]
     by_module: dict[str, list[float]] = {}
     for r in records:
         if r.get("energy_retained") is not None:
             by_module.setdefault(r["module"], []).append(r["energy_retained"])
-    return {
-        "schema": SCHEMA,
-        "tool": "lowmem-crosslora",
-        "version": version,
-        "kind": "transfer",
-        "adapter": str(adapter.path),
-        "source": {"path": str(source.path), "model_type": source.config.get("model_type"), "layers": source.dims.num_layers, "hidden": source.dims.hidden},
-        "target": {"path": str(target.path), "model_type": target.config.get("model_type"), "layers": target.dims.num_layers, "hidden": target.dims.hidden},
-        "options": {k: v for k, v in options.items() if k not in ("resume", "restart", "force")},
-        "summary": {
-            "units": len(records),
-            "skipped": len(plan.skipped),
-            "resumed_units": resumed_units,
-            "energy_retained": energy_summary(energies),
-            "energy_retained_by_module": {k: round(statistics.fmean(v), 6) for k, v in sorted(by_module.items())},
-            "seconds": round(seconds, 3),
-            "device": device,
-            "peak_host_bytes": peak_host,
-            "baseline_host_bytes": baseline_host,
-            "peak_working_bytes": max(0, peak_host - baseline_host),
-            "host_budget_bytes": budget_host,
-            "peak_mapped_file_bytes": peak_file,
-            "peak_gpu_bytes": peak_gpu,
-            "gpu_baseline_bytes": gpu_baseline,
-            "phase_seconds": {k: round(v, 3) for k, v in (phases or {}).items()},
-            "fallbacks": fallbacks,
-        },
-        "units": records,
-        "skipped": plan.skipped,
-        "note": (
-            "energy_retained is ||U_s^T dW V_s||_F / ||dW||_F, the share of the adapter's update inside the rank-r "
-            "subspaces of the source weights. It is not a measure of behaviour: across model families the transfer "
-            "keeps energy far better than it keeps what the adapter does."
-        ),
+    summary = {
+        "units": len(records),
+        "skipped": len(plan.skipped),
+        "resumed_units": resumed_units,
+        "energy_retained": energy_summary(energies),
+        "energy_retained_by_module": {k: round(statistics.fmean(v), 6) for k, v in sorted(by_module.items())},
     }
+    return Parts(summary, {"units": records, "skipped": plan.skipped}, TRANSFER_NOTE, closing={"fallbacks": fallbacks})
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
@@ -128,8 +168,8 @@ def _norm_summary(norms: dict[str, float]) -> dict[str, float | int]:
     return {"modules": len(norms), "total": round(sum(v * v for v in norms.values()) ** 0.5, 6)}
 
 
-def memory_summary(budget: Any, phases: dict[str, float]) -> dict[str, Any]:
-    """The peak-memory and phase-time fields shared by the verify and refine summaries."""
+def memory_summary(budget: Budget, phases: dict[str, float]) -> dict[str, Any]:
+    """The peak-memory and phase-time fields every report's summary holds."""
     return {
         "peak_host_bytes": budget.peak_host,
         "baseline_host_bytes": budget.baseline,
@@ -142,61 +182,26 @@ def memory_summary(budget: Any, phases: dict[str, float]) -> dict[str, Any]:
     }
 
 
-def build_verify_report(
+def verify_parts(
     *,
-    source: Checkpoint,
-    target: Checkpoint,
-    adapter: str,
-    transferred: str,
-    options: dict[str, Any],
+    transferred: str | Path,
     sets: dict[str, dict[str, Any]],
     records: list[dict[str, Any]],
     norms: dict[str, dict[str, float]],
     dtypes: dict[str, str],
-    device: str,
-    seconds: float,
-    phases: dict[str, float],
-    budget: Any,
-    version: str,
-) -> dict[str, Any]:
-    """The verify report: the transfer report's schema and summary conventions, kind "verify"; the
-    measurements sit in `verify` (one entry per text set), the scored texts in `texts`."""
+) -> Parts:
+    """verify: the measurements in `verify` (one entry per text set), the scored texts in `texts`."""
     head = next(iter(sets.values()), None)
-    warnings = []
-    if budget.exceeded:
-        warnings.append(budget.exceeded)
-    return {
-        "schema": SCHEMA,
-        "tool": "lowmem-crosslora",
-        "version": version,
-        "kind": "verify",
-        "adapter": adapter,
-        "transferred": transferred,
-        "source": model_info(source),
-        "target": model_info(target),
-        "options": options,
-        "summary": {
-            "verdict": head["verdict"] if head else None,
-            "recovery": head["recovery"] if head else None,
-            "texts": len(records),
-            "seconds": round(seconds, 3),
-            "device": device,
-            "dtypes": dtypes,
-            **memory_summary(budget, phases),
-            "warnings": warnings,
-        },
+    summary = {"verdict": head["verdict"] if head else None, "recovery": head["recovery"] if head else None, "texts": len(records)}
+    body = {
         "verify": {
             "units": "log-likelihood per UTF-8 byte (nats); an effect is the change it makes, positive = more likely",
             "sets": sets,
             "adapter_norms": {k: _norm_summary(v) for k, v in norms.items()},
         },
         "texts": records,
-        "note": (
-            "recovery = target effect / source effect on the same texts. A random adapter of realistic size also moves "
-            "log-likelihood (it flattens the distribution), so judge the transferred adapter against the random control "
-            "of the same per-module norms: target_minus_control and its z are the test."
-        ),
     }
+    return Parts(summary, body, VERIFY_NOTE, head={"transferred": str(transferred)}, run={"dtypes": dtypes})
 
 
 def verify_lines(report: dict[str, Any]) -> list[str]:
@@ -239,12 +244,8 @@ def verify_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def build_refine_report(
+def refine_parts(
     *,
-    source: Checkpoint,
-    target: Checkpoint,
-    adapter: str,
-    options: dict[str, Any],
     objective: str,
     init: str,
     probe_set: dict[str, Any],
@@ -253,46 +254,27 @@ def build_refine_report(
     modules: int,
     lora_params: int,
     dtypes: dict[str, str],
-    device: str,
-    seconds: float,
     train_seconds: float,
-    phases: dict[str, float],
-    budget: Any,
     fingerprint: str,
-    version: str,
-) -> dict[str, Any]:
-    """The refine report: the transfer report's schema and summary conventions, kind "refine"; what it
-    trained on (the probe set, with its seed), the objective, the steps and their losses."""
-    warnings = [budget.exceeded] if budget.exceeded else []
-    return {
-        "schema": SCHEMA,
-        "tool": "lowmem-crosslora",
-        "version": version,
-        "kind": "refine",
-        "adapter": adapter,
-        "source": model_info(source),
-        "target": model_info(target),
-        "options": options,
-        "run_fingerprint": fingerprint,
-        "summary": {
-            "objective": objective,
-            "init": init,
-            "steps": len(losses),
-            "first_loss": losses[0]["loss"] if losses else None,
-            "final_loss": losses[-1]["loss"] if losses else None,
-            "modules": modules,
-            "lora_parameters": lora_params,
-            "seconds": round(seconds, 3),
-            "train_seconds": round(train_seconds, 3),
-            "device": device,
-            "dtypes": dtypes,
-            "train_shape": shape,
-            **memory_summary(budget, phases),
-            "warnings": warnings,
-        },
-        "refine": {"probe_set": probe_set, "losses": losses},
-        "note": (
-            "refine trained this adapter on the probe texts named in probe_set (kept in refine_probes.json). "
-            "Scores on those texts say nothing about the task: grade it with verify, which samples fresh texts."
-        ),
+) -> Parts:
+    """refine: what it trained on (the probe set, with its seed), the objective, the steps and their losses."""
+    summary = {
+        "objective": objective,
+        "init": init,
+        "steps": len(losses),
+        "first_loss": losses[0]["loss"] if losses else None,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "modules": modules,
+        "lora_parameters": lora_params,
     }
+    return Parts(
+        summary,
+        {"refine": {"probe_set": probe_set, "losses": losses}},
+        REFINE_NOTE,
+        tail={"run_fingerprint": fingerprint},
+        timing={"train_seconds": round(train_seconds, 3)},
+        run={"dtypes": dtypes, "train_shape": shape},
+    )
+
+
+PARTS: dict[str, Callable[..., Parts]] = {"transfer": transfer_parts, "verify": verify_parts, "refine": refine_parts}

@@ -13,6 +13,7 @@ import torch
 from lowmem_crosslora.dtypes import NAME_TAG
 from lowmem_crosslora.errors import BudgetError, InputError
 from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.probes import Probe, prefix_ids
 from lowmem_crosslora.sizes import format_size
 from lowmem_crosslora.sysmem import host_anon_bytes, release_free_memory
@@ -55,7 +56,6 @@ def encode(tokenizer: Any, probe: Probe) -> Encoded:
 
 def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[list[float]]:
     """Log-probability (nats) of each scored token of each encoded text under `model` as it is."""
-
     out: list[list[float]] = [[] for _ in encoded]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     i = 0
@@ -90,53 +90,62 @@ def score(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[f
     return [math.fsum(lp) / e.nbytes if e.nbytes else math.nan for lp, e in zip(per_token, encoded, strict=True)]
 
 
-
-
 def private_weight_params(ckpt: Checkpoint, dtype: str) -> int:
     """Parameters whose copies are private memory once transformers loads the model as `dtype`.
     transformers 5 leaves tensors stored in that very dtype on the safetensors memory map (file-backed
     pages, reclaimable, outside the budget like the transfer's reads); anything converted, or loaded
     by an older transformers, is private."""
-
     import transformers
 
     mapped = int(transformers.__version__.split(".")[0]) >= 5
     return sum(math.prod(t.shape) for t in ckpt.tensors.values() if not (mapped and t.dtype == NAME_TAG[dtype]))
 
 
-def _model_bytes(ckpt: Checkpoint, dtype: str, device: str = "cpu") -> int:
-    """Budgeted bytes of the model's weights: private host memory on the CPU, all of them on a GPU."""
+def budgeted_params(ckpt: Checkpoint, dtype: str, device: str = "cpu") -> int:
+    """Parameters of the model's weights that count against the budget once loaded as `dtype`: the
+    private copies on the CPU, all of them on a GPU."""
+    return private_weight_params(ckpt, dtype) if device == "cpu" else sum(math.prod(t.shape) for t in ckpt.tensors.values())
 
-    n = private_weight_params(ckpt, dtype) if device == "cpu" else sum(math.prod(t.shape) for t in ckpt.tensors.values())
-    return n * (4 if dtype == "float32" else 2)
+
+def model_bytes(ckpt: Checkpoint, dtype: str, device: str = "cpu") -> int:
+    """Budgeted bytes of the model's weights loaded as `dtype` (float32 or a 2-byte dtype)."""
+    return budgeted_params(ckpt, dtype, device) * (4 if dtype == "float32" else 2)
+
+
+def room_left(budget: Budget, device: str) -> int | None:
+    """What the budget has left for a model: host working memory not yet used on the CPU, the GPU
+    budget (None: no limit) on a GPU."""
+    if device == "cpu":
+        return budget.max_host - max(0, host_anon_bytes() - budget.baseline)
+    return budget.max_gpu
 
 
 def vocab_size(ckpt: Checkpoint) -> int:
+    """The model's vocabulary (its config's, or its text model's), 32000 when the config says none."""
     return int(ckpt.config.get("vocab_size") or ckpt.config.get("text_config", {}).get("vocab_size") or 32000)
 
 
 class Loader:
     """Loads one model at a time inside the budget: float32 where it fits, bfloat16 where only that does."""
 
-    def __init__(self, budget: Any, device: str, dtype: str, log: Log) -> None:
+    def __init__(self, budget: Budget, device: str, dtype: str, log: Log) -> None:
         self.budget, self.device, self.dtype, self.log = budget, device, dtype, log
-        self.used: dict[str, str] = {}
+        self.used: dict[str, str] = {}  # role -> the dtype its model was loaded in
 
-    def pick_dtype(self, ckpt: Checkpoint, max_new_tokens: int) -> str:
+    def pick_dtype(self, ckpt: Checkpoint) -> str:
+        """The dtype to score `ckpt` in: the one asked for, else float32 where it fits, else bfloat16."""
         if self.dtype != "auto":
             return self.dtype
-        if self.device != "cpu":
-            room = self.budget.max_gpu or float("inf")
-        else:
-
-            room = self.budget.max_host - max(0, host_anon_bytes() - self.budget.baseline)
+        room = room_left(self.budget, self.device)
+        if self.device != "cpu" and not room:
+            room = float("inf")  # no GPU budget
         # Measured on Qwen2.5-0.5B in float32: weights 1.98 GB, peak working 2.9 GiB: the logits and their
         # log-softmax (up to LOGITS_BYTES together), the layers' activations and the loader's slack.
         work = 2 * LOGITS_BYTES + 64 * 1024**2
         for name in ("float32", "bfloat16"):
-            if int(1.15 * _model_bytes(ckpt, name, self.device)) + work <= room:
+            if int(1.15 * model_bytes(ckpt, name, self.device)) + work <= room:
                 return name
-        need = int(1.15 * _model_bytes(ckpt, "bfloat16", self.device)) + work
+        need = int(1.15 * model_bytes(ckpt, "bfloat16", self.device)) + work
         raise BudgetError(
             f"{ckpt.role} model {ckpt.path} needs about {format_size(need)} of working memory to score texts in bfloat16, "
             f"over the budget ({format_size(int(room))} left); raise --max-memory to at least {format_size(need)}"
@@ -158,10 +167,11 @@ class Loader:
             raise InputError(f"{where}: verify needs a fast tokenizer (tokenizer.json) for character offsets")
         return tok
 
-    def load(self, ckpt: Checkpoint, max_new_tokens: int) -> Any:
+    def load(self, ckpt: Checkpoint) -> Any:
+        """The model of `ckpt` (transformers), on the device, in eval mode; its dtype is kept in `used`."""
         from transformers import AutoModelForCausalLM
 
-        dtype = self.pick_dtype(ckpt, max_new_tokens)
+        dtype = self.pick_dtype(ckpt)
         self.used[ckpt.role] = dtype
         self.log(f"loading {ckpt.role} {ckpt.path} ({dtype}, {self.device})")
         model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=getattr(torch, dtype))
@@ -170,14 +180,9 @@ class Loader:
         return model
 
 
-def free(*objs: Any) -> None:
-
-    del objs
+def free() -> None:
+    """Give the memory of dropped models back: collect, empty torch's CUDA cache, return free pages."""
     gc.collect()
-    try:
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     release_free_memory()

@@ -52,40 +52,8 @@ def run_units(
     """Factor each base matrix the tasks' pending units need once, in layer order, and project
     every task's unit on it. A unit id names one (target layer, module): the same pair of base
     matrices in every task of the run."""
-    src_id, tgt_id = src.identity(), tgt.identity()
-    groups: dict[str, list[tuple[Task, Unit]]] = {}
-    for t in tasks:
-        for u in t.pending:
-            groups.setdefault(u.uid, []).append((t, u))
-    module_order = {m: k for k, m in enumerate(CANONICAL)}
-    order = sorted(groups, key=lambda uid: (groups[uid][0][1].target_layer, module_order.get(groups[uid][0][1].module, len(module_order)), uid))
-    last_use: dict[str, int] = {}
-    for i, uid in enumerate(order):
-        last_use[groups[uid][0][1].source_weight] = i
-    jobs: list[MatrixJob] = []
-    job_group: list[int] = []
-    seen: set[str] = set()
-    for i, uid in enumerate(order):
-        u = groups[uid][0][1]
-        if u.source_weight not in seen:
-            seen.add(u.source_weight)
-            jobs.append(MatrixJob(src, u.source_weight, u.source_shape, u.r, "source", src_id))
-            job_group.append(i)
-        jobs.append(MatrixJob(tgt, u.target_weight, u.target_shape, u.r, "target", tgt_id))
-        job_group.append(i)
-
-    # What the budget must fit, matrix by matrix, with the source bases held as the loop below holds them.
-    held: dict[str, int] = {}
-    itemsize = engine.settings.compute_dtype.itemsize
-    for job, gi in zip(jobs, job_group, strict=True):
-        m, n = job.shape
-        engine.matrices.append((m, n, engine.settings.q_for(job.r, m, n), job.r, job.ckpt.info(job.weight).dtype, sum(held.values())))
-        sw = groups[order[gi]][0][1].source_weight
-        if job.role == "source":
-            held[job.weight] = itemsize * (m + n + 1) * job.r
-        elif last_use.get(sw) == gi:
-            held.pop(sw, None)
-
+    groups, order, jobs, job_group, last_use = _schedule(tasks, src, tgt)
+    _model_residency(engine, jobs, job_group, groups, order, last_use)
     src_bases: dict[str, tuple[Basis, MatrixPlan]] = {}
     unit_t0 = time.perf_counter()
     index_of = {id(t): t.index_of for t in tasks}
@@ -106,28 +74,10 @@ def run_units(
             A = t.adapter.read(u.lora.a_name).to(dev)
             B = t.adapter.read(u.lora.b_name).to(dev)
             proj = project_factors(A, B, Us, Vs, basis.U, basis.V)
-            out_dtype = TAG_TORCH[t.plan.out_dtype]
             # Fused target modules and padded ranks write their rows of the output tensors (fused.py).
-            tensors = unit_tensors(u.out_a, u.out_b, u.placement, proj.A, proj.B, out_dtype)
+            tensors = unit_tensors(u.out_a, u.out_b, u.placement, proj.A, proj.B, TAG_TORCH[t.plan.out_dtype])
             engine.phases["project"] += time.perf_counter() - t_proj
-            seconds = time.perf_counter() - unit_t0
-            record = {
-                "uid": u.uid,
-                "module": u.module,
-                "source_layer": u.source_layer,
-                "source_module": u.source_module,
-                "target_layer": u.target_layer,
-                "target_module": u.target_module,
-                "source_shape": list(u.source_shape),
-                "target_shape": list(u.target_shape),
-                "lora_rank": u.rank,
-                "r": u.r,
-                "energy_retained": None if proj.energy_retained is None else round(proj.energy_retained, 6),
-                "seconds": round(seconds, 3),
-                "device": basis.device if bs.device == basis.device else f"{bs.device}+{basis.device}",
-                "method": {"source": bs.method, "target": basis.method},
-                "mode": {"source": splan.mode, "target": mplan.mode},
-            }
+            record = _record(u, proj.energy_retained, time.perf_counter() - unit_t0, (bs, splan), (basis, mplan))
             # A finished unit is written and journaled before any stop: the stop flag is looked at
             # again before the next matrix (run_jobs) and between row blocks of a blocked SVD.
             t_write = time.perf_counter()
@@ -143,3 +93,70 @@ def run_units(
         if last_use.get(sw) == gi:
             b, _ = src_bases.pop(sw)
             engine.retained -= basis_bytes(b)
+
+
+Groups = dict[str, list[tuple[Task, Unit]]]
+
+
+def _schedule(tasks: list[Task], src: Checkpoint, tgt: Checkpoint) -> tuple[Groups, list[str], list[MatrixJob], list[int], dict[str, int]]:
+    """The pending units grouped by unit id, the groups in layer and module order, the matrix jobs
+    (each source weight once, before the first group that needs it; each group's target weight),
+    each job's group, and each source weight's last group."""
+    src_id, tgt_id = src.identity(), tgt.identity()
+    groups: Groups = {}
+    for t in tasks:
+        for u in t.pending:
+            groups.setdefault(u.uid, []).append((t, u))
+    module_order = {m: k for k, m in enumerate(CANONICAL)}
+    order = sorted(groups, key=lambda uid: (groups[uid][0][1].target_layer, module_order.get(groups[uid][0][1].module, len(module_order)), uid))
+    last_use: dict[str, int] = {}
+    for i, uid in enumerate(order):
+        last_use[groups[uid][0][1].source_weight] = i
+    jobs: list[MatrixJob] = []
+    job_group: list[int] = []
+    seen: set[str] = set()
+    for i, uid in enumerate(order):
+        u = groups[uid][0][1]
+        if u.source_weight not in seen:
+            seen.add(u.source_weight)
+            jobs.append(MatrixJob(src, u.source_weight, u.source_shape, u.r, "source", src_id))
+            job_group.append(i)
+        jobs.append(MatrixJob(tgt, u.target_weight, u.target_shape, u.r, "target", tgt_id))
+        job_group.append(i)
+    return groups, order, jobs, job_group, last_use
+
+
+def _model_residency(engine: Engine, jobs: list[MatrixJob], job_group: list[int], groups: Groups, order: list[str], last_use: dict[str, int]) -> None:
+    """What the budget must fit, matrix by matrix, with the source bases held as run_units holds them."""
+    held: dict[str, int] = {}
+    itemsize = engine.settings.compute_dtype.itemsize
+    for job, gi in zip(jobs, job_group, strict=True):
+        m, n = job.shape
+        engine.matrices.append((m, n, engine.settings.q_for(job.r, m, n), job.r, job.ckpt.info(job.weight).dtype, sum(held.values())))
+        sw = groups[order[gi]][0][1].source_weight
+        if job.role == "source":
+            held[job.weight] = itemsize * (m + n + 1) * job.r
+        elif last_use.get(sw) == gi:
+            held.pop(sw, None)
+
+
+def _record(u: Unit, energy: float | None, seconds: float, source: tuple[Basis, MatrixPlan], target: tuple[Basis, MatrixPlan]) -> dict[str, Any]:
+    """The report's and journal's record of one finished unit."""
+    (bs, splan), (basis, mplan) = source, target
+    return {
+        "uid": u.uid,
+        "module": u.module,
+        "source_layer": u.source_layer,
+        "source_module": u.source_module,
+        "target_layer": u.target_layer,
+        "target_module": u.target_module,
+        "source_shape": list(u.source_shape),
+        "target_shape": list(u.target_shape),
+        "lora_rank": u.rank,
+        "r": u.r,
+        "energy_retained": None if energy is None else round(energy, 6),
+        "seconds": round(seconds, 3),
+        "device": basis.device if bs.device == basis.device else f"{bs.device}+{basis.device}",
+        "method": {"source": bs.method, "target": basis.method},
+        "mode": {"source": splan.mode, "target": mplan.mode},
+    }

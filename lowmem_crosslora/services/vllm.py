@@ -13,13 +13,20 @@ under those names).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import Protocol
 
 from lowmem_crosslora.architectures import Family
 from lowmem_crosslora.io.adapter import Adapter
 
-if TYPE_CHECKING:
-    from lowmem_crosslora.services.plan import Unit
+
+class RankedUnit(Protocol):
+    """What the rule reads of a plan's unit (services/plan.py's Unit)."""
+
+    module: str
+    target_module: str
+    rank: int
+
 
 # The ranks vLLM accepts for --max-lora-rank.
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
@@ -28,7 +35,7 @@ VLLM_DEFAULT_MAX_LORA_RANK = 16
 NO_VLLM_LORA = ("gpt2", "gpt_neox")
 
 
-def uniform_rank_alpha(units: list[Unit], family: Family, adapter: Adapter, warnings: list[str]) -> tuple[int, float]:
+def uniform_rank_alpha(units: Sequence[RankedUnit], family: Family, adapter: Adapter, warnings: list[str]) -> tuple[int, float]:
     """The one (r, lora_alpha) of a vLLM output: r the largest rank a target module needs, alpha
     such that alpha / r is the source adapter's default scale. Appends a warning when r needs
     vLLM's --max-lora-rank."""
