@@ -26,6 +26,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -82,68 +83,106 @@ def run_case(cmd: list[str], report: Path) -> dict:
     return r
 
 
-def main() -> None:
+@dataclass
+class Setup:
+    """The inputs every case runs on: the pair's models, its adapter, the eight others, and the work folders."""
+
+    src: Path
+    tgt: Path
+    ad: Path
+    eight: list[Path]
+    work: Path
+    cache: Path
+    device: str
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pair", choices=sorted(PAIRS), default="small")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", type=Path, default=BENCH / "data")
     p.add_argument("--cases", default="cold,warm,warm-rehash,batch8,separate8")
     p.add_argument("--results", type=Path, default=BENCH / "results")
-    args = p.parse_args()
-    cases = args.cases.split(",")
+    return p.parse_args()
+
+
+def setup(args: argparse.Namespace) -> Setup:
     src, tgt, ad = ensure_data(args.data, args.pair, args.device)
     eight = ensure_adapters(args.data / args.pair, args.pair)
     work = args.data / args.pair / "runs" / "cache-bench"
     work.mkdir(parents=True, exist_ok=True)
-    cache = work / "cache"
+    return Setup(src, tgt, ad, eight, work, work / "cache", args.device)
+
+
+def run_named_case(s: Setup, case: str) -> dict:
+    """One case of the table (the page cache already warmed)."""
+    work, cache = s.work, s.cache
+    if case == "cold":
+        fresh(cache, work / "cold")
+        return run_case(transfer_cmd(s.src, s.tgt, [s.ad], work / "cold", cache, s.device), work / "cold" / "crosslora_report.json")
+    if case in ("warm", "warm-rehash"):
+        if not (cache.exists() and any(cache.glob("*.safetensors"))):
+            raise SystemExit(f"{case} needs the cold case first (its cache)")
+        if case == "warm-rehash":
+            shutil.rmtree(cache / "hashes", ignore_errors=True)
+        fresh(work / case)
+        return run_case(transfer_cmd(s.src, s.tgt, [s.ad], work / case, cache, s.device), work / case / "crosslora_report.json")
+    if case == "batch8":
+        c = work / "cache-batch8"
+        fresh(c, work / "batch8")
+        r = run_case(transfer_cmd(s.src, s.tgt, s.eight, work / "batch8", c, s.device), work / "batch8" / s.eight[-1].name / "crosslora_report.json")
+        fresh(c)
+        return r
+    if case == "separate8":
+        return run_separate8(s)
+    raise SystemExit(f"unknown case {case}")
+
+
+def run_separate8(s: Setup) -> dict:
+    """The eight adapters as eight cold runs, one after another, each with a fresh empty cache."""
+    work = s.work
+    total = {"wall_s": 0.0, "peak_private_bytes": 0, "peak_file_bytes": 0, "runs": []}
+    for a in s.eight:
+        c = work / "cache-separate"
+        fresh(c, work / "separate8" / a.name)
+        warm([s.src, s.tgt, a])
+        r = run_case(transfer_cmd(s.src, s.tgt, [a], work / "separate8" / a.name, c, s.device), work / "separate8" / a.name / "crosslora_report.json")
+        total["wall_s"] += r["wall_s"]
+        total["peak_private_bytes"] = max(total["peak_private_bytes"], r["peak_private_bytes"])
+        total["peak_file_bytes"] = max(total["peak_file_bytes"], r["peak_file_bytes"])
+        total["runs"].append({"adapter": a.name, "wall_s": r["wall_s"]})
+        print(f"  separate {a.name}: {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
+    fresh(work / "cache-separate")
+    return total
+
+
+def run_cases(s: Setup, cases: list[str]) -> dict[str, dict]:
     rows: dict[str, dict] = {}
-    t_all = time.perf_counter()
     for case in cases:
-        warm([src, tgt, ad, *eight])
-        if case == "cold":
-            fresh(cache, work / "cold")
-            rows[case] = run_case(transfer_cmd(src, tgt, [ad], work / "cold", cache, args.device), work / "cold" / "crosslora_report.json")
-        elif case in ("warm", "warm-rehash"):
-            if not (cache.exists() and any(cache.glob("*.safetensors"))):
-                raise SystemExit(f"{case} needs the cold case first (its cache)")
-            if case == "warm-rehash":
-                shutil.rmtree(cache / "hashes", ignore_errors=True)
-            fresh(work / case)
-            rows[case] = run_case(transfer_cmd(src, tgt, [ad], work / case, cache, args.device), work / case / "crosslora_report.json")
-        elif case == "batch8":
-            c = work / "cache-batch8"
-            fresh(c, work / "batch8")
-            rows[case] = run_case(transfer_cmd(src, tgt, eight, work / "batch8", c, args.device), work / "batch8" / eight[-1].name / "crosslora_report.json")
-            fresh(c)
-        elif case == "separate8":
-            total = {"wall_s": 0.0, "peak_private_bytes": 0, "peak_file_bytes": 0, "runs": []}
-            for a in eight:
-                c = work / "cache-separate"
-                fresh(c, work / "separate8" / a.name)
-                warm([src, tgt, a])
-                r = run_case(transfer_cmd(src, tgt, [a], work / "separate8" / a.name, c, args.device), work / "separate8" / a.name / "crosslora_report.json")
-                total["wall_s"] += r["wall_s"]
-                total["peak_private_bytes"] = max(total["peak_private_bytes"], r["peak_private_bytes"])
-                total["peak_file_bytes"] = max(total["peak_file_bytes"], r["peak_file_bytes"])
-                total["runs"].append({"adapter": a.name, "wall_s": r["wall_s"]})
-                print(f"  separate {a.name}: {r['wall_s']:.1f} s", file=sys.stderr, flush=True)
-            fresh(work / "cache-separate")
-            rows[case] = total
-        else:
-            raise SystemExit(f"unknown case {case}")
+        warm([s.src, s.tgt, s.ad, *s.eight])
+        rows[case] = run_named_case(s, case)
         r = rows[case]
         print(f"{case:>12}: {r['wall_s']:7.1f} s wall, private peak {mib(r['peak_private_bytes'])}", file=sys.stderr, flush=True)
+    return rows
 
+
+def compare_outputs(s: Setup, rows: dict[str, dict]) -> tuple[bool | None, bool | None]:
+    """Whether batch8's outputs are byte-identical to separate8's, and warm's to cold's (None: not both run)."""
+    work = s.work
     same = None
     if "batch8" in rows and "separate8" in rows:
         same = all(
             (work / "batch8" / a.name / f).read_bytes() == (work / "separate8" / a.name / f).read_bytes()
-            for a in eight
+            for a in s.eight
             for f in ("adapter_model.safetensors", "adapter_config.json")
         )
     warm_same = None
     if "cold" in rows and "warm" in rows:  # a hit must give the bytes computing gives
         warm_same = all((work / "warm" / f).read_bytes() == (work / "cold" / f).read_bytes() for f in ("adapter_model.safetensors", "adapter_config.json"))
+    return same, warm_same
+
+
+def wall_ratios(rows: dict[str, dict]) -> dict[str, float]:
     ratios = {}
     if "cold" in rows:
         cold = rows["cold"]["wall_s"]
@@ -152,20 +191,10 @@ def main() -> None:
                 ratios[f"{k}_over_cold"] = rows[k]["wall_s"] / cold
     if "batch8" in rows and "separate8" in rows:
         ratios["separate8_over_batch8"] = rows["separate8"]["wall_s"] / rows["batch8"]["wall_s"]
-    result = {
-        "pair": args.pair,
-        "device": args.device,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
-        "cases": rows,
-        "ratios": ratios,
-        "batch8_outputs_identical_to_separate8": same,
-        "warm_output_identical_to_cold": warm_same,
-        "bench_seconds": round(time.perf_counter() - t_all, 1),
-    }
-    args.results.mkdir(parents=True, exist_ok=True)
-    path = args.results / f"cache-{args.pair}-{args.device.replace(':', '')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    return ratios
 
+
+def print_table(args: argparse.Namespace, rows: dict[str, dict], ratios: dict[str, float], same: bool | None, warm_same: bool | None, path: Path) -> None:
     print(f"\n{args.pair} pair on {args.device} ({os.cpu_count()} cores), rank 320, basis cache and batches")
     print("| case | wall s | / cold | peak private | cache hits / stored |")
     print("|---|---:|---:|---:|---:|")
@@ -181,6 +210,30 @@ def main() -> None:
     if same is not None:
         print(f"batch8 outputs byte-identical to separate8: {same}")
     print(f"wrote {path}")
+
+
+def main() -> None:
+    args = parse_args()
+    cases = args.cases.split(",")
+    s = setup(args)
+    t_all = time.perf_counter()
+    rows = run_cases(s, cases)
+    same, warm_same = compare_outputs(s, rows)
+    ratios = wall_ratios(rows)
+    result = {
+        "pair": args.pair,
+        "device": args.device,
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__},
+        "cases": rows,
+        "ratios": ratios,
+        "batch8_outputs_identical_to_separate8": same,
+        "warm_output_identical_to_cold": warm_same,
+        "bench_seconds": round(time.perf_counter() - t_all, 1),
+    }
+    args.results.mkdir(parents=True, exist_ok=True)
+    path = args.results / f"cache-{args.pair}-{args.device.replace(':', '')}.json"
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print_table(args, rows, ratios, same, warm_same, path)
 
 
 if __name__ == "__main__":

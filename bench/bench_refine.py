@@ -33,12 +33,21 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import torch
 
 from bench import BENCH, repo_env
 from bench.bench_verify import HELD_OUT_PROMPTS as VERIFY_HELD_OUT_PROMPTS
 from bench.bench_verify import TRAIN_PROMPTS  # the same training and held-out prompts as verify's benchmark
 from bench.training import attach_lora, encode, train_lm
+from lowmem_crosslora import transfer
+from lowmem_crosslora.commands.refine import run_refine
+from lowmem_crosslora.commands.verify import install_control, mean_se, ratio_se
+from lowmem_crosslora.services import scoring
+from lowmem_crosslora.services.probes import Probe, sample_probes
+from lowmem_crosslora.sizes import parse_size
 
 HELD_OUT_PROMPTS = (*VERIFY_HELD_OUT_PROMPTS, "How to repair a bicycle tyre:", "The storm reached the coast")
 MODELS = {"smol": "smollm2-135m", "qwen": "qwen2.5-coder-0.5b"}
@@ -59,10 +68,7 @@ def dataset(data: Path, n_train: int, n_held: int, seed: int) -> dict:
     cache = data / f"refine-bench-texts-{n_train}-{n_held}-seed{seed}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lowmem_crosslora.services.probes import sample_probes
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # an optional extra
 
     src = data / MODELS["smol"]
     tok = AutoTokenizer.from_pretrained(src)
@@ -76,8 +82,7 @@ def dataset(data: Path, n_train: int, n_held: int, seed: int) -> dict:
 
 def train_lora(model_dir: Path, texts: list[str], out: Path, steps: int, lr: float, seed: int) -> dict:
     """A rank-16 LoRA on all seven modules, trained with the LM loss on `texts` (the adapter's real data)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # an optional extra
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -93,8 +98,7 @@ class Scorer:
     """One model resident; scores texts (nats/byte) with any of several adapters, or none."""
 
     def __init__(self, model_dir: Path) -> None:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoModelForCausalLM, AutoTokenizer  # an optional extra
 
         self.tok = AutoTokenizer.from_pretrained(model_dir)
         self.base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -104,18 +108,14 @@ class Scorer:
         self.loaded: set[str] = set()
 
     def score(self, texts: list[str], adapter: Path | None, control_seed: int | None = None) -> list[float]:
-        from peft import PeftModel
+        from peft import PeftModel  # an optional extra
 
-        from lowmem_crosslora.commands.verify import install_control
-        from lowmem_crosslora.services.probes import Probe
-        from lowmem_crosslora.services.scoring import encode, score
-
-        enc = [encode(self.tok, Probe("", t, None, "bench")) for t in texts]
+        enc = [scoring.encode(self.tok, Probe("", t, None, "bench")) for t in texts]
         if adapter is None:
             if self.model is None:
-                return score(self.base, enc, "cpu", self.vocab)
+                return scoring.score(self.base, enc, "cpu", self.vocab)
             with self.model.disable_adapter():
-                return score(self.model, enc, "cpu", self.vocab)
+                return scoring.score(self.model, enc, "cpu", self.vocab)
         name = re.sub(r"[^A-Za-z0-9_]", "_", str(adapter)) + ("" if control_seed is None else f"_control{control_seed}")
         if name not in self.loaded:
             if control_seed is not None:
@@ -128,16 +128,41 @@ class Scorer:
                 self.model.load_adapter(str(adapter), adapter_name=name)
             self.loaded.add(name)
         self.model.set_adapter(name)
-        return score(self.model, enc, "cpu", self.vocab)
+        return scoring.score(self.model, enc, "cpu", self.vocab)
 
 
 def diff(a: list[float], b: list[float]) -> list[float]:
     return [x - y for x, y in zip(a, b, strict=True)]
 
 
-def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict) -> None:
-    from lowmem_crosslora.commands.verify import mean_se, ratio_se
+@dataclass
+class Case:
+    """One case's fixed inputs (its pair, kind, folders and texts) and the row it fills in."""
 
+    name: str
+    kind: str
+    s_key: str
+    t_key: str
+    source: Path
+    target: Path
+    work: Path
+    train: list[str]
+    held_styled: list[str]
+    held_plain: list[str]
+    row: dict
+    adapters: dict[str, Path] = field(default_factory=dict)
+
+
+@dataclass
+class Reference:
+    """What the candidates are measured against: the trained-on-target LoRA's effects, and the collateral limit."""
+
+    d_ref: list[float]  # log-likelihood gain of the reference on styled text (= NLL drop)
+    pref_ref: list[float]  # change in logP(styled) - logP(plain) under the reference
+    collateral_limit: float
+
+
+def setup_case(args: argparse.Namespace, case: str, texts: dict) -> Case:
     pair, kind = case.split(":")
     s_key, t_key = pair.split("-")
     source, target = args.data / MODELS[s_key], args.data / MODELS[t_key]
@@ -148,130 +173,162 @@ def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict) -> N
     held_styled = [style(t) for t in texts["heldout"]]
     held_plain = list(texts["heldout"])
     row: dict = {"case": case, "source": source.name, "target": target.name, "kind": kind}
+    return Case(case, kind, s_key, t_key, source, target, work, train, held_styled, held_plain, row)
 
-    adapters = {}
-    for who, model in (("source", source), ("target", target)):
-        path = work / f"{kind}-lora-{model.name}"
+
+def train_adapters(args: argparse.Namespace, c: Case) -> None:
+    """The case's LoRA on the source and on the target (the reference), unless already trained."""
+    for who, model in (("source", c.source), ("target", c.target)):
+        path = c.work / f"{c.kind}-lora-{model.name}"
         if not (path / "adapter_model.safetensors").exists():
-            print(f"[{case}] training the {kind} LoRA on {model.name} ({args.train_steps} steps)", flush=True)
-            row[f"train_{who}"] = train_lora(model, train, path, args.train_steps, args.train_lr, args.seed)
-        adapters[who] = path
-    held_file = work / f"heldout-{kind}.jsonl"
-    held_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in held_styled))
+            print(f"[{c.name}] training the {c.kind} LoRA on {model.name} ({args.train_steps} steps)", flush=True)
+            c.row[f"train_{who}"] = train_lora(model, c.train, path, args.train_steps, args.train_lr, args.seed)
+        c.adapters[who] = path
 
-    env = repo_env()
+
+def run_candidates(args: argparse.Namespace, c: Case, env: dict[str, str]) -> dict[str, dict]:
+    """The paper's transfer (rank 320), then each refine candidate in its own process."""
     outs: dict[str, dict] = {}
-    paper = work / f"paper-{s_key}-{t_key}"
+    paper = c.work / f"paper-{c.s_key}-{c.t_key}"
     if not (paper / "adapter_model.safetensors").exists():
-        from lowmem_crosslora import transfer
-
-        transfer(adapters["source"], source, target, paper, rank=320, device="cpu", force=True, cache_dir=args.data / "refine-bench" / "basis-cache")
+        transfer(c.adapters["source"], c.source, c.target, paper, rank=320, device="cpu", force=True, cache_dir=args.data / "refine-bench" / "basis-cache")
     outs["paper transfer"] = {"path": paper}
     for cand in args.candidates:
-        obj, init = cand.split("/")
-        out = work / f"refined-{s_key}-{t_key}-{obj.replace('+', '')}-{init}"
-        # The losing objectives are not in the CLI: each candidate runs run_refine in a fresh process
-        # (this module with --one), timed whole by /usr/bin/time (peak RSS of the process).
-        one = {"source": str(source), "adapter": str(adapters["source"]), "target": str(target), "out": str(out), "objective": obj, "init": init}
-        one.update({"seed": args.seed, "max_memory": args.max_memory, "cache_dir": str(args.data / "refine-bench" / "basis-cache")})
-        rss_file = work / f"time-{out.name}.txt"
-        cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, "-m", "bench.bench_refine", "--one", json.dumps(one)]
-        print(f"[{case}] refine {cand}", flush=True)
-        t0 = time.perf_counter()
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        wall = time.perf_counter() - t0
-        if p.returncode != 0:
-            print(p.stderr[-3000:])
-            outs[cand] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
-            continue
-        rep = json.loads((out / "crosslora_report.json").read_text())
-        outs[cand] = {
-            "path": out,
-            "wall_seconds": round(wall, 1),
-            "max_rss_bytes": int(rss_file.read_text().split()[-1]) * 1024,
-            "peak_host_bytes": rep["summary"]["peak_host_bytes"],
-            "train_seconds": rep["summary"]["train_seconds"],
-            "phase_seconds": rep["summary"]["phase_seconds"],
-            "losses": [rep["summary"]["first_loss"], rep["summary"]["final_loss"]],
-            "train_shape": rep["summary"]["train_shape"],
-        }
+        outs[cand] = run_candidate(args, c, cand, env)
+    return outs
 
-    # Score everything on the target, then the source adapter on its own base.
-    print(f"[{case}] scoring on {target.name}", flush=True)
-    sc = Scorer(target)
-    base_s, base_p = sc.score(held_styled, None), sc.score(held_plain, None)
-    ref_s, ref_p = sc.score(held_styled, adapters["target"]), sc.score(held_plain, adapters["target"])
+
+def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, str]) -> dict:
+    obj, init = cand.split("/")
+    out = c.work / f"refined-{c.s_key}-{c.t_key}-{obj.replace('+', '')}-{init}"
+    # The losing objectives are not in the CLI: each candidate runs run_refine in a fresh process
+    # (this module with --one), timed whole by /usr/bin/time (peak RSS of the process).
+    one = {"source": str(c.source), "adapter": str(c.adapters["source"]), "target": str(c.target), "out": str(out), "objective": obj, "init": init}
+    one.update({"seed": args.seed, "max_memory": args.max_memory, "cache_dir": str(args.data / "refine-bench" / "basis-cache")})
+    rss_file = c.work / f"time-{out.name}.txt"
+    cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, "-m", "bench.bench_refine", "--one", json.dumps(one)]
+    print(f"[{c.name}] refine {cand}", flush=True)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode != 0:
+        print(p.stderr[-3000:])
+        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
+    rep = json.loads((out / "crosslora_report.json").read_text())
+    return {
+        "path": out,
+        "wall_seconds": round(wall, 1),
+        "max_rss_bytes": int(rss_file.read_text().split()[-1]) * 1024,
+        "peak_host_bytes": rep["summary"]["peak_host_bytes"],
+        "train_seconds": rep["summary"]["train_seconds"],
+        "phase_seconds": rep["summary"]["phase_seconds"],
+        "losses": [rep["summary"]["first_loss"], rep["summary"]["final_loss"]],
+        "train_shape": rep["summary"]["train_shape"],
+    }
+
+
+def score_reference(c: Case) -> Reference:
+    """The trained-on-target LoRA scored on the target, then the source adapter on its own base."""
+    print(f"[{c.name}] scoring on {c.target.name}", flush=True)
+    sc = Scorer(c.target)
+    base_s, base_p = sc.score(c.held_styled, None), sc.score(c.held_plain, None)
+    ref_s, ref_p = sc.score(c.held_styled, c.adapters["target"]), sc.score(c.held_plain, c.adapters["target"])
     d_ref = diff(ref_s, base_s)  # log-likelihood gain of the reference on styled text (= NLL drop)
     pref_ref = diff(diff(ref_s, ref_p), diff(base_s, base_p))
-    row["reference"] = {"styled_effect": mean_se(d_ref), "preference_change": mean_se(pref_ref), "neutral_effect": mean_se(diff(ref_p, base_p))}
+    c.row["reference"] = {"styled_effect": mean_se(d_ref), "preference_change": mean_se(pref_ref), "neutral_effect": mean_se(diff(ref_p, base_p))}
     del sc
-    ssc = Scorer(source)
-    src_s = diff(ssc.score(held_styled, adapters["source"]), ssc.score(held_styled, None))
-    src_p = diff(ssc.score(held_plain, adapters["source"]), ssc.score(held_plain, None))
+    ssc = Scorer(c.source)
+    src_s = diff(ssc.score(c.held_styled, c.adapters["source"]), ssc.score(c.held_styled, None))
+    src_p = diff(ssc.score(c.held_plain, c.adapters["source"]), ssc.score(c.held_plain, None))
     del ssc
-    row["source_adapter"] = {"styled_effect": mean_se(src_s), "neutral_effect": mean_se(src_p)}
+    c.row["source_adapter"] = {"styled_effect": mean_se(src_s), "neutral_effect": mean_se(src_p)}
     # Recovery is a ratio to the reference's gain: meaningless unless both adapters make held-out text of
     # their kind more likely (an over-trained LoRA memorises its 96 texts and makes held-out ones *less* likely).
-    row["adapters_valid"] = row["reference"]["styled_effect"][0] > 0 and row["source_adapter"]["styled_effect"][0] > 0
+    c.row["adapters_valid"] = c.row["reference"]["styled_effect"][0] > 0 and c.row["source_adapter"]["styled_effect"][0] > 0
     collateral_limit = max(1.25 * -mean_se(src_p)[0], 0.01)  # NLL rise allowed on neutral text
-    sc = Scorer(target)
-    base_s, base_p = sc.score(held_styled, None), sc.score(held_plain, None)
-    row["candidates"] = {}
+    return Reference(d_ref, pref_ref, collateral_limit)
+
+
+def grade_candidates(args: argparse.Namespace, c: Case, outs: dict[str, dict], ref: Reference) -> None:
+    """Every candidate's output (and the paper transfer) scored on the target against the reference."""
+    sc = Scorer(c.target)
+    base_s, base_p = sc.score(c.held_styled, None), sc.score(c.held_plain, None)
+    c.row["candidates"] = {}
     for name, o in outs.items():
         if "error" in o:
-            row["candidates"][name] = o
+            c.row["candidates"][name] = o
             continue
-        a_s, a_p = sc.score(held_styled, o["path"]), sc.score(held_plain, o["path"])
-        c_s = sc.score(held_styled, o["path"], control_seed=args.seed)
-        d, dc = diff(a_s, base_s), diff(c_s, base_s)
-        rec = ratio_se(d, d_ref)
-        spec = ratio_se(diff(diff(a_s, a_p), diff(base_s, base_p)), pref_ref)
-        above = mean_se(diff(d, dc))
-        coll = -mean_se(diff(a_p, base_p))[0]  # NLL change on neutral text (positive = worse)
-        r = {k: v for k, v in o.items() if k != "path"}
-        r.update(
-            {
-                "recovery": rec,
-                "control_recovery": ratio_se(dc, d_ref),
-                "specificity": spec,
-                "above_control_z": above[0] / above[1] if above[1] else None,
-                "collateral_nll_change": coll,
-                "collateral_limit": collateral_limit,
-                "meets": {
-                    "recovery>=0.9": rec[0] >= 0.9,
-                    "specificity>=0.8": spec[0] >= 0.8,
-                    "above_control>2se": bool(above[1]) and above[0] / above[1] > 2,
-                    "collateral": coll <= collateral_limit,
-                    "<=300s": o.get("wall_seconds", 0) <= 300 if name != "paper transfer" else None,
-                    "<=2GB": (o.get("max_rss_bytes") or 0) <= 2 * 1000**3 if name != "paper transfer" else None,
-                },
-            }
-        )
-        row["candidates"][name] = r
+        c.row["candidates"][name] = grade(sc, c, name, o, (base_s, base_p), ref, args.seed)
     del sc
+
+
+def grade(sc: Scorer, c: Case, name: str, o: dict, base: tuple[list[float], list[float]], ref: Reference, seed: int) -> dict:
+    base_s, base_p = base
+    a_s, a_p = sc.score(c.held_styled, o["path"]), sc.score(c.held_plain, o["path"])
+    c_s = sc.score(c.held_styled, o["path"], control_seed=seed)
+    d, dc = diff(a_s, base_s), diff(c_s, base_s)
+    rec = ratio_se(d, ref.d_ref)
+    spec = ratio_se(diff(diff(a_s, a_p), diff(base_s, base_p)), ref.pref_ref)
+    above = mean_se(diff(d, dc))
+    coll = -mean_se(diff(a_p, base_p))[0]  # NLL change on neutral text (positive = worse)
+    r = {k: v for k, v in o.items() if k != "path"}
+    r.update(
+        {
+            "recovery": rec,
+            "control_recovery": ratio_se(dc, ref.d_ref),
+            "specificity": spec,
+            "above_control_z": above[0] / above[1] if above[1] else None,
+            "collateral_nll_change": coll,
+            "collateral_limit": ref.collateral_limit,
+            "meets": {
+                "recovery>=0.9": rec[0] >= 0.9,
+                "specificity>=0.8": spec[0] >= 0.8,
+                "above_control>2se": bool(above[1]) and above[0] / above[1] > 2,
+                "collateral": coll <= ref.collateral_limit,
+                "<=300s": o.get("wall_seconds", 0) <= 300 if name != "paper transfer" else None,
+                "<=2GB": (o.get("max_rss_bytes") or 0) <= 2 * 1000**3 if name != "paper transfer" else None,
+            },
+        }
+    )
+    return r
+
+
+def verify_shipped(args: argparse.Namespace, c: Case, outs: dict[str, dict], held_file: Path, env: dict[str, str]) -> None:
+    """`lowmem-crosslora verify` (fresh probe seeds) on the shipped candidate's output, if it has one."""
+    ship = args.candidates[0]
+    o = outs.get(ship, {})
+    if "path" not in o:
+        return
+    rp = c.work / f"verify-{c.s_key}-{c.t_key}.json"
+    cmd = [sys.executable, "-m", "lowmem_crosslora", "verify", "--source", str(c.source), "--adapter", str(c.adapters["source"]), "--target", str(c.target)]
+    cmd += ["--transferred", str(o["path"]), "--texts", str(held_file), "--samples", "16", "--neutral-samples", "8", "--max-new-tokens", "48"]
+    cmd += ["--device", "cpu", "--report", str(rp), "--quiet"]
+    print(f"[{c.name}] verify {ship}", flush=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    c.row["verify"] = {
+        "candidate": ship,
+        "exit": p.returncode,
+        "verdicts": p.stdout.strip().splitlines(),
+        "stderr_tail": p.stderr.strip().splitlines()[-2:] if p.returncode else [],
+    }
+
+
+def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict) -> None:
+    c = setup_case(args, case, texts)
+    train_adapters(args, c)
+    held_file = c.work / f"heldout-{c.kind}.jsonl"
+    held_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in c.held_styled))
+    env = repo_env()
+    outs = run_candidates(args, c, env)
+    # Score everything on the target, then the source adapter on its own base.
+    ref = score_reference(c)
+    grade_candidates(args, c, outs, ref)
     if args.verify and args.candidates:
-        ship = args.candidates[0]
-        o = outs.get(ship, {})
-        if "path" in o:
-            rp = work / f"verify-{s_key}-{t_key}.json"
-            cmd = [sys.executable, "-m", "lowmem_crosslora", "verify", "--source", str(source), "--adapter", str(adapters["source"]), "--target", str(target)]
-            cmd += ["--transferred", str(o["path"]), "--texts", str(held_file), "--samples", "16", "--neutral-samples", "8", "--max-new-tokens", "48"]
-            cmd += ["--device", "cpu", "--report", str(rp), "--quiet"]
-            print(f"[{case}] verify {ship}", flush=True)
-            p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-            row["verify"] = {
-                "candidate": ship,
-                "exit": p.returncode,
-                "verdicts": p.stdout.strip().splitlines(),
-                "stderr_tail": p.stderr.strip().splitlines()[-2:] if p.returncode else [],
-            }
-    bench["cases"].append(row)
+        verify_shipped(args, c, outs, held_file, env)
+    bench["cases"].append(c.row)
 
 
 def run_one(spec: str) -> None:
-    from lowmem_crosslora.commands.refine import run_refine
-    from lowmem_crosslora.sizes import parse_size
-
     kw = json.loads(spec)
     kw["max_memory"] = parse_size(kw["max_memory"])
     run_refine(kw.pop("source"), kw.pop("adapter"), kw.pop("target"), kw.pop("out"), device="cpu", force=True, **kw)
@@ -322,8 +379,6 @@ def main() -> None:
     ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
-        import torch
-
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(args.threads)
     if args.one:

@@ -19,19 +19,17 @@ import pytest
 import torch
 from conftest import read_tensors, run_cli, run_module
 from helpers import write_llama, write_lora, write_qwen2
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from lowmem_crosslora import hooks  # noqa: E402
 from lowmem_crosslora.commands import refine as refine_mod  # noqa: E402
-from lowmem_crosslora.commands.refine import CHECKPOINT_NAME, batch_indices, run_refine  # noqa: E402
+from lowmem_crosslora.commands.refine import CHECKPOINT_NAME, run_refine  # noqa: E402
 from lowmem_crosslora.commands.verify import run_verify  # noqa: E402
 from lowmem_crosslora.errors import InputError, Interrupted  # noqa: E402
 from lowmem_crosslora.io.runstate import state_dir_for  # noqa: E402
-from lowmem_crosslora.services.distill import OBJECTIVES, TrainText, batch_norms, choose_shape, segments, smallest_room, train_bytes, truncate  # noqa: E402
+from lowmem_crosslora.services.distill import OBJECTIVES, TrainText, choose_shape, smallest_room, train_bytes  # noqa: E402
 from lowmem_crosslora.services.options import INITS  # noqa: E402
 from lowmem_crosslora.services.probes import (  # noqa: E402
     PROBES_NAME,  # noqa: E402
@@ -100,137 +98,6 @@ def stop_at(k: int) -> Any:
             raise KeyboardInterrupt
 
     return progress
-
-
-# ---- segments, truncate, batch order --------------------------------------------------------------
-
-
-@st.composite
-def two_tokenizations(draw: Any) -> tuple[int, list[int], int, list[int], list[float]]:
-    """A text of n characters read by two tokenizers: each scored range has its own start and token ends
-    (character offsets, increasing; a repeated end is a zero-width token, as byte-level tokens of one
-    character are), and the source has a change in log-probability per token."""
-    n = draw(st.integers(1, 30))
-    src_start = draw(st.integers(0, n - 1))
-    tgt_start = src_start if draw(st.booleans()) else draw(st.integers(0, n - 1))
-
-    def ends(start: int) -> list[int]:
-        e = sorted(draw(st.sets(st.integers(start + 1, n), min_size=1)))
-        repeats = draw(st.lists(st.sampled_from(e), max_size=2))
-        return sorted(e + repeats)
-
-    src_ends, tgt_ends = ends(src_start), ends(tgt_start)
-    delta = draw(st.lists(st.floats(-4, 4, allow_nan=False), min_size=len(src_ends), max_size=len(src_ends)))
-    return src_start, src_ends, tgt_start, tgt_ends, delta
-
-
-def reference_segments(src_start: int, src_ends: list[int], tgt_start: int, tgt_ends: list[int], delta: list[float]) -> tuple[list[int], list[float]]:
-    """Character by character: character c (text[c - 1]) belongs to segment j when exactly j shared
-    boundaries lie before it and at least one at or after it, counting from where both scored ranges
-    first mean the same text (their start when it is shared, else the first shared boundary)."""
-    shared = sorted(set(src_ends) & set(tgt_ends))
-    lo = src_start if src_start == tgt_start else (shared[0] if shared else math.inf)
-    bounds = [b for b in shared if b > lo]
-
-    def char_seg(c: int) -> int:
-        return -1 if c <= lo or not bounds or c > bounds[-1] else sum(b < c for b in bounds)
-
-    def token_segs(start: int, ends: list[int]) -> list[int]:
-        out, prev = [], start
-        for e in ends:
-            segs = {char_seg(c) for c in range(prev + 1, e + 1)} or {char_seg(e)}  # a zero-width token: its character's
-            assert len(segs) == 1  # no token straddles a shared boundary
-            out.append(segs.pop())
-            prev = e
-        return out
-
-    per_seg = [0.0] * len(bounds)
-    for s, d in zip(token_segs(src_start, src_ends), delta, strict=True):
-        if s >= 0:
-            per_seg[s] += d
-    return token_segs(tgt_start, tgt_ends), per_seg
-
-
-@settings(max_examples=400, deadline=None, database=None)
-@given(two_tokenizations())
-def test_segments_match_a_character_by_character_reference(case: tuple[int, list[int], int, list[int], list[float]]) -> None:
-    src_start, src_ends, tgt_start, tgt_ends, delta = case
-    seg, per_seg = segments(*case)
-    ref_seg, ref_delta = reference_segments(*case)
-    assert seg == ref_seg
-    assert per_seg == pytest.approx(ref_delta, abs=1e-9)
-    # Segments are numbered in text order, and every one holds at least one target token.
-    ids = [s for s in seg if s >= 0]
-    assert ids == sorted(ids) and set(ids) == set(range(len(per_seg)))
-    shared = sorted(set(src_ends) & set(tgt_ends))
-    if shared:
-        # The segments add up to the source's change over the text both ranges cover.
-        lo = src_start if src_start == tgt_start else shared[0]
-        covered = sum(d for e, d in zip(src_ends, delta, strict=True) if lo < e <= shared[-1])
-        assert sum(per_seg) == pytest.approx(covered, abs=1e-9)
-    else:
-        assert seg == [-1] * len(tgt_ends) and per_seg == []
-
-
-def test_segments_by_hand() -> None:
-    d = [0.1, 0.2, 0.4, 0.8, 1.6, 3.2]  # one source token per character of "abcdef"
-    # Same start: target "ab" "cde" "f".
-    seg, per = segments(0, [1, 2, 3, 4, 5, 6], 0, [2, 5, 6], d)
-    assert seg == [0, 1, 2] and per == pytest.approx([0.3, 2.8, 3.2])
-    # The target's range starts a character later ("bc" "d" "ef"): segments start at the first shared boundary, 3.
-    seg, per = segments(0, [1, 2, 3, 4, 5, 6], 1, [3, 4, 6], d)
-    assert seg == [-1, 0, 1] and per == pytest.approx([0.8, 4.8])
-    # The source reads on past the target's last token: what lies beyond the last shared boundary is in no segment.
-    seg, per = segments(0, [2, 4, 7], 0, [2, 4, 5], [1.0, 2.0, 4.0])
-    assert seg == [0, 1, -1] and per == pytest.approx([1.0, 2.0])
-    assert segments(0, [1, 3], 0, [2], [1.0, 1.0]) == ([-1], [])
-
-
-@settings(max_examples=300, deadline=None, database=None)
-@given(two_tokenizations(), st.integers(0, 6), st.integers(0, 40))
-def test_truncate_keeps_only_whole_segments(case: tuple[int, list[int], int, list[int], list[float]], first: int, max_len: int) -> None:
-    seg, per_seg = segments(*case)
-    n_all = len(seg)
-    t = TrainText(list(range(100, 100 + first + n_all)), first, seg, per_seg, "adapter", 9, [float(-i) for i in range(n_all)])
-    c = truncate(t, max_len)
-    if len(t.ids) <= max_len:
-        assert c is t
-        return
-    n = max(0, max_len - first)  # scored tokens kept (none when the cut falls inside the prompt)
-    assert c.ids == t.ids[:max_len] and c.first == first and len(c.seg) == n and c.base_lp == t.base_lp[:n]
-    kept = {s for s in c.seg if s >= 0}
-    assert kept == set(range(len(c.delta_s))) and c.delta_s == t.delta_s[: len(c.delta_s)]
-    for s in set(seg) - {-1}:
-        whole = seg.count(s) == seg[:n].count(s)
-        # A segment is kept exactly when all of its tokens are, and then with all of them.
-        assert (s in kept) == whole
-        if whole:
-            assert c.seg.count(s) == seg.count(s)
-    assert all(a == b or a == -1 for a, b in zip(c.seg, seg[:n], strict=True))
-    # The losses are averaged over the scored tokens the batch still holds.
-    other = TrainText([1, 2, 3, 4], 1, [0, 0, 0], [0.5], "adapter", 3)
-    assert batch_norms("lm", [c, other], [])["tokens"] == n + 3
-
-
-def test_batch_indices_are_a_pure_function_and_visit_every_text_once_an_epoch() -> None:
-    for n, batch in [(7, 3), (5, 5), (4, 6), (1, 2), (10, 1)]:
-        steps = 3 * n + 5
-        flat = [i for s in range(steps) for i in batch_indices(n, batch, 0, s, "main")]
-        for k in range(len(flat) // n):
-            assert sorted(flat[k * n : (k + 1) * n]) == list(range(n)), (n, batch, k)
-        # A resumed run draws the batch of step s alone, whatever the global RNG holds.
-        torch.manual_seed(1)
-        alone = batch_indices(n, batch, 0, 4, "main")
-        torch.manual_seed(2)
-        assert alone == batch_indices(n, batch, 0, 4, "main") == flat[4 * batch : 5 * batch]
-    assert batch_indices(0, 3, 0, 0, "main") == []
-    # The seed and the salt pick the order, and each epoch has an order of its own.
-    orders = {tuple(batch_indices(20, 20, seed, 0, salt)) for seed in (0, 1) for salt in ("main", "contrast")}
-    assert len(orders) == 4
-    assert batch_indices(20, 20, 0, 0, "main") != batch_indices(20, 20, 0, 1, "main")
-
-
-# ---- end to end -----------------------------------------------------------------------------------
 
 
 def test_refined_output_is_a_peft_adapter_that_changes_the_target(models: dict[str, Path], refined: dict[str, Any]) -> None:

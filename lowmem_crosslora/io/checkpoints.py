@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
 
 from lowmem_crosslora.io.gguf_model import GGUFCheckpoint, is_gguf
+from lowmem_crosslora.io.reader import CheckpointReader
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 
-if TYPE_CHECKING:
-    pass
 
-
-def open_checkpoint(path: str | os.PathLike[str], role: str = "model") -> Any:
+def open_checkpoint(path: str | os.PathLike[str], role: str = "model") -> CheckpointReader:
     """A base model: a GGUF file (gguf_model.GGUFCheckpoint, which needs the optional gguf package)
     or a Hugging Face safetensors folder (Checkpoint). Both have the same reading interface."""
 

@@ -20,7 +20,6 @@ difference is folded into lora_b, so that every module keeps the scale it had.
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from safetensors import safe_open
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.gguf_model import GGUF_MODULES, permute_rows, require_gguf
 from lowmem_crosslora.io.partial import ADAPTER_NAME, CONFIG_NAME
+from lowmem_crosslora.io.runstate import replacing
 
 GGUF_NAME = "adapter_model.gguf"
 OUT_FORMATS = ("peft", "gguf", "both")
@@ -109,8 +109,7 @@ def write_lora_gguf(
         plan.append((base + ".lora_a", e.a_name, 1.0, None))
         plan.append((base + ".lora_b", e.b_name, factor, heads))
 
-    tmp = dest.with_name(dest.name + ".tmp")
-    with safe_open(str(tensors_file), framework="pt", device="cpu") as f:
+    with safe_open(str(tensors_file), framework="pt", device="cpu") as f, replacing(dest) as tmp:
 
         def load(peft_name: str, factor: float, heads: int | None) -> torch.Tensor:
             t = f.get_tensor(peft_name)
@@ -146,14 +145,8 @@ def write_lora_gguf(
                     t = t.float()
                 arr, _raw = _numpy(t)
                 writer.write_tensor_data(arr)
+        finally:
             writer.close()
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
-        except BaseException:
-            writer.close()
-            tmp.unlink(missing_ok=True)
-            raise
-    os.replace(tmp, dest)
 
 
 def entries_for(plan: Any, use_rslora: bool) -> list[LoraEntry]:

@@ -26,7 +26,7 @@ import torch
 from lowmem_crosslora import hooks
 from lowmem_crosslora.dtypes import TAG_BYTES, TAG_TORCH
 from lowmem_crosslora.errors import InputError
-from lowmem_crosslora.io.runstate import disk_error, fsync_dir, state_dir_for
+from lowmem_crosslora.io.runstate import atomic_write, disk_error, fsync_dir, state_dir_for, write_json
 
 PARTIAL_NAME = "adapter_model.safetensors.partial"
 
@@ -203,15 +203,7 @@ class PartialOutput:
 
     def _write_journal_file(self, data: bytes) -> None:
         """Replace the journal in one rename (a new run's header, or a compacted journal on resume)."""
-        tmp = self.dir / (JOURNAL_NAME + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.journal_path)
-        fsync_dir(self.dir)
+        atomic_write(self.journal_path, data)
 
     def read_journal(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
         """The header and the unit records whose line check holds; anything else is skipped (counted in bad_lines)."""
@@ -416,13 +408,7 @@ class PartialOutput:
             raise InputError(f"output folder {self.out} is not empty; use --force to replace it (the finished transfer is kept for that)")
         try:
             for name, payload in ((CONFIG_NAME, config), (REPORT_NAME, report)):
-                tmp = self.dir / (name + ".tmp")
-                with open(tmp, "w", encoding="utf-8") as f:
-                    json.dump(payload, f, indent=2, sort_keys=True)
-                    f.write("\n")
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, self.dir / name)
+                write_json(self.dir / name, payload, indent=2)
             os.replace(self.partial, self.dir / ADAPTER_NAME)
             hooks.reached("finish", 0)  # a state folder caught here is resumed: the file goes back to .partial
             if extra is not None:

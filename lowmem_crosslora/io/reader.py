@@ -6,14 +6,15 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
+
+from lowmem_crosslora.architectures import Family, ModelDims
 from lowmem_crosslora.errors import InputError
 
 if TYPE_CHECKING:
-    pass
-
-
+    from lowmem_crosslora.io.hashing import HashMemo
 
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
@@ -37,6 +38,58 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str
+
+
+class CheckpointReader(Protocol):
+    """A base model as the transfer reads it, whatever its file format: safetensors folders
+    (safetensors_model.Checkpoint) and GGUF files (gguf_model.GGUFCheckpoint) both provide this;
+    open_checkpoint (checkpoints.py) picks one. A new format is a new class with these members."""
+
+    path: Path
+    role: str
+    config: dict[str, Any]
+    family: Family
+    dims: ModelDims
+    layer_prefix: str
+    tensors: dict[str, TensorInfo]
+
+    def weight_name(self, layer: int, module: str) -> str:
+        """The tensor name of a canonical module (q, k, ..., down) of a layer."""
+        ...
+
+    def has(self, name: str) -> bool: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def read(self, name: str) -> torch.Tensor:
+        """The whole tensor, widened or dequantized to a float dtype."""
+        ...
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows [start, stop) of a 2-D weight, as read() would give them."""
+        ...
+
+    def advise(self, name: str) -> None:
+        """A hint that `name` is read next (the pages may be fetched ahead)."""
+        ...
+
+    def content_hash(self, name: str, memo: HashMemo | None = None) -> str:
+        """A hash of the tensor's stored bytes (the basis cache's key)."""
+        ...
+
+    def identity(self) -> str:
+        """What the model is (config plus tensor names, dtypes and shapes), wherever it lies."""
+        ...
+
+    def fingerprint(self) -> str:
+        """The identity plus the files' sizes and times: changes when a weight file does."""
+        ...
+
+    def close(self) -> None: ...
+
+    def release_pages(self, limit: int) -> None:
+        """Unmap the files when more than `limit` bytes of their pages are resident."""
+        ...
 
 
 def model_identity(config: dict[str, Any], tensors: dict[str, TensorInfo]) -> str:

@@ -17,6 +17,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +71,21 @@ def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
         raise
     if durable:
         fsync_dir(path.parent)
+
+
+@contextmanager
+def replacing(dest: Path) -> Iterator[Path]:
+    """A temporary path beside `dest` for a writer that streams (a GGUF file): on success the file is
+    fsynced and renamed onto `dest` in one step; on any failure it is removed and `dest` is untouched."""
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, dest)
 
 
 def write_json(path: Path, obj: Any, indent: int = 1) -> None:

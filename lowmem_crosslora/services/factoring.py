@@ -17,7 +17,7 @@ import torch
 
 from lowmem_crosslora.errors import BudgetError, CrossLoraError, InputError
 from lowmem_crosslora.io.hashing import HashMemo
-from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.io.reader import CheckpointReader
 from lowmem_crosslora.linalg.bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, finish, randomized_svd, scipy_svd, seed_for
 from lowmem_crosslora.services.cache import BasisCache, CacheKey
 from lowmem_crosslora.services.memory import Budget, MatrixPlan, stored_bytes
@@ -40,7 +40,7 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass
 class MatrixJob:
-    ckpt: Checkpoint
+    ckpt: CheckpointReader
     weight: str
     shape: tuple[int, int]
     r: int

@@ -21,8 +21,8 @@ from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint, check_fini
 from lowmem_crosslora.io.checkpoints import open_checkpoint
 from lowmem_crosslora.io.gguf_lora import check_out_format, finish_hooks, output_files
 from lowmem_crosslora.io.partial import ADAPTER_NAME, REPORT_NAME, Layout, PartialOutput, journal_fingerprint
+from lowmem_crosslora.io.reader import CheckpointReader
 from lowmem_crosslora.io.runstate import check_output_dir, inside, state_dir_for
-from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.linalg.bases import SvdSettings
 from lowmem_crosslora.services.device import resolve_device
 from lowmem_crosslora.services.factoring import Engine, Progress, open_cache
@@ -37,7 +37,7 @@ from lowmem_crosslora.sysmem import tune_allocator
 from lowmem_crosslora.version import __version__
 
 
-def run_fingerprint(adapter: Adapter, source: Checkpoint, target: Checkpoint, opts: TransferOptions) -> str:
+def run_fingerprint(adapter: Adapter, source: CheckpointReader, target: CheckpointReader, opts: TransferOptions) -> str:
     """What a transfer's output depends on: a resumed or skipped output must have been made with the same."""
     payload = {
         "adapter": adapter_fingerprint(adapter),
@@ -69,7 +69,7 @@ def finished_report(out: Path, fingerprint: str, files: tuple[str, ...] = (ADAPT
     return report
 
 
-def _prepare(ad: Adapter, out_path: Path, src: Checkpoint, tgt: Checkpoint, opts: TransferOptions, batch: bool, say: Callable[[str], None]) -> Task:
+def _prepare(ad: Adapter, out_path: Path, src: CheckpointReader, tgt: CheckpointReader, opts: TransferOptions, batch: bool, say: Callable[[str], None]) -> Task:
     """Check one adapter and its output, plan it, and open (or resume) its journaled output."""
     plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype, target_format=opts.target_format)
     check_finite(ad)
@@ -109,8 +109,8 @@ def _open_output(task: Task, opts: TransferOptions, say: Callable[[str], None], 
 
 def _plan_tasks(
     pairs: list[tuple[str | Path, str | Path]],
-    src: Checkpoint,
-    tgt: Checkpoint,
+    src: CheckpointReader,
+    tgt: CheckpointReader,
     opts: TransferOptions,
     batch: bool,
     say: Callable[[str], None],
@@ -144,8 +144,8 @@ def _plan_tasks(
 
 def _run(
     todo: list[Task],
-    src: Checkpoint,
-    tgt: Checkpoint,
+    src: CheckpointReader,
+    tgt: CheckpointReader,
     opts: TransferOptions,
     settings: SvdSettings,
     budget: Budget,

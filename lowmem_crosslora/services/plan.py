@@ -13,7 +13,7 @@ from lowmem_crosslora import dtypes
 from lowmem_crosslora.architectures import CANONICAL, Family, fused_rows, module_shape
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.adapter import PEFT_PREFIX, Adapter, LoraModule
-from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.io.reader import CheckpointReader
 from lowmem_crosslora.linalg.fused import Placement, merge
 from lowmem_crosslora.services.vllm import uniform_rank_alpha
 
@@ -109,7 +109,7 @@ def source_layer_for(target_layer: int, source_layers: int, target_layers: int, 
     return int(math.floor(target_layer * (source_layers - 1) / (target_layers - 1) + 0.5))
 
 
-def _source_units(adapter: Adapter, source: Checkpoint, skipped: list[dict[str, Any]]) -> dict[tuple[int, str], LoraModule]:
+def _source_units(adapter: Adapter, source: CheckpointReader, skipped: list[dict[str, Any]]) -> dict[tuple[int, str], LoraModule]:
     fam = source.family
     by_path: dict[str, list[str]] = {}
     for name, path in fam.modules.items():
@@ -158,8 +158,8 @@ def _source_units(adapter: Adapter, source: Checkpoint, skipped: list[dict[str, 
 
 def build_plan(
     adapter: Adapter,
-    source: Checkpoint,
-    target: Checkpoint,
+    source: CheckpointReader,
+    target: CheckpointReader,
     *,
     rank: int,
     layer_map: str,
@@ -229,7 +229,7 @@ def _out_dtype(lora_dtypes: set[str], dtype: str | None) -> str:
 
 
 def _map_units(
-    sources: dict[tuple[int, str], LoraModule], source: Checkpoint, target: Checkpoint, rank: int, layer_map: str
+    sources: dict[tuple[int, str], LoraModule], source: CheckpointReader, target: CheckpointReader, rank: int, layer_map: str
 ) -> tuple[list[Unit], set[tuple[int, str]]]:
     """One unit per (target layer, module) whose mapped source layer has a LoRA on that module, in
     layer and canonical module order; and the (source layer, module) keys used."""
@@ -279,7 +279,7 @@ def _map_units(
     return units, used
 
 
-def _unmapped(sources: dict[tuple[int, str], LoraModule], used: set[tuple[int, str]], target: Checkpoint, layer_map: str) -> list[dict[str, Any]]:
+def _unmapped(sources: dict[tuple[int, str], LoraModule], used: set[tuple[int, str]], target: CheckpointReader, layer_map: str) -> list[dict[str, Any]]:
     """The adapter's modules no unit takes, each with the reason."""
     tfam, Lt = target.family, target.dims.num_layers
     skipped: list[dict[str, Any]] = []
@@ -317,7 +317,7 @@ def _peft_modules(units: list[Unit], tfam: Family, num_layers: int) -> tuple[lis
     return sorted({u.target_module for u in units}), None
 
 
-def place_units(units: list[Unit], target: Checkpoint, adapter: Adapter, uniform: tuple[int, float] | None) -> tuple[dict[str, int], dict[str, float]]:
+def place_units(units: list[Unit], target: CheckpointReader, adapter: Adapter, uniform: tuple[int, float] | None) -> tuple[dict[str, int], dict[str, float]]:
     """Set each unit's output placement (fused target modules, uniform rank) and return every target
     module's written rank and alpha.
 

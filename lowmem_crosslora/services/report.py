@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.io.reader import CheckpointReader
 from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.plan import Plan
 from lowmem_crosslora.sizes import format_size
@@ -66,8 +66,8 @@ def build_report(
     kind: str,
     *,
     adapter: str | Path,
-    source: Checkpoint,
-    target: Checkpoint,
+    source: CheckpointReader,
+    target: CheckpointReader,
     options: dict[str, Any],
     device: str,
     seconds: float,
@@ -160,7 +160,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def model_info(ckpt: Checkpoint) -> dict[str, Any]:
+def model_info(ckpt: CheckpointReader) -> dict[str, Any]:
     return {"path": str(ckpt.path), "model_type": ckpt.config.get("model_type"), "layers": ckpt.dims.num_layers, "hidden": ckpt.dims.hidden}
 
 

@@ -12,7 +12,7 @@ from lowmem_crosslora.architectures import CANONICAL
 from lowmem_crosslora.dtypes import TAG_TORCH
 from lowmem_crosslora.io.adapter import Adapter
 from lowmem_crosslora.io.partial import PartialOutput
-from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.io.reader import CheckpointReader
 from lowmem_crosslora.linalg.bases import Basis
 from lowmem_crosslora.linalg.fused import unit_tensors
 from lowmem_crosslora.linalg.projection import project_factors
@@ -43,8 +43,8 @@ class Task:
 def run_units(
     engine: Engine,
     tasks: list[Task],
-    src: Checkpoint,
-    tgt: Checkpoint,
+    src: CheckpointReader,
+    tgt: CheckpointReader,
     progress: Progress | None,
     done_count: int,
     total: int,
@@ -98,7 +98,7 @@ def run_units(
 Groups = dict[str, list[tuple[Task, Unit]]]
 
 
-def _schedule(tasks: list[Task], src: Checkpoint, tgt: Checkpoint) -> tuple[Groups, list[str], list[MatrixJob], list[int], dict[str, int]]:
+def _schedule(tasks: list[Task], src: CheckpointReader, tgt: CheckpointReader) -> tuple[Groups, list[str], list[MatrixJob], list[int], dict[str, int]]:
     """The pending units grouped by unit id, the groups in layer and module order, the matrix jobs
     (each source weight once, before the first group that needs it; each group's target weight),
     each job's group, and each source weight's last group."""
