@@ -6,6 +6,7 @@ import hashlib
 import math
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,9 +143,15 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
     config = read_json(p / "adapter_config.json", "adapter")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise InputError(f"{where}: peft_type {peft_type} is not supported; only LoRA adapters can be transferred")
+        raise InputError(
+            f"{where}: peft_type {peft_type} is not supported; only LoRA adapters can be transferred "
+            "(`lowmem-crosslora refine` can still carry its behaviour onto the target)"
+        )
     if config.get("use_dora"):
-        raise InputError(f"{where}: DoRA adapters (use_dora=true) are not supported; only plain LoRA can be transferred")
+        raise InputError(
+            f"{where}: DoRA adapters (use_dora=true) are not supported; only plain LoRA can be transferred "
+            "(`lowmem-crosslora refine` can still carry its behaviour onto the target)"
+        )
     file, header, state = _adapter_file(p, where, allow_pickle)
     adapter = Adapter(p, config, file=file, state=state)
     modules_to_save = config.get("modules_to_save") or []
@@ -251,6 +258,83 @@ def _add_modules(adapter: Adapter, factors: dict[str, dict[str, tuple[str, dict[
             b_shape=(int(b_shape[0]), int(b_shape[1])),
             dtype=str(a_info["dtype"]),
         )
+
+
+# The PEFT types whose behaviour refine can learn (the source runs them through PEFT itself; refine
+# needs only which modules they adapt, and writes a plain LoRA on the target).
+BEHAVIOUR_TYPES = ("LORA", "IA3", "LOHA", "LOKR")
+# Rank and alpha of the target LoRA for a type that has none (IA3): PEFT's LoraConfig defaults.
+DEFAULT_BEHAVIOUR_RANK, DEFAULT_BEHAVIOUR_ALPHA = 8, 8.0
+_PEFT_PARAM = re.compile(r"^(?P<module>.+?)\.(?P<param>lora_[A-Za-z]+(?:_[A-Za-z]+)*|ia3_l|hada_[a-z0-9_]+|lokr_[a-z0-9_]+)(?:\..+)?$")
+ShapeOf = Callable[[str], "tuple[int, int] | None"]
+
+
+def is_plain_lora(path: str | os.PathLike[str]) -> bool:
+    """Whether the adapter folder holds a plain LoRA (what the SVD transfer moves)."""
+    config = read_json(resolve(path, "adapter") / "adapter_config.json", "adapter")
+    return str(config.get("peft_type", "LORA")).upper() == "LORA" and not config.get("use_dora")
+
+
+def load_behaviour_adapter(path: str | os.PathLike[str], shape_of: ShapeOf) -> Adapter:
+    """An adapter refine learns from: a plain LoRA as load_adapter reads it; any other type refine
+    takes (BEHAVIOUR_TYPES, DoRA included) as the modules it adapts, each a placeholder LoRA module
+    (no factors to read) of the rank and alpha the target LoRA gets: the config's `r` and
+    `lora_alpha` (`alpha` for LoHa / LoKr), or PEFT's LoRA defaults where the type has none (IA3).
+    `shape_of(module)` is the source weight's (rows, columns), None when the source has no such
+    linear weight (the module is then skipped with its reason)."""
+    if is_plain_lora(path):
+        return load_adapter(path)
+    p = resolve(path, "adapter")
+    where = f"adapter {p}"
+    config = read_json(p / "adapter_config.json", "adapter")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type not in BEHAVIOUR_TYPES:
+        raise InputError(f"{where}: peft_type {peft_type} is not one refine learns from; it takes {', '.join(BEHAVIOUR_TYPES)} (DoRA included)")
+    file, header, state = _adapter_file(p, where, allow_pickle=False)
+    rank = int(config.get("r") or DEFAULT_BEHAVIOUR_RANK)
+    alpha = float(config.get("lora_alpha", config.get("alpha", DEFAULT_BEHAVIOUR_ALPHA if "r" not in config else rank)))
+    plain = {"r": rank, "lora_alpha": alpha, "use_rslora": bool(config.get("use_rslora", False)), "rank_pattern": {}, "alpha_pattern": {}}
+    adapter = Adapter(p, {**config, **plain}, file=file, state=state)
+    found: dict[str, str] = {}
+    for name, info in sorted(header.items()):
+        if name == "__metadata__":
+            continue
+        m = _PEFT_PARAM.match(name)
+        if m is None:
+            adapter.skipped.append({"tensor": name, "reason": f"not a {peft_type} parameter of a module; not learned from"})
+            continue
+        module = m.group("module")
+        found.setdefault(module[len(PEFT_PREFIX) :] if module.startswith(PEFT_PREFIX) else module, str(info["dtype"]))
+    for module, dtype in found.items():
+        shape = shape_of(module)
+        if shape is None:
+            adapter.skipped.append({"tensor": module, "reason": "the source has no linear weight under this module's name"})
+            continue
+        rows, cols = shape
+        scale = adapter.scale_for(rank, alpha)
+        adapter.modules[module] = LoraModule(module, "", "", rank, alpha, scale, (rank, cols), (rows, rank), dtype if dtype in TAG_TORCH else "F32")
+    if not adapter.modules:
+        raise InputError(f"{where}: no module of the source model is adapted by its {peft_type} tensors")
+    adapter.warnings.append(
+        f"adapter: a {peft_type}{' (DoRA)' if config.get('use_dora') else ''} adapter: refine learns its behaviour into a plain LoRA "
+        f"of rank {rank}, alpha {alpha:g} on the target"
+    )
+    return adapter
+
+
+def check_all_finite(adapter: Adapter) -> None:
+    """Every tensor of the adapter's file must be finite (for adapters whose factors are not LoRA's)."""
+    assert adapter.file is not None
+    tensors = adapter.state
+    try:
+        if tensors is None:
+            with safe_open(str(adapter.file), framework="pt", device="cpu") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise InputError(f"adapter: cannot read {adapter.file}: {e}") from None
+    for name, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise InputError(f"adapter {adapter.path}: tensor {name} contains NaN or Inf")
 
 
 def check_finite(adapter: Adapter) -> None:
