@@ -24,6 +24,11 @@ from typing import Any
 
 from lowmem_crosslora.errors import InputError
 
+try:  # POSIX: advisory locks on output folders; elsewhere (Windows) runs are not locked
+    import fcntl
+except ImportError:  # pragma: no cover - not on the platforms CI runs
+    fcntl = None  # type: ignore[assignment]
+
 STATE_FILE = "state.json"  # a claimed state folder's fingerprint, for jobs without a journal of their own
 
 
@@ -179,3 +184,54 @@ def publish(staged: Path, out: Path, force: bool) -> None:
     fsync_dir(out.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+class OutputLock:
+    """An exclusive lock on one output while a job writes it (see lock_output); `release` ends it."""
+
+    def __init__(self, path: Path, fd: int | None) -> None:
+        self.path, self.fd = path, fd
+
+    def release(self) -> None:
+        """Remove the lock file, then unlock (a waiter that opened the old file sees it is gone)."""
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self.fd)
+            self.fd = None
+
+
+def lock_output(out: Path, kind: str, what: str) -> OutputLock:
+    """Take the exclusive lock of a job writing `out`: `.<out>.<kind>-lock` beside it (outside the
+    state folder, which a restart deletes), held with flock until `release` or the process's end, so
+    a killed run leaves no lock behind. A second job on the same output is refused with one line
+    naming the holder's process id; jobs on other outputs (sharing the basis cache) are not affected."""
+    path = out.parent / f".{out.name}.{kind}-lock"
+    if fcntl is None:
+        return OutputLock(path, None)
+    while True:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise disk_error(e, path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise InputError(
+                f"another {what} (process {holder}) is writing {out}; wait for it to finish, or stop it and rerun this command to resume"
+            ) from None
+        try:  # the last holder may have removed the file between our open and our lock: lock the live one
+            live = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            live = False
+        if live:
+            break
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return OutputLock(path, fd)

@@ -11,6 +11,7 @@ import json
 import time
 import warnings
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -206,11 +207,29 @@ def run_transfers(
     budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
     stop.check()
     todo = [t for t in tasks if t.report is None]
-    for t in todo:
-        _open_output(t, opts, say, f"{t.out}: " if batch else "")
-    engine = _run(todo, src, tgt, opts, settings, budget, device, stop, progress, warn) if todo else None
+    with ExitStack() as held:
+        for t in todo:  # each output locked before its state is read or written, released when published
+            held.callback(runstate.lock_output(t.out, "crosslora", "transfer").release)
+            _open_output(t, opts, say, f"{t.out}: " if batch else "")
+        engine = _run(todo, src, tgt, opts, settings, budget, device, stop, progress, warn) if todo else None
+        _finish(tasks, todo, engine, src, tgt, str(target), opts, device, budget, time.perf_counter() - t_start, batch)
+    return [t.report for t in tasks if t.report is not None]
 
-    seconds = time.perf_counter() - t_start
+
+def _finish(
+    tasks: list[Task],
+    todo: list[Task],
+    engine: Engine | None,
+    src: CheckpointReader,
+    tgt: CheckpointReader,
+    target_name: str,
+    opts: TransferOptions,
+    device: str,
+    budget: Budget,
+    seconds: float,
+    batch: bool,
+) -> None:
+    """Each written output's report and config beside its adapter, then the folder published."""
     for t in todo:
         assert engine is not None and t.partial is not None
         report = build_report(
@@ -234,6 +253,5 @@ def run_transfers(
         if batch:
             report["summary"]["batch"] = {"adapters": len(tasks), "transferred_in_this_run": len(todo)}
         extra, drop = finish_hooks(opts.out_format, t.plan, t.adapter, tgt)
-        t.partial.finish(adapter_config(t.plan, t.adapter, str(target)), report, opts.force, extra=extra, drop=drop)
+        t.partial.finish(adapter_config(t.plan, t.adapter, target_name), report, opts.force, extra=extra, drop=drop)
         t.report = report
-    return [t.report for t in tasks if t.report is not None]
