@@ -148,11 +148,22 @@ class ModelDims:
         return int(getattr(self, name))
 
 
+def check_dims(section: Mapping[str, Any], where: str) -> None:
+    """Every dimension config.json gives must be an integer >= 1: "64", 64.0 or true are refused, not coerced."""
+    if not isinstance(section, Mapping):
+        raise InputError(f"{where}: config.json's model section must be an object, not {type(section).__name__}")
+    for k in sorted({k for keys in _CONFIG_KEYS.values() for k in keys} | {"num_key_value_heads", "head_dim"}):
+        v = section.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise InputError(f"{where}: config.json field {k!r} must be an integer >= 1, not {v!r}"[:300])
+
+
 def model_dims(config: Mapping[str, Any], family: Family, where: str) -> ModelDims:
     """Read the dimensions that fix every module's shape. head_dim is always read when present."""
     section = config
     if family.config_section:
         section = config.get(family.config_section) or {}
+    check_dims(section, where)
 
     def key(dim: str) -> Any:
         for k in _CONFIG_KEYS[dim]:

@@ -84,9 +84,9 @@ def common_inputs(f: Callable[..., Any], batch: bool = False) -> Callable[..., A
 
 
 # The options refine adds (shared by `refine` and `transfer --refine`); --texts is an input of its own.
-REFINE_RUN = ("steps", "lr", "batch", "samples", "contrast_samples", "max_new_tokens", "prompts")
+REFINE_RUN = ("steps", "lr", "batch", "samples", "contrast_samples", "holdout", "patience", "max_new_tokens", "prompts")
 REFINE_SHAPE = ("lora_rank", "lora_alpha")
-REFINE_KEYS = ("steps", "lr", "batch", "samples", "contrast_samples", "max_new_tokens", "prompts_file", "texts_file", *REFINE_SHAPE)
+REFINE_KEYS = ("steps", "lr", "batch", "samples", "contrast_samples", "holdout", "patience", "max_new_tokens", "prompts_file", "texts_file", *REFINE_SHAPE)
 refine_options = _stack(
     click_options(RefineOptions, only=REFINE_RUN),
     click.option("--texts", "texts_file", default=None, type=PATH, help='Your own texts of the adapter\'s kind too: .jsonl ({"text": ...}) or plain text.'),
@@ -364,7 +364,10 @@ def _run_refine_cli(source: Path, adapter: Path, target: Path, out: Path, quiet:
             f"refined {s['modules']} modules: {s['steps']} steps of {s['objective']} from a {s['init']} start, "
             f"loss {s['first_loss']:.4f} -> {s['final_loss']:.4f}, "
             f"{s['seconds']:.1f} s on {s['device']}, peak {s['peak_host_bytes'] / mib:.0f} MiB host"
+            + ("; stopped early, the held-out split no longer improving" if s.get("stopped_early") else "")
         )
+        # the step written and whether it carries the behaviour (beats the random control) on the held-out texts
+        click.echo(f"held out: {s['holdout_verdict']}")
         click.echo(f"wrote {out}; grade it with `lowmem-crosslora verify` (it samples fresh texts, not the ones refine trained on)")
 
 

@@ -379,7 +379,9 @@ def test_verify_grades_a_refined_adapter_on_fresh_samples(models: dict[str, Path
     common = {"samples": 4, "neutral_samples": 2, "max_new_tokens": 12, "device": "cpu"}
     r = run_verify(models["source"], models["adapter"], models["target"], out, prompts=PROMPTS, **common)
     assert r["options"]["seed"] == 1
-    assert r["options"]["refined_on"] == {"seed": 0, "texts": len(trained), "dropped_overlaps": 0}
+    held = json.loads((out / PROBES_NAME).read_text())["holdout"]
+    on = {"seed": 0, "texts": len(trained), "holdout_seed": held["seed"], "holdout_texts": len(held["texts"])}
+    assert r["options"]["refined_on"] == {**on, "dropped_overlaps": 0}
     assert r["verify"]["sets"]["adapter"]["stands_for"].startswith("fresh samples (seed 1; refine trained on seed 0's)")
     assert not {(t["prompt"], t["text"]) for t in r["texts"]} & {(t["prompt"], t["text"]) for t in trained}
 
@@ -395,7 +397,7 @@ def test_verify_grades_a_refined_adapter_on_fresh_samples(models: dict[str, Path
     # again with the same per-prompt seeds) are dropped: only the new prompt's texts are scored.
     more = {**common, "samples": 6, "neutral_samples": 3}
     r = run_verify(models["source"], models["adapter"], models["target"], out, prompts=[*PROMPTS, "Notes:"], seed=0, **more)
-    assert r["options"]["refined_on"] == {"seed": 0, "texts": len(trained), "dropped_overlaps": len(trained)}
+    assert r["options"]["refined_on"] == {**on, "dropped_overlaps": len(trained)}
     assert {t["prompt"] for t in r["texts"]} == {"Notes:"}
 
 

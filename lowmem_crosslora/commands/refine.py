@@ -7,16 +7,23 @@ transfer's planner) on texts only, since token ids do not cross the tokenizer ga
 1. Probe texts (probes.py, shared with verify): seeded samples of source + adapter on neutral
    prompts, seeded samples of the source base as contrast, the user's --texts. With the source
    resident, each text is scored token by token with the adapter off and on; then the source is freed.
-2. With only the target resident, a LoRA is trained for a fixed number of steps on one objective
+   A held-out split (--holdout texts of source + adapter, their own seed, never trained on) is
+   scored for the source effect at the same time.
+2. With only the target resident, a LoRA is trained for up to --steps steps on one objective
    (distill.py). Batch order is a pure function of (seed, step), the LoRA starts from the transfer or
-   from a seeded fresh initialisation, dropout is off: the same seed gives the same adapter.
-3. Every step ends with a checkpoint (LoRA weights, AdamW state, losses) written atomically into the
+   from a seeded fresh initialisation, dropout is off: the same seed gives the same adapter. Before
+   the first step and every `eval_every` steps the held-out split is scored on the target
+   (holdout.py: recovery against a random control of the same norms); the best step's LoRA is kept,
+   and training stops once `patience` evaluations in a row found no better one.
+3. Every step ends with a checkpoint (LoRA weights, AdamW state, losses, evaluations, best LoRA) written atomically into the
    hidden state folder `.<OUT>.refine-partial/`, next to the probe texts and the initialiser. An
    interrupted run resumes from its last checkpoint and ends with the adapter an uninterrupted run
    would have written (byte for byte on the CPU, with the same thread count).
-4. The finished folder (adapter_config.json, adapter_model.safetensors, crosslora_report.json with
-   kind "refine", refine_probes.json: the texts it trained on, with their seeds) is renamed into
-   place in one step. verify reads refine_probes.json and grades on other seeds."""
+4. The finished folder (adapter_config.json, adapter_model.safetensors: the best step's LoRA,
+   crosslora_report.json with kind "refine" and its `holdout` section, refine_probes.json: the texts
+   it trained on and the held-out ones, with their seeds) is renamed into place in one step. Where
+   no step beat the random control the adapter is still written, and the report and the summary say
+   that it does not carry the behaviour. verify reads refine_probes.json and grades on other seeds."""
 
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +42,11 @@ from safetensors.torch import save_file
 from lowmem_crosslora import hooks
 from lowmem_crosslora.errors import BudgetError, InputError, Interrupted
 from lowmem_crosslora.io import runstate
-from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
+from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint, check_all_finite, check_finite, is_plain_lora, load_behaviour_adapter
 from lowmem_crosslora.io.partial import ADAPTER_NAME, CONFIG_NAME, REPORT_NAME
 from lowmem_crosslora.io.runstate import check_output_dir, write_json
 from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.compute import bf16_speed, upcast_bytes, upcast_model
 from lowmem_crosslora.services.device import resolve_device
 from lowmem_crosslora.services.distill import (
     Prepared,
@@ -49,12 +57,16 @@ from lowmem_crosslora.services.distill import (
     batch_norms,
     choose_shape,
     load_checkpoint,
+    loglik_per_byte,
+    lora_state,
     prepare_source,
     save_checkpoint,
     smallest_room,
     target_texts,
     truncate,
 )
+from lowmem_crosslora.services.effects import ControlInPlace
+from lowmem_crosslora.services.holdout import Holdout, target_held
 from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.options import RefineOptions
 from lowmem_crosslora.services.peft_config import adapter_config
@@ -174,7 +186,8 @@ class RefineRun:
 @dataclass
 class Training:
     """The target's side of a run: its texts, the memory shape, the checkpoint it resumes from, the
-    losses of every step and the training time (a resumed run adds to the interrupted one's)."""
+    losses of every step and the training time (a resumed run adds to the interrupted one's), the
+    held-out evaluations (None: --holdout 0)."""
 
     main: list[TrainText]
     contrast: list[TrainText]
@@ -183,6 +196,7 @@ class Training:
     checkpoint: dict[str, Any] | None
     losses: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
+    holdout: Holdout | None = None
 
 
 def _refine(
@@ -214,8 +228,7 @@ def _open_run(
     """Check every input and the output folder, plan the target's modules, and claim (or resume) the state folder."""
     opts.check()
     src, tgt = Checkpoint(source, "source"), Checkpoint(target, "target")
-    ad = load_adapter(adapter)
-    check_finite(ad)
+    ad = _source_adapter(adapter, src, opts)
     user = read_texts(texts) if isinstance(texts, (str, Path)) else list(texts or [])
     plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map)
     cfg = _lora_config(adapter_config(plan, ad, str(tgt.path)), opts)
@@ -227,7 +240,31 @@ def _open_run(
     state = runstate.state_dir_for(out, "refine")
     if runstate.claim(state, fp, opts.restart, "refine", {"options": opts.result_key(), "version": __version__}, state_file=STATE_NAME):
         say(f"resuming the refine in {state}")
+    for line in plan.warnings:  # skipped tensors, and what a non-LoRA adapter becomes on the target
+        say(line)
     return RefineRun(opts, src, tgt, ad, user, plan, cfg, dev, out, fp, state, say, stop, progress)
+
+
+def _source_adapter(adapter: Any, src: Checkpoint, opts: RefineOptions) -> Adapter:
+    """The adapter refine learns from: any type the source runs through PEFT (io/adapter.py's
+    BEHAVIOUR_TYPES); only a plain LoRA can start from the SVD transfer (--init transfer)."""
+    plain = is_plain_lora(adapter)
+    if opts.init == "transfer" and not plain:
+        raise InputError("--init transfer starts from the SVD transfer, which moves plain LoRA adapters only; use the default fresh start for this adapter")
+
+    def shape_of(module: str) -> tuple[int, int] | None:
+        name = f"{module}.weight"
+        if not src.has(name):
+            return None
+        shape = src.info(name).shape
+        return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
+
+    ad = load_behaviour_adapter(adapter, shape_of)
+    if plain:
+        check_finite(ad)
+    else:
+        check_all_finite(ad)
+    return ad
 
 
 def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:
@@ -235,7 +272,7 @@ def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:
     probes_file = run.state / PROBES_NAME
     if probes_file.exists():
         prep = Prepared.from_json(json.loads(probes_file.read_text()))
-        run.say(f"probe texts: {len(prep.probes)} kept from the interrupted run")
+        run.say(f"probe texts: {len(prep.probes)} kept from the interrupted run" + (f", {len(prep.holdout)} held out" if prep.holdout_seed is not None else ""))
         return prep
     opts = run.opts
     prep = prepare_source(
@@ -251,6 +288,7 @@ def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:
         max_new_tokens=opts.max_new_tokens,
         seed=opts.seed,
         user=run.user,
+        holdout=opts.holdout,
     )
     prep.extra = {"seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}
     write_json(probes_file, prep.to_json())
@@ -293,7 +331,13 @@ def _train_target(run: RefineRun, budget: Budget, loader: Loader, tok: Any, prep
     t = time.perf_counter()
     model = _load_target(run, loader, training, init_dir)
     run.phases["load_target"] = time.perf_counter() - t
+    training.holdout = _holdout(run, tok, prep, training)
     _train(run, budget, model, training)
+    if training.holdout is not None and training.holdout.best_state is not None:
+        with torch.no_grad():  # the best held-out step's LoRA, not the last step's
+            named = dict(model.named_parameters())
+            for n, v in training.holdout.best_state.items():
+                named[n].copy_(v)
     lora = _peft_tensors(model)
     del model
     free()
@@ -314,17 +358,35 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
     passes = 2 if opts.objective == "lm+kl" else 1
     per_step = opts.batch * (2 if contrast else 1)  # "delta" and "lm+kl" pass main and contrast texts together
     room = room_left(budget, dev)
-    # bfloat16 frozen weights (the LoRA itself trains in float32): half the memory, and on CPUs with
-    # AMX or AVX512-BF16 about 3x faster than float32 (Qwen2.5-0.5B, 8 x 64 tokens: 3.0 s vs 9.8 s a step).
-    dtypes = ("bfloat16",)
     ck = load_checkpoint(run.state / CHECKPOINT_NAME, run.fp)
-    shape = choose_shape(tgt.config, params, lora_params, room, per_step, longest, passes, dtypes)
+    # The frozen weights' dtype and what they compute in (the LoRA itself trains in float32), from a
+    # timing at start-up (services/compute.py). Where bfloat16 matmuls are fast (AMX, AVX512-BF16,
+    # CUDA): bfloat16 weights, half the memory and about 3x float32's speed (Qwen2.5-0.5B, 8 x 64
+    # tokens: 3.0 s vs 9.8 s a step). Where they are slow (AVX2 only: 0.3 GFLOP/s against 35):
+    # float32 weights where they fit without a smaller step, else bfloat16 weights computing in
+    # float32 (each weight widened one block at a time: the upcast path, `extra` bytes more).
+    speed = bf16_speed(dev)
+    extra = 0
+    if speed.fast:
+        shape = choose_shape(tgt.config, params, lora_params, room, per_step, longest, passes, ("bfloat16",))
+        if shape is not None:
+            shape = replace(shape, compute_dtype="bfloat16", compute=speed.reason)
+    else:
+        extra = upcast_bytes(tgt.config)
+        p32 = budgeted_params(tgt, "float32", dev)
+        s32 = choose_shape(tgt.config, p32, lora_params, room, per_step, longest, passes, ("float32",))
+        s16 = choose_shape(tgt.config, params, lora_params, room, per_step, longest, passes, ("bfloat16",), extra=extra)
+        rank = lambda s: (s.max_len, s.micro_batch, not s.checkpointing)  # noqa: E731
+        if s32 is not None and (s16 is None or rank(s32) >= rank(s16)):
+            shape = replace(s32, compute_dtype="float32", compute=f"{speed.reason}: float32 weights")
+        else:
+            shape = s16 and replace(s16, compute_dtype="float32", compute=f"{speed.reason}: bfloat16 weights, float32 compute")
     if ck is not None and shape is not None:
         # A resumed run keeps the interrupted run's passes and lengths, so that it sums the same
         # gradients in the same order (the same bytes), whatever the room measured now.
         shape = TrainShape.from_json(ck["shape"])
     if shape is None:
-        need = smallest_room(tgt.config, params, lora_params, longest, passes, "bfloat16")
+        need = smallest_room(tgt.config, params, lora_params, longest, passes, "bfloat16", extra)
         flag = "--max-memory" if dev == "cpu" else "--max-gpu-memory"
         raise BudgetError(
             f"training a LoRA on the target {tgt.path} needs at least {format_size(need)} of working memory "
@@ -338,6 +400,7 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
         + f"; {shape.weights_dtype} weights, {shape.micro_batch} texts per pass, up to {shape.max_len} tokens"
         + (", gradient checkpointing" if shape.checkpointing else "")
         + f" (modelled {format_size(shape.bytes)} of {format_size(int(room))})"
+        + (f"; computing in {shape.compute_dtype}: {shape.compute}" if shape.compute else "")
     )
     return Training(main, contrast, shape, lora_params, ck)
 
@@ -349,6 +412,9 @@ def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: P
     shape = training.shape
     base = AutoModelForCausalLM.from_pretrained(str(run.tgt.path), dtype=getattr(torch, shape.weights_dtype))
     loader.used["target"] = shape.weights_dtype
+    if shape.upcast:  # bfloat16 weights computing in float32 (before PEFT wraps the layers)
+        upcast_model(base)
+        loader.used["target_compute"] = shape.compute_dtype
     base.to(run.dev)
     if shape.checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -366,7 +432,7 @@ def _train(run: RefineRun, budget: Budget, model: Any, training: Training) -> No
     trainable = [p for p in model.parameters() if p.requires_grad]
     optim = torch.optim.AdamW(trainable, lr=opts.lr, weight_decay=0.0)
     start, spent = 0, 0.0
-    ck = training.checkpoint
+    ck, hold = training.checkpoint, training.holdout
     if ck is not None:
         with torch.no_grad():
             named = dict(model.named_parameters())
@@ -374,15 +440,27 @@ def _train(run: RefineRun, budget: Budget, model: Any, training: Training) -> No
                 named[n].copy_(v)
         optim.load_state_dict(ck["optimizer"])
         start, training.losses, spent = int(ck["step"]), list(ck["losses"]), float(ck.get("seconds", 0.0))
+        if hold is not None and ck.get("holdout") is not None:
+            hold.restore(ck["holdout"])
         run.say(f"resuming at step {start} of {opts.steps}")
     model.train()
     ck_path = run.state / CHECKPOINT_NAME
     t = time.perf_counter()
+    if hold is not None and not hold.history:
+        _evaluate(run, model, hold, 0, training.shape.micro_batch)  # step 0: the initialiser
     for step in range(start, opts.steps):
+        if hold is not None and hold.stopped:
+            break
         run.stop.check()
         rec = _step(run, model, optim, training, step)
         training.losses.append(rec)
-        save_checkpoint(ck_path, model, optim, step + 1, training.losses, run.fp, training.shape, spent + time.perf_counter() - t)
+        if hold is not None and ((step + 1) % opts.eval_every == 0 or step + 1 == opts.steps):
+            _evaluate(run, model, hold, step + 1, training.shape.micro_batch)
+            if hold.stopped and step + 1 < opts.steps:
+                best = f"best: step {hold.best_step}" if hold.best_step is not None else "none beat the random control"
+                run.say(f"stopping at step {step + 1} of {opts.steps}: no better held-out step in {hold.patience} evaluations ({best})")
+        extra = {"holdout": hold.to_checkpoint()} if hold is not None else None
+        save_checkpoint(ck_path, model, optim, step + 1, training.losses, run.fp, training.shape, spent + time.perf_counter() - t, extra)
         if budget.exceeded:
             raise BudgetError(f"{budget.exceeded}; the checkpoint of step {step + 1} is kept: rerun with a larger budget to resume")
         if run.progress is not None:
@@ -390,6 +468,36 @@ def _train(run: RefineRun, budget: Budget, model: Any, training: Training) -> No
         hooks.reached("refine_step", step + 1)
     run.phases["train"] = time.perf_counter() - t
     training.seconds = spent + run.phases["train"]
+
+
+def _holdout(run: RefineRun, tok: Any, prep: Prepared, training: Training) -> Holdout | None:
+    """The held-out split on the target's side (None: --holdout 0), cut to the training shape's length."""
+    if prep.holdout_seed is None:
+        return None
+    texts, source = target_held(tok, prep.holdout, prep.holdout_effect, training.shape.max_len)
+    return Holdout(texts, source, prep.holdout_seed, run.opts.patience)
+
+
+def _evaluate(run: RefineRun, model: Any, hold: Holdout, step: int, batch: int) -> None:
+    """Score the held-out texts with the LoRA as it is and with its random control (and the target base,
+    the first time); record the evaluation, keeping the LoRA's state where it is the best so far."""
+    if not hold.texts:
+        return
+    model.eval()
+    if hold.base is None:
+        with model.disable_adapter():
+            hold.base = loglik_per_byte(model, hold.texts, run.dev, batch)
+    lora = loglik_per_byte(model, hold.texts, run.dev, batch)
+    with ControlInPlace(model, hold.seed):
+        control = loglik_per_byte(model, hold.texts, run.dev, batch)
+    model.train()
+    rec = hold.record(step, lora, control, lambda: lora_state(model))
+    r, c, z = rec["recovery"], rec["control_recovery"], rec["z"]
+    run.say(
+        f"held out, step {step}: recovery {'n/a' if r is None else f'{100 * r:.0f}%'} "
+        f"(control {'n/a' if c is None else f'{100 * c:.0f}%'}, z {'n/a' if z is None else f'{z:+.1f}'})"
+        + (" best so far" if hold.best is not None and hold.history[hold.best] is rec else "")
+    )
 
 
 def _step(run: RefineRun, model: Any, optim: Any, training: Training, step: int) -> dict[str, float]:
@@ -464,6 +572,7 @@ def _report(run: RefineRun, prep: Prepared, training: Training, budget: Budget, 
             "contrast": len(training.contrast),
         },
         losses=training.losses,
+        holdout=None if training.holdout is None else training.holdout.report(opts.holdout, opts.eval_every, len(training.losses), opts.steps),
         shape=training.shape.to_json(),
         modules=len(run.plan.units),
         lora_params=training.lora_params,

@@ -21,15 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.adapter import Adapter, check_finite, load_adapter
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.device import resolve_device
+from lowmem_crosslora.services.effects import Z_CUTOFF, adapter_norms, install_control, mean_se, ratio_se
 from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.options import VerifyOptions
-from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, PROBES_NAME, Probe, read_texts, require_extras, sample_probes, stable_seed
+from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, PROBES_NAME, Probe, read_texts, require_extras, sample_probes
 from lowmem_crosslora.services.report import build_report
 from lowmem_crosslora.services.scoring import Loader, encode, free, score, vocab_size
 from lowmem_crosslora.sysmem import tune_allocator
@@ -38,42 +37,7 @@ from lowmem_crosslora.version import __version__
 CONFIGS = ("source_base", "source_adapter", "target_base", "target_transferred", "target_control")
 
 
-# z (mean over its standard error) below which a difference is "indistinguishable".
-Z_CUTOFF = 2.0
-
-
 Log = Callable[[str], None]
-
-
-def mean_se(x: list[float]) -> tuple[float, float]:
-    """Mean and its standard error (sample standard deviation / sqrt(n)); SE is nan for fewer than 2 values."""
-    n = len(x)
-    if n == 0:
-        return math.nan, math.nan
-    m = math.fsum(x) / n
-    if n < 2:
-        return m, math.nan
-    var = math.fsum((v - m) ** 2 for v in x) / (n - 1)
-    return m, math.sqrt(var / n)
-
-
-def ratio_se(num: list[float], den: list[float]) -> tuple[float, float]:
-    """mean(num) / mean(den) for paired samples, with the delta-method standard error
-    (var(R) ~ (var(mean num) + R^2 var(mean den) - 2 R cov(mean num, mean den)) / mean(den)^2)."""
-    n = len(num)
-    if n == 0 or n != len(den):
-        return math.nan, math.nan
-    mn, md = math.fsum(num) / n, math.fsum(den) / n
-    if md == 0:
-        return math.nan, math.nan
-    r = mn / md
-    if n < 2:
-        return r, math.nan
-    vn = math.fsum((a - mn) ** 2 for a in num) / (n - 1)
-    vd = math.fsum((b - md) ** 2 for b in den) / (n - 1)
-    cov = math.fsum((a - mn) * (b - md) for a, b in zip(num, den, strict=True)) / (n - 1)
-    var = (vn + r * r * vd - 2 * r * cov) / (n * md * md)
-    return r, math.sqrt(max(var, 0.0))
 
 
 def _est(m: float, se: float) -> dict[str, float | None]:
@@ -153,55 +117,23 @@ def check_adapter_fits(adapter: Adapter, model: Checkpoint, what: str) -> None:
             )
 
 
-def adapter_norms(adapter: Adapter) -> dict[str, float]:
-    """||scale * B @ A||_F per module, from the small k x k Gram matrices (never forming m x n)."""
-    out = {}
-    for mod in adapter.modules.values():
-        A = adapter.read(mod.a_name).double()
-        B = adapter.read(mod.b_name).double()
-        out[mod.module] = mod.scale * math.sqrt(max(0.0, float(((B.T @ B) * (A @ A.T)).sum())))
-    adapter.close()
-    return out
-
-
-def install_control(peft_model: Any, transferred: str | Path, seed: int, name: str = "control", like: str | None = None) -> dict[str, float]:
-    """Load `transferred` a second time as adapter `name` and replace its factors by random directions
-    (Gaussian A and B, seeded per module) rescaled so that ||s B A||_F equals the transferred module's.
-    `like` names the loaded adapter whose norms it takes (default: the other one). Returns the
-    control's norm per module."""
-
-    peft_model.load_adapter(str(transferred), adapter_name=name)
-    norms: dict[str, float] = {}
-    for mod_name, module in peft_model.named_modules():
-        lora_a = getattr(module, "lora_A", None)
-        if lora_a is None or name not in lora_a:
-            continue
-        src = like if like is not None else next(k for k in lora_a if k != name)
-        A0, B0 = module.lora_A[src].weight, module.lora_B[src].weight
-        s = float(module.scaling[name])
-        with torch.no_grad():
-            want = s * math.sqrt(max(0.0, float(((B0.double().T @ B0.double()) * (A0.double() @ A0.double().T)).sum())))
-            short = mod_name.split("base_model.model.", 1)[-1]
-            g = torch.Generator().manual_seed(stable_seed("control", seed, short))
-            A = torch.randn(A0.shape, generator=g, dtype=torch.float64)
-            B = torch.randn(B0.shape, generator=g, dtype=torch.float64)
-            have = s * math.sqrt(float(((B.T @ B) * (A @ A.T)).sum()))
-            k = math.sqrt(want / have) if have > 0 else 0.0
-            module.lora_A[name].weight.copy_((A * k).to(A0.dtype))
-            module.lora_B[name].weight.copy_((B * k).to(B0.dtype))
-            norms[short] = want
-    return norms
-
-
 def refine_training_set(folder: Path) -> dict[str, Any] | None:
     """What refine trained an adapter folder on (its refine_probes.json): seed, prompts and the
-    (prompt, text) pairs; None for an adapter that refine did not make."""
+    (prompt, text) pairs, and the held-out texts it chose its step on (their seed and pairs; None and
+    empty for a refine without them); None for an adapter that refine did not make."""
     f = Path(folder) / PROBES_NAME
     if not f.exists():
         return None
     try:
         obj = json.loads(f.read_text(encoding="utf-8"))
-        return {"seed": int(obj["seed"]), "prompts": obj.get("prompts", "built-in"), "texts": {(t["prompt"], t["text"]) for t in obj["texts"]}}
+        held = obj.get("holdout") or {}
+        return {
+            "seed": int(obj["seed"]),
+            "prompts": obj.get("prompts", "built-in"),
+            "texts": {(t["prompt"], t["text"]) for t in obj["texts"]},
+            "holdout_seed": None if held.get("seed") is None else int(held["seed"]),
+            "holdout_texts": {(t["prompt"], t["text"]) for t in held.get("texts", [])},
+        }
     except (OSError, ValueError, KeyError, TypeError):
         raise InputError(f"{f}: unreadable; it says which texts refine trained this adapter on, so verify cannot choose fresh ones") from None
 
@@ -309,12 +241,20 @@ def load_inputs(source: str | Path, adapter: str | Path, target: str | Path, tra
     seed = opts.seed
     if trained is not None:
         same_prompts = (list(DEFAULT_PROMPTS) if trained["prompts"] == "built-in" else list(trained["prompts"])) == prompt_list
+        used = {int(trained["seed"])} | ({trained["holdout_seed"]} if trained["holdout_seed"] is not None else set())
         if seed is None:
             seed = int(trained["seed"]) + 1
+            while seed in used:  # never the seed refine chose its step with either
+                seed += 1
         elif seed == trained["seed"] and same_prompts:
             raise InputError(
                 f"{tr.path} was refined on texts sampled with seed {seed} from these prompts; grading it on them would measure "
                 "how well it learned its training texts, not the adapter's behaviour: pass another --seed"
+            )
+        elif seed == trained["holdout_seed"] and same_prompts:
+            raise InputError(
+                f"refine chose the step of {tr.path} on held-out texts sampled with seed {seed} from these prompts; grading it on them "
+                "would measure the texts its step was picked for, not fresh ones: pass another --seed"
             )
     if opts.samples == 0 and opts.neutral_samples == 0 and not user:
         raise InputError("nothing to score: --samples and --neutral-samples are 0 and no --texts were given")
@@ -337,7 +277,7 @@ def score_source(inp: Inputs, opts: VerifyOptions, loader: Loader, tok: Any, dev
     with model.disable_adapter():
         probes += sample_probes(model, tok, inp.prompts, opts.neutral_samples, origin="base", **kw)
     if inp.trained is not None:
-        seen = inp.trained["texts"]
+        seen = inp.trained["texts"] | inp.trained["holdout_texts"]
         kept = [p for p in probes if (p.prompt, p.text) not in seen]
         scores.dropped = len(probes) - len(kept)
         probes = kept
@@ -432,7 +372,15 @@ def report_options(inp: Inputs, opts: VerifyOptions, dropped: int) -> dict[str, 
         "texts": len(inp.user),
         "max_new_tokens": opts.max_new_tokens,
         "seed": inp.seed,
-        "refined_on": None if trained is None else {"seed": trained["seed"], "texts": len(trained["texts"]), "dropped_overlaps": dropped},
+        "refined_on": None
+        if trained is None
+        else {
+            "seed": trained["seed"],
+            "texts": len(trained["texts"]),
+            "holdout_seed": trained["holdout_seed"],
+            "holdout_texts": len(trained["holdout_texts"]),
+            "dropped_overlaps": dropped,
+        },
         "device": opts.device,
         "dtype": opts.dtype,
         "max_memory": opts.max_memory,

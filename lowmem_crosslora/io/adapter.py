@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from lowmem_crosslora.dtypes import TAG_TORCH, TORCH_TAG
 from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io.config_fields import check_adapter_config, number
 from lowmem_crosslora.io.hub import resolve
 from lowmem_crosslora.io.reader import read_json
 from lowmem_crosslora.io.safetensors_model import read_safetensors_header
@@ -141,6 +142,7 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
     if not p.is_dir():
         raise InputError(f"{where}: expected an adapter folder (adapter_config.json + adapter_model.safetensors)")
     config = read_json(p / "adapter_config.json", "adapter")
+    config_warnings = check_adapter_config(config, where)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
         raise InputError(
@@ -153,7 +155,7 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
             "(`lowmem-crosslora refine` can still carry its behaviour onto the target)"
         )
     file, header, state = _adapter_file(p, where, allow_pickle)
-    adapter = Adapter(p, config, file=file, state=state)
+    adapter = Adapter(p, config, file=file, state=state, warnings=config_warnings)
     modules_to_save = config.get("modules_to_save") or []
     if isinstance(modules_to_save, str):
         modules_to_save = [modules_to_save]
@@ -287,6 +289,9 @@ def load_behaviour_adapter(path: str | os.PathLike[str], shape_of: ShapeOf) -> A
     p = resolve(path, "adapter")
     where = f"adapter {p}"
     config = read_json(p / "adapter_config.json", "adapter")
+    check_adapter_config(config, where)
+    if "alpha" in config:
+        number(config, "alpha", f"{where}: adapter_config.json")
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type not in BEHAVIOUR_TYPES:
         raise InputError(f"{where}: peft_type {peft_type} is not one refine learns from; it takes {', '.join(BEHAVIOUR_TYPES)} (DoRA included)")

@@ -27,6 +27,8 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
         raise InputError(f"{what}: cannot read {path}: {e}") from None
     except json.JSONDecodeError as e:
         raise InputError(f"{what}: {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except RecursionError:
+        raise InputError(f"{what}: {path} is nested too deeply to be a config") from None
     if not isinstance(data, dict):
         raise InputError(f"{what}: {path} must hold a JSON object")
     return data

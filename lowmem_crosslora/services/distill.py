@@ -25,6 +25,7 @@ backward pass (torch.utils.checkpoint), so no batch ever holds a (tokens x vocab
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from torch.utils.checkpoint import checkpoint
 from lowmem_crosslora.dtypes import name_bytes
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.safetensors_model import Checkpoint
-from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, Probe, sample_probes
+from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, Probe, sample_probes, stable_seed
 from lowmem_crosslora.services.scoring import Loader, encode, free, token_logprobs, vocab_size
 
 OBJECTIVES = ("lm", "delta", "lm+kl")
@@ -71,7 +72,9 @@ class TrainText:
 @dataclass
 class Prepared:
     """The source's contribution, computed once and kept in the state folder: probe texts and, per
-    text, the source's token ends and per-token change in log-probability (adapter on minus off)."""
+    text, the source's token ends and per-token change in log-probability (adapter on minus off).
+    The held-out texts (never trained on) come with their own seed and, per text, the source effect:
+    log-likelihood per byte with the adapter on minus off, as verify measures it."""
 
     probes: list[Probe]
     src_start: list[int]
@@ -80,9 +83,12 @@ class Prepared:
     seconds: float
     sample_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    holdout: list[Probe] = field(default_factory=list)
+    holdout_effect: list[float] = field(default_factory=list)
+    holdout_seed: int | None = None  # None: no held-out texts were asked for
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "texts": [
                 {**p.to_json(), "source_start": s, "source_token_ends": e, "source_token_delta": [round(v, 6) for v in d]}
                 for p, s, e, d in zip(self.probes, self.src_start, self.src_ends, self.src_delta, strict=True)
@@ -90,6 +96,10 @@ class Prepared:
             "seconds": round(self.seconds, 3),
             **self.extra,
         }
+        if self.holdout_seed is not None:
+            texts = [{**p.to_json(), "source_effect": round(v, 9)} for p, v in zip(self.holdout, self.holdout_effect, strict=True)]
+            out["holdout"] = {"seed": self.holdout_seed, "texts": texts}
+        return out
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> Prepared:
@@ -99,8 +109,11 @@ class Prepared:
             ss.append(int(t["source_start"]))
             es.append([int(v) for v in t["source_token_ends"]])
             ds.append([float(v) for v in t["source_token_delta"]])
-        extra = {k: v for k, v in obj.items() if k not in ("texts", "seconds")}
-        return cls(ps, ss, es, ds, float(obj.get("seconds", 0.0)), extra=extra)
+        extra = {k: v for k, v in obj.items() if k not in ("texts", "seconds", "holdout")}
+        held = obj.get("holdout")
+        hp = [Probe(t["prompt"], t["text"], t["seed"], t["origin"]) for t in held["texts"]] if held else []
+        he = [float(t["source_effect"]) for t in held["texts"]] if held else []
+        return cls(ps, ss, es, ds, float(obj.get("seconds", 0.0)), extra=extra, holdout=hp, holdout_effect=he, holdout_seed=held["seed"] if held else None)
 
 
 def prepare_source(
@@ -117,9 +130,12 @@ def prepare_source(
     max_new_tokens: int,
     seed: int,
     user: list[Probe],
+    holdout: int = 0,
 ) -> Prepared:
     """Sample probe and contrast texts from the source (adapter on / off; `prompts` None: the built-in
-    ones), score them token by token under both, free the source."""
+    ones), score them token by token under both, free the source. `holdout` more texts of source +
+    adapter are sampled with their own seed (holdout_seed(seed)) and scored as verify does (source
+    effect per byte); a held-out text that is also a training text is left out."""
     from peft import PeftModel
 
     t0 = time.perf_counter()
@@ -132,6 +148,13 @@ def prepare_source(
     probes = sample_probes(model, tok, prompts, samples, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
     with model.disable_adapter():
         probes += sample_probes(model, tok, prompts, contrast_samples, max_new_tokens=max_new_tokens, seed=seed, origin="base", device=dev)
+    held: list[Probe] = []
+    if holdout:
+        hs = holdout_seed(seed)
+        say(f"sampling {holdout} held-out texts from source + adapter (seed {hs}; not trained on)")
+        seen = {(p.prompt, p.text) for p in probes + user}
+        drawn = sample_probes(model, tok, prompts, holdout, max_new_tokens=max_new_tokens, seed=hs, origin="adapter", device=dev)
+        held = [p for p in drawn if (p.prompt, p.text) not in seen]
     sample_s = time.perf_counter() - t0
     probes += user
     if not any(p.origin in ("adapter", "user") for p in probes):
@@ -140,10 +163,36 @@ def prepare_source(
     with model.disable_adapter():
         lp_base = token_logprobs(model, enc, dev, vocab_size(src))
     lp_ad = token_logprobs(model, enc, dev, vocab_size(src))
+    held, held_effect = _source_effects(model, tok, held, dev, vocab_size(src))
     del model, base
     free()
     delta = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(lp_ad, lp_base, strict=True)]
-    return Prepared(probes, [e.start for e in enc], [list(e.ends) for e in enc], delta, time.perf_counter() - t0, sample_s)
+    prep = Prepared(probes, [e.start for e in enc], [list(e.ends) for e in enc], delta, time.perf_counter() - t0, sample_s)
+    if holdout:
+        prep.holdout, prep.holdout_effect, prep.holdout_seed = held, held_effect, holdout_seed(seed)
+    return prep
+
+
+def holdout_seed(seed: int) -> int:
+    """The seed of refine's held-out texts: derived from the run's seed, never the one it trains on."""
+    return stable_seed(seed, "holdout")
+
+
+def _source_effects(model: Any, tok: Any, texts: list[Probe], dev: str, vocab: int) -> tuple[list[Probe], list[float]]:
+    """The texts that have something to score, each with its source effect in nats per byte:
+    log-likelihood per byte with the adapter on minus off (verify's source_adapter - source_base)."""
+    if not texts:
+        return [], []
+    enc = [encode(tok, p) for p in texts]
+    with model.disable_adapter():
+        lp_base = token_logprobs(model, enc, dev, vocab)
+    lp_ad = token_logprobs(model, enc, dev, vocab)
+    keep, eff = [], []
+    for p, e, a, b in zip(texts, enc, lp_ad, lp_base, strict=True):
+        if e.nbytes:
+            keep.append(p)
+            eff.append(math.fsum(a) / e.nbytes - math.fsum(b) / e.nbytes)
+    return keep, eff
 
 
 def target_texts(tok: Any, prep: Prepared) -> list[TrainText]:
@@ -298,6 +347,22 @@ def base_token_logprobs(model: Any, texts: list[TrainText], device: str, batch: 
                 t.base_lp = lp[a:b].tolist()
 
 
+@torch.no_grad()
+def loglik_per_byte(model: Any, texts: list[TrainText], device: str, batch: int) -> list[float]:
+    """Log-likelihood per byte (nats) of each text's scored tokens under `model` as it is (its adapter as
+    set), `batch` texts a pass, logits in chunks: no more memory than a training pass of `batch` texts."""
+    _decoder, head, cap = _causal_parts(model)
+    out: list[float] = []
+    for i in range(0, len(texts), batch):
+        part = texts[i : i + batch]
+        x, mask = _pad(part, device)
+        h = hidden(model, x, mask)
+        ri, ci, spans = _scored(part, x)
+        lp = token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1]).double().cpu().tolist()
+        out.extend(math.fsum(lp[a:b]) / t.nbytes if t.nbytes and b > a else math.nan for t, (a, b) in zip(part, spans, strict=True))
+    return out
+
+
 def batch_loss(
     model: Any, objective: str, main: list[TrainText], contrast: list[TrainText], norm: dict[str, float], device: str, kl_weight: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -363,8 +428,19 @@ def lora_state(model: Any) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(path: Path, model: Any, opt: Any, step: int, losses: list[dict[str, float]], fp: str, shape: TrainShape, seconds: float) -> None:
-    """The training state after `step` (LoRA, optimiser, losses, shape), written atomically and durably."""
+def save_checkpoint(
+    path: Path,
+    model: Any,
+    opt: Any,
+    step: int,
+    losses: list[dict[str, float]],
+    fp: str,
+    shape: TrainShape,
+    seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """The training state after `step` (LoRA, optimiser, losses, shape, and `extra`: e.g. the held-out
+    evaluations and the best step's LoRA), written atomically and durably."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(
@@ -376,6 +452,7 @@ def save_checkpoint(path: Path, model: Any, opt: Any, step: int, losses: list[di
                 "losses": losses,
                 "shape": shape.to_json(),
                 "seconds": seconds,
+                **(extra or {}),
             },
             f,
         )
@@ -407,6 +484,14 @@ class TrainShape:
     checkpointing: bool
     weights_dtype: str
     bytes: int  # modelled working memory
+    # What the frozen weights compute in ("" = their own dtype) and why (compute.py); float32 compute
+    # on bfloat16 weights is the upcast path (one float32 block of a weight alive at a time).
+    compute_dtype: str = ""
+    compute: str = ""
+
+    @property
+    def upcast(self) -> bool:
+        return self.compute_dtype == "float32" and self.weights_dtype != "float32"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -415,11 +500,21 @@ class TrainShape:
             "gradient_checkpointing": self.checkpointing,
             "weights_dtype": self.weights_dtype,
             "modelled_bytes": self.bytes,
+            "compute_dtype": self.compute_dtype or self.weights_dtype,
+            "compute": self.compute,
         }
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> TrainShape:
-        return cls(obj["micro_batch"], obj["max_len"], obj["gradient_checkpointing"], obj["weights_dtype"], obj["modelled_bytes"])
+        return cls(
+            obj["micro_batch"],
+            obj["max_len"],
+            obj["gradient_checkpointing"],
+            obj["weights_dtype"],
+            obj["modelled_bytes"],
+            obj.get("compute_dtype", obj["weights_dtype"]),
+            obj.get("compute", ""),
+        )
 
 
 def train_bytes(cfg: dict[str, Any], params: int, lora_params: int, weights_bytes: int, micro: int, seq: int, ckpt: bool, passes: int) -> int:
@@ -447,25 +542,27 @@ def train_bytes(cfg: dict[str, Any], params: int, lora_params: int, weights_byte
 
 
 def choose_shape(
-    cfg: dict[str, Any], params: int, lora_params: int, room: int, batch: int, longest: int, passes: int, dtypes: tuple[str, ...]
+    cfg: dict[str, Any], params: int, lora_params: int, room: int, batch: int, longest: int, passes: int, dtypes: tuple[str, ...], extra: int = 0
 ) -> TrainShape | None:
     """The fastest shape that fits `room`: the most texts per pass (fewer passes of gradient
     accumulation: the same step), without gradient checkpointing where that fits, else with it; then
-    shorter texts (down to 32 tokens). The first of `dtypes` whose weights fit. None when nothing fits."""
+    shorter texts (down to 32 tokens). The first of `dtypes` whose weights fit. `extra`: bytes the
+    compute path holds besides (the upcast path's float32 blocks, compute.upcast_bytes). None when
+    nothing fits."""
     for dt in dtypes:
         wb = name_bytes(dt)
         for seq in _lengths(longest):
             for micro in range(batch, 0, -1):
                 for ckpt in (False, True):
-                    need = train_bytes(cfg, params, lora_params, wb, micro, seq, ckpt, passes)
+                    need = train_bytes(cfg, params, lora_params, wb, micro, seq, ckpt, passes) + extra
                     if need <= room:
                         return TrainShape(micro, seq, ckpt, dt, need)
     return None
 
 
-def smallest_room(cfg: dict[str, Any], params: int, lora_params: int, longest: int, passes: int, dtype: str) -> int:
+def smallest_room(cfg: dict[str, Any], params: int, lora_params: int, longest: int, passes: int, dtype: str, extra: int = 0) -> int:
     size = name_bytes(dtype)
-    return train_bytes(cfg, params, lora_params, size, 1, min(longest, 32), True, passes)
+    return train_bytes(cfg, params, lora_params, size, 1, min(longest, 32), True, passes) + extra
 
 
 def _lengths(longest: int) -> list[int]:

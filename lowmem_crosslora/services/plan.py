@@ -252,6 +252,9 @@ def _map_units(
             if tuple(tinfo.shape) != expected:
                 raise InputError(f"target: weight {tw} has shape {list(tinfo.shape)} but config.json implies {list(expected)}")
             s_shape = tuple(source.info(sw).shape)
+            s_expected = module_shape(source.family, source.dims, name)
+            if s_shape != s_expected:
+                raise InputError(f"source: weight {sw} has shape {list(s_shape)} but config.json implies {list(s_expected)}")
             t_shape = tuple(tinfo.shape)
             r = min(rank, *s_shape, *t_shape)
             target_module = f"{target.layer_prefix}.{tl}.{tfam.modules[name]}"

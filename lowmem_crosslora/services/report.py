@@ -39,7 +39,9 @@ VERIFY_NOTE = (
 )
 REFINE_NOTE = (
     "refine trained this adapter on the probe texts named in probe_set (kept in refine_probes.json). "
-    "Scores on those texts say nothing about the task: grade it with verify, which samples fresh texts."
+    "Scores on those texts say nothing about the task: grade it with verify, which samples fresh texts. "
+    "The step written is the one that did best on held-out texts (holdout; never trained on), against a random "
+    "control of the same per-module norms; carries_behaviour false says that no step beat that control."
 )
 # Options that say how a transfer ran, not what it made: left out of its report.
 RUN_ONLY_OPTIONS = ("resume", "restart", "force")
@@ -256,8 +258,10 @@ def refine_parts(
     dtypes: dict[str, str],
     train_seconds: float,
     fingerprint: str,
+    holdout: dict[str, Any] | None = None,
 ) -> Parts:
-    """refine: what it trained on (the probe set, with its seed), the objective, the steps and their losses."""
+    """refine: what it trained on (the probe set, with its seed), the objective, the steps and their
+    losses, and the held-out evaluations that chose the step written (None: --holdout 0)."""
     summary = {
         "objective": objective,
         "init": init,
@@ -266,10 +270,15 @@ def refine_parts(
         "final_loss": losses[-1]["loss"] if losses else None,
         "modules": modules,
         "lora_parameters": lora_params,
+        # None: not measured (no held-out texts); False: no step beat the random control on them
+        "carries_behaviour": None if holdout is None else holdout["carries_behaviour"],
+        "written_step": len(losses) if holdout is None else holdout["written_step"],
+        "stopped_early": False if holdout is None else holdout["stopped_early"],
+        "holdout_verdict": "not measured (--holdout 0)" if holdout is None else holdout["verdict"],
     }
     return Parts(
         summary,
-        {"refine": {"probe_set": probe_set, "losses": losses}},
+        {"refine": {"probe_set": probe_set, "holdout": holdout, "losses": losses}},
         REFINE_NOTE,
         tail={"run_fingerprint": fingerprint},
         timing={"train_seconds": round(train_seconds, 3)},

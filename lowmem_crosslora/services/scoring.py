@@ -13,6 +13,7 @@ import torch
 from lowmem_crosslora.dtypes import NAME_TAG
 from lowmem_crosslora.errors import BudgetError, InputError
 from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.compute import bf16_speed, upcast_bytes, upcast_model
 from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.probes import Probe, prefix_ids
 from lowmem_crosslora.sizes import format_size
@@ -126,11 +127,13 @@ def vocab_size(ckpt: Checkpoint) -> int:
 
 
 class Loader:
-    """Loads one model at a time inside the budget: float32 where it fits, bfloat16 where only that does."""
+    """Loads one model at a time inside the budget: float32 where it fits, bfloat16 where only that
+    does. With --dtype auto, bfloat16 weights compute in float32 where bfloat16 matmuls are slow (the
+    upcast path of compute.py); `used` then says so under "<role>_compute"."""
 
     def __init__(self, budget: Budget, device: str, dtype: str, log: Log) -> None:
         self.budget, self.device, self.dtype, self.log = budget, device, dtype, log
-        self.used: dict[str, str] = {}  # role -> the dtype its model was loaded in
+        self.used: dict[str, str] = {}  # role -> the dtype its model was loaded in (and "<role>_compute")
 
     def pick_dtype(self, ckpt: Checkpoint) -> str:
         """The dtype to score `ckpt` in: the one asked for, else float32 where it fits, else bfloat16."""
@@ -142,10 +145,14 @@ class Loader:
         # Measured on Qwen2.5-0.5B in float32: weights 1.98 GB, peak working 2.9 GiB: the logits and their
         # log-softmax (up to LOGITS_BYTES together), the layers' activations and the loader's slack.
         work = 2 * LOGITS_BYTES + 64 * 1024**2
-        for name in ("float32", "bfloat16"):
-            if int(1.15 * model_bytes(ckpt, name, self.device)) + work <= room:
-                return name
+        if int(1.15 * model_bytes(ckpt, "float32", self.device)) + work <= room:
+            return "float32"
+        # bfloat16 weights; where its matmuls are slow they compute in float32, one block widened at a time.
+        if not bf16_speed(self.device).fast:
+            work += upcast_bytes(ckpt.config)
         need = int(1.15 * model_bytes(ckpt, "bfloat16", self.device)) + work
+        if need <= room:
+            return "bfloat16"
         raise BudgetError(
             f"{ckpt.role} model {ckpt.path} needs about {format_size(need)} of working memory to score texts in bfloat16, "
             f"over the budget ({format_size(int(room))} left); raise --max-memory to at least {format_size(need)}"
@@ -173,8 +180,14 @@ class Loader:
 
         dtype = self.pick_dtype(ckpt)
         self.used[ckpt.role] = dtype
-        self.log(f"loading {ckpt.role} {ckpt.path} ({dtype}, {self.device})")
+        speed = bf16_speed(self.device) if self.dtype == "auto" and dtype == "bfloat16" else None
+        upcast = speed is not None and not speed.fast
+        note = f", computing in float32: {speed.reason}" if speed is not None and upcast else ""
+        self.log(f"loading {ckpt.role} {ckpt.path} ({dtype}, {self.device}{note})")
         model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=getattr(torch, dtype))
+        if upcast:
+            upcast_model(model)
+            self.used[f"{ckpt.role}_compute"] = "float32"
         model.to(self.device)
         model.eval()
         return model

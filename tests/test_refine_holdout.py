@@ -1,0 +1,212 @@
+"""refine's held-out split: its texts (own seed, never trained on), the evaluations that pick the step
+written, early stopping, and the plain "does not carry the behaviour" when no step beats the random
+control. The tiny models of tests/helpers.py; where a test needs a step that beats the control (the
+tiny target barely moves), the held-out scorer is replaced by a fake one with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import run_cli
+from helpers import write_llama, write_lora, write_qwen2
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from lowmem_crosslora.commands import refine as refine_mod  # noqa: E402
+from lowmem_crosslora.commands.refine import run_refine  # noqa: E402
+from lowmem_crosslora.commands.verify import run_verify  # noqa: E402
+from lowmem_crosslora.errors import InputError, Interrupted  # noqa: E402
+from lowmem_crosslora.io.runstate import state_dir_for  # noqa: E402
+from lowmem_crosslora.services.holdout import Holdout  # noqa: E402
+from lowmem_crosslora.services.probes import PROBES_NAME, stable_seed  # noqa: E402
+
+PROMPTS = ["The weather", "A story:"]
+FAST: dict[str, Any] = {"steps": 2, "batch": 2, "samples": 4, "contrast_samples": 2, "max_new_tokens": 12, "prompts": PROMPTS, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("holdout")
+    source = write_llama(root / "llama")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return {"root": root, "source": source, "adapter": write_lora(source, root / "lora", seed=10), "target": write_qwen2(root / "qwen2"), "prompts": prompts}
+
+
+def refine(models: dict[str, Path], out: Path, **kw: Any) -> dict[str, Any]:
+    return run_refine(models["source"], models["adapter"], models["target"], out, **{**FAST, **kw})
+
+
+def adapter_bytes(out: Path) -> bytes:
+    return (out / "adapter_model.safetensors").read_bytes()
+
+
+def test_holdout_texts_have_their_own_seed_and_are_not_trained_on(models: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    report = refine(models, out, holdout=8)
+    probes = json.loads((out / PROBES_NAME).read_text())
+    held = probes["holdout"]
+    hs = stable_seed(0, "holdout")
+    assert held["seed"] == hs != probes["seed"]
+    assert 0 < len(held["texts"]) <= 8
+    for t in held["texts"]:
+        i = PROMPTS.index(t["prompt"])
+        assert t["origin"] == "adapter" and t["seed"] in {stable_seed("probe", hs, "adapter", i, t["prompt"], j) for j in range(4)}
+        assert math.isfinite(t["source_effect"])
+    train = probes["texts"]
+    assert not {(t["prompt"], t["text"]) for t in held["texts"]} & {(t["prompt"], t["text"]) for t in train}
+    assert not {t["seed"] for t in held["texts"]} & {t["seed"] for t in train}
+
+    h = report["refine"]["holdout"]
+    assert (h["size"], h["seed"], h["eval_every"], h["patience"]) == (8, hs, 4, 3)
+    assert [e["step"] for e in h["evaluations"]] == [0, 2]  # the initialiser, then the last step
+    for e in h["evaluations"]:
+        assert {"recovery", "recovery_se", "control_recovery", "control_recovery_se", "above_control_se", "z", "beats_control"} <= set(e)
+    assert h["carries_behaviour"] == (h["best_step"] is not None) == report["summary"]["carries_behaviour"]
+    assert report["summary"]["written_step"] == h["written_step"] and h["stopped_early"] is False and h["steps_run"] == 2
+    assert report["summary"]["holdout_verdict"] == h["verdict"]
+
+    # verify grades on a third seed: neither refine's training seed nor its held-out seed, and refuses the latter.
+    common = {"samples": 4, "neutral_samples": 0, "max_new_tokens": 12, "device": "cpu", "prompts": PROMPTS}
+    r = run_verify(models["source"], models["adapter"], models["target"], out, **common)
+    assert r["options"]["seed"] == 1 and r["options"]["refined_on"]["holdout_seed"] == hs
+    assert not {(t["prompt"], t["text"]) for t in r["texts"]} & {(t["prompt"], t["text"]) for t in held["texts"] + train}
+    with pytest.raises(InputError, match="held-out texts sampled with seed"):
+        run_verify(models["source"], models["adapter"], models["target"], out, seed=hs, **common)
+
+
+def _fake_scores(n: int, value: float) -> list[float]:
+    return [value + 0.01 * (-1) ** i for i in range(n)]
+
+
+def test_best_step_keeps_the_state_of_the_best_evaluation() -> None:
+    """A fake scorer: the source effect is 1 on every text, the control moves nothing."""
+    hold = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=2, base=[0.0] * 6)
+    ctl = [0.0] * 6
+    for step, f in [(0, 0.0), (4, 0.5), (8, 0.9), (12, 0.7)]:
+        hold.record(step, _fake_scores(6, f), ctl, lambda step=step: {"w": torch.tensor([float(step)])})
+    assert hold.best_step == 8 and hold.best_state == {"w": torch.tensor([8.0])} and hold.carries_behaviour
+    assert [e["beats_control"] for e in hold.history] == [False, True, True, True]
+    assert hold.history[2]["recovery"] == pytest.approx(0.9) and hold.stale == 1 and not hold.stopped
+    # A round trip through the checkpoint's form keeps every bit of it.
+    again = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=2)
+    again.restore(hold.to_checkpoint())
+    assert again.to_checkpoint() == hold.to_checkpoint()
+
+
+def test_early_stopping_after_patience_evaluations_without_a_better_step() -> None:
+    hold = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=3, base=[0.0] * 6)
+    calls = []
+    for k, (step, f) in enumerate([(0, 0.0), (4, 0.8), (8, 0.7), (12, 0.8), (16, 0.6)]):
+        hold.record(step, _fake_scores(6, f), [0.0] * 6, lambda: calls.append(1) or {})
+        assert hold.stopped == (k == 4), k  # 8, 12 (a tie is no better) and 16: three without a better step
+    assert hold.best_step == 4 and len(calls) == 1
+    # No step beats the control: the initialiser does not count towards the patience.
+    none = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=2, base=[0.0] * 6)
+    for step in (0, 4, 8):
+        none.record(step, [0.0] * 6, [0.0] * 6, lambda: {})
+        assert none.stopped == (step == 8)
+    assert none.best_step is None and not none.carries_behaviour
+    assert "does NOT carry the behaviour" in none.report(16, 4, 8, 24)["verdict"]
+
+
+def fake_scorer(monkeypatch: pytest.MonkeyPatch, factors: dict[int, float]) -> None:
+    """Held-out scores with known answers: the source effect 1 + i/10 on text i, the LoRA recovering
+    factors[step] of it (0.1 where not given), the control a tenth of it with alternating sign, the
+    base 0. The step is the last one trained (0 before training)."""
+    cur = {"step": 0, "control": False}
+    real_step, real_held = refine_mod._step, refine_mod.target_held
+
+    def step(run: Any, model: Any, optim: Any, training: Any, k: int) -> Any:
+        cur["step"] = k + 1
+        return real_step(run, model, optim, training, k)
+
+    def held(tok: Any, probes: Any, effects: Any, max_len: int) -> Any:
+        texts, eff = real_held(tok, probes, effects, max_len)
+        cur["step"] = 0  # a new run (made before its first step)
+        return texts, [1.0 + i / 10 for i in range(len(eff))]
+
+    class Control(refine_mod.ControlInPlace):
+        def __enter__(self) -> Any:
+            cur["control"] = True
+            return super().__enter__()
+
+        def __exit__(self, *exc: Any) -> None:
+            cur["control"] = False
+            super().__exit__(*exc)
+
+    def score(model: Any, texts: list[Any], device: str, batch: int) -> list[float]:
+        src = [1.0 + i / 10 for i in range(len(texts))]
+        if any(getattr(m, "disable_adapters", False) for m in model.modules() if hasattr(m, "lora_A")):
+            return [0.0] * len(texts)
+        if cur["control"]:
+            return [0.1 * s * (-1) ** i for i, s in enumerate(src)]
+        f = factors.get(cur["step"], 0.1)
+        return [f * s + 0.02 * (-1) ** i for i, s in enumerate(src)]
+
+    monkeypatch.setattr(refine_mod, "_step", step)
+    monkeypatch.setattr(refine_mod, "target_held", held)
+    monkeypatch.setattr(refine_mod, "ControlInPlace", Control)
+    monkeypatch.setattr(refine_mod, "loglik_per_byte", score)
+
+
+def stop_at(k: int) -> Any:
+    def progress(step: int, total: int, rec: dict[str, float]) -> None:
+        if step == k:
+            raise KeyboardInterrupt
+
+    return progress
+
+
+def test_the_best_step_is_written_and_the_run_stops_early(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_scorer(monkeypatch, {0: 0.0, 4: 0.8, 8: 0.5, 12: 0.6})
+    kw = {"steps": 24, "patience": 2}
+    logs: list[str] = []
+    report = refine(models, tmp_path / "ref", log=logs.append, **kw)
+    h = report["refine"]["holdout"]
+    assert [e["step"] for e in h["evaluations"]] == [0, 4, 8, 12]
+    assert h["best_step"] == h["written_step"] == 4 and h["carries_behaviour"] is True
+    assert h["stopped_early"] is True and h["steps_run"] == 12 and len(report["refine"]["losses"]) == 12
+    assert h["evaluations"][1]["recovery"] == pytest.approx(0.8, abs=0.01) and h["evaluations"][1]["z"] > 2
+    assert "stopping at step 12 of 24: no better held-out step in 2 evaluations (best: step 4)" in logs
+    assert "step 4 keeps 80%" in report["summary"]["holdout_verdict"]
+    # The adapter written is step 4's: what a run of 4 steps (same batches) ends with.
+    refine(models, tmp_path / "four", steps=4, patience=2)
+    assert adapter_bytes(tmp_path / "ref") == adapter_bytes(tmp_path / "four")
+
+    # Killed after the best step and resumed: the same evaluations, the same step, the same bytes.
+    with pytest.raises(Interrupted):
+        refine(models, tmp_path / "out", progress=stop_at(6), **kw)
+    assert state_dir_for(tmp_path / "out", "refine").is_dir()
+    again = refine(models, tmp_path / "out", **kw)
+    assert again["refine"]["holdout"]["evaluations"] == h["evaluations"]
+    assert adapter_bytes(tmp_path / "out") == adapter_bytes(tmp_path / "ref")
+
+
+def test_no_step_beats_the_control_says_so(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A source adapter that does nothing (B = 0: peft's own initialisation) has no effect to carry:
+    refine still writes an adapter (exit 0), and the report and the summary line say it does not carry."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    null = tmp_path / "null-lora"
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"], task_type="CAUSAL_LM")
+    get_peft_model(AutoModelForCausalLM.from_pretrained(models["source"]), cfg).save_pretrained(null)
+    out = tmp_path / "out"
+    args = ["refine", "--source", str(models["source"]), "--adapter", str(null), "--target", str(models["target"]), "--out", str(out)]
+    args += ["--steps", "2", "--batch", "2", "--samples", "4", "--contrast-samples", "2", "--holdout", "6", "--max-new-tokens", "12"]
+    args += ["--prompts", str(models["prompts"]), "--device", "cpu"]
+    code, stdout, err = run_cli(args, capsys)
+    assert code == 0, err
+    assert "does NOT carry the behaviour" in stdout and "is written anyway" in stdout, stdout
+    report = json.loads((out / "crosslora_report.json").read_text())
+    assert report["summary"]["carries_behaviour"] is False and report["refine"]["holdout"]["carries_behaviour"] is False
+    assert report["refine"]["holdout"]["best_step"] is None and report["summary"]["written_step"] == 2
+    assert "does NOT carry the behaviour" in report["refine"]["holdout"]["verdict"]
+    assert (out / "adapter_model.safetensors").exists()
