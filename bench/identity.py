@@ -9,7 +9,7 @@ file whose bytes the options fix (reports hold wall times, so they are left out,
   refine   `refine` on tiny transformers models with tokenizers (llama -> qwen2), a few steps on the CPU
   quick    the quick bench pair (`bench_transfer.py --pair small` shapes) at the default settings
 
-    python -m bench.identity record            # write bench/results/identity.json
+    python -m bench.identity record            # write bench/results/identity.json (--skip keeps a case's record)
     python -m bench.identity check             # exit 1 when any hash differs from the recorded one
     python -m bench.identity check --skip quick
 """
@@ -161,9 +161,10 @@ def main() -> None:
     ap.add_argument("--skip", action="append", default=[], choices=CASES, help="leave this case out (repeatable)")
     args = ap.parse_args()
     got = run(args.skip)
-    if args.action == "record":
-        RESULTS.write_text(json.dumps({"torch": torch.__version__, "cases": got}, indent=1) + "\n")
-        print(f"wrote {RESULTS}")
+    if args.action == "record":  # the cases run replace theirs; the cases skipped keep their record
+        old = json.loads(RESULTS.read_text())["cases"] if RESULTS.exists() else {}
+        RESULTS.write_text(json.dumps({"torch": torch.__version__, "cases": {**old, **got}}, indent=1, sort_keys=True) + "\n")
+        print(f"wrote {RESULTS} ({', '.join(got)})")
         return
     want = json.loads(RESULTS.read_text())["cases"]
     bad = [f"{case}: {f}" for case, files in got.items() for f, h in files.items() if want.get(case, {}).get(f) != h]
