@@ -25,6 +25,7 @@ from lowmem_crosslora.commands.transfer import batch_outputs, transfer_batch
 from lowmem_crosslora.commands.transfer import transfer as run_transfer
 from lowmem_crosslora.commands.verify import run_verify
 from lowmem_crosslora.errors import CrossLoraError, InputError, Interrupted
+from lowmem_crosslora.io.runstate import check_report_path
 from lowmem_crosslora.services.cache import BasisCache
 from lowmem_crosslora.services.options import BasesOptions, CacheOptions, RefineOptions, TransferOptions, VerifyOptions, click_options
 from lowmem_crosslora.services.probes import read_prompts
@@ -34,7 +35,18 @@ from lowmem_crosslora.sizes import format_size
 from lowmem_crosslora.version import __version__
 
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
-PATH = click.Path(path_type=Path)
+
+
+class _Path(click.Path):
+    """A path option that refuses the empty string (which would otherwise mean the working directory)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not value.strip():
+            self.fail("an empty path names no file or folder", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+PATH = _Path(path_type=Path)
 
 
 def _stack(*decorators: Decorator) -> Decorator:
@@ -151,6 +163,7 @@ def transfer(
 ) -> None:
     """Transfer --adapter from --source onto --target, writing a PEFT adapter folder at --out."""
 
+    check_report_path(report_path, [*adapters, source, target, out])
     pairs = batch_outputs(adapters, out)
     refine_kw = {k: kw.pop(k) for k in REFINE_KEYS}
     if do_refine:
@@ -168,7 +181,6 @@ def transfer(
             result: Any = run_transfer(adapters[0], source, target, out, progress=progress, log=log, warn=_warn, **kw)
             reports = [result]
         else:
-            out.mkdir(parents=True, exist_ok=True)
             result = reports = transfer_batch(pairs, source, target, progress=progress, log=log, warn=_warn, **kw)
     finally:
         close()
@@ -316,6 +328,7 @@ def verify(source: Path, adapter: Path, target: Path, transferred: Path, prompts
     target + transferred and target + a random control of the same size; print effects, recovery and a verdict."""
 
     report_path, as_json, quiet = kw.pop("report_path"), kw.pop("as_json"), kw.pop("quiet")
+    check_report_path(report_path, [source, adapter, target, transferred])
     log = (lambda msg: click.echo(msg, err=True)) if not (quiet or as_json) else None
     prompts = read_prompts(prompts_file) if prompts_file is not None else None
     report = run_verify(source, adapter, target, transferred, prompts=prompts, texts=texts_file, log=log, **kw)
@@ -333,6 +346,7 @@ def verify(source: Path, adapter: Path, target: Path, transferred: Path, prompts
 
 def _run_refine_cli(source: Path, adapter: Path, target: Path, out: Path, quiet: bool, as_json: bool, report_path: Path | None, kw: dict[str, Any]) -> None:
     prompts_file, texts_file = kw.pop("prompts_file"), kw.pop("texts_file")
+    check_report_path(report_path, [source, adapter, target, out])
     if prompts_file is not None:
         kw["prompts"] = read_prompts(prompts_file)
     log = (lambda msg: click.echo(msg, err=True)) if not (quiet or as_json) else None
@@ -448,8 +462,10 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
-    except click.ClickException as e:
-        e.show()
+    except click.ClickException as e:  # one line, as every other refusal
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
         sys.exit(2)
     except Interrupted as e:
         # The resume command is the same command without what would throw the finished work away.

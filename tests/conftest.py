@@ -274,6 +274,31 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     return int(code or 0), out, err
 
 
+def tree_digest(folder: Path) -> str:
+    """SHA-256 over every file's name and bytes under `folder` (a file: its own bytes)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")) if folder.is_dir() else [folder]:
+        if p.is_file():
+            h.update(p.name.encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+def refused(args: list[str], capsys: pytest.CaptureFixture[str], inputs: list[Path], out: Path) -> str:
+    """Run the CLI expecting a refusal: exit 2, one line on stderr, no traceback, the inputs untouched,
+    nothing under or beside `out` (no output, no state folder, no lock). Returns the line."""
+    before = [tree_digest(p) for p in inputs]
+    code, _out, err = run_cli(args, capsys)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert [tree_digest(p) for p in inputs] == before
+    if out.parent.is_dir():
+        assert not out.exists() and not any(p.name.startswith(f".{out.name}.") for p in out.parent.iterdir())
+    return lines[0]
+
+
 def run_module(args: list[str], cwd: Path | None = None, timeout: float = 120) -> tuple[int, str, str]:
     """Run the CLI with ARGS in a fresh process (through bench/crash.py, which installs the fault a test
     sets in LOWMEM_CROSSLORA_TEST_KILL; without one it is `python -m lowmem_crosslora ARGS`)."""

@@ -6,14 +6,13 @@ weights is refused as the target's always was."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import copy_tree, run_cli, transfer_args
+from conftest import copy_tree, refused, transfer_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,25 +79,6 @@ def test_each_field_is_accepted_exactly_when_it_means_what_peft_means(field: str
 @pytest.fixture(scope="module")
 def good(zoo: Any, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"adapter": zoo.adapter("llama"), "source": zoo.model("llama"), "target": zoo.model("qwen2")}
-
-
-def digest(folder: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(folder.rglob("*")):
-        if p.is_file():
-            h.update(p.name.encode() + p.read_bytes())
-    return h.hexdigest()
-
-
-def refused(args: list[str], capsys: pytest.CaptureFixture[str], inputs: list[Path], out: Path) -> str:
-    before = [digest(p) for p in inputs]
-    code, _out, err = run_cli(args, capsys)
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in err
-    assert [digest(p) for p in inputs] == before
-    assert not out.exists() and not any(p.name.startswith(f".{out.name}.") for p in out.parent.iterdir())
-    return lines[0]
 
 
 @pytest.mark.parametrize(

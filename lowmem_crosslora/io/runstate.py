@@ -117,14 +117,27 @@ def _inside(a: Path, b: Path) -> bool:
 
 def inside(a: Path, b: Path) -> bool:
     """Whether path `a` lies inside `b` (or is `b`), after resolving both."""
-    return _inside(a.resolve(), b.resolve())
+    return _inside(resolved(a, "path"), resolved(b, "path"))
+
+
+def resolved(path: Path, what: str) -> Path:
+    """The absolute path with every symbolic link followed; a loop is one line, not a traceback."""
+    try:
+        return path.resolve()
+    except (RuntimeError, OSError) as e:  # a symlink loop (RuntimeError before Python 3.13)
+        raise InputError(f"{what} {path} cannot be resolved ({str(e).strip() or type(e).__name__}); a symbolic link loop?") from None
 
 
 def check_output_dir(out: Path, inputs: list[Path], force: bool) -> None:
-    """An output folder must lie apart from the inputs, and be absent or empty unless --force."""
-    o = out.resolve()
+    """An output folder must lie apart from the inputs and from the working directory, be a real
+    folder (no symbolic link: publishing renames it), and be absent or empty unless --force."""
+    if out.is_symlink():
+        raise InputError(f"output {out} is a symbolic link; give the folder itself (publishing replaces the output by a rename)")
+    o = resolved(out, "output")
+    if _inside(Path.cwd().resolve(), o):
+        raise InputError(f"output folder {out} holds the working directory; choose a folder of its own")
     for p in inputs:
-        q = p.resolve()
+        q = resolved(p, "input")
         if _inside(o, q):
             raise InputError(f"output folder {out} lies inside the input {p}; choose a folder outside the inputs")
         if _inside(q, o):
@@ -133,6 +146,24 @@ def check_output_dir(out: Path, inputs: list[Path], force: bool) -> None:
         raise InputError(f"output {out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not force:
         raise InputError(f"output folder {out} is not empty; use --force to replace it")
+
+
+def check_report_path(report: Path | None, inputs: list[Path]) -> None:
+    """A --report file is checked before any work: not a folder, not one of the inputs nor inside an
+    input folder, in a folder that exists and can be written."""
+    if report is None:
+        return
+    r = resolved(report, "--report")
+    if r.is_dir():
+        raise InputError(f"--report {report} is a folder; give a file name")
+    for p in inputs:
+        q = resolved(p, "input")
+        if r == q or _inside(r, q):
+            raise InputError(f"--report {report} would write into the input {p}; choose a file elsewhere")
+    if not r.parent.is_dir():
+        raise InputError(f"--report {report}: the folder {r.parent} does not exist")
+    if not os.access(r.parent, os.W_OK) or (r.exists() and not os.access(r, os.W_OK)):
+        raise InputError(f"--report {report} cannot be written (permission denied)")
 
 
 def refuse_other_run(state: Path, what: str, old: str | None, new: str, detail: str = "") -> None:

@@ -121,7 +121,7 @@ def _plan_tasks(
     outs = [Path(o) for _, o in pairs]
     seen_out: dict[Path, int] = {}
     for i, o in enumerate(outs):
-        key = o.resolve()
+        key = runstate.resolved(o, "output")
         if key in seen_out:
             raise InputError(f"adapters {seen_out[key] + 1} and {i + 1} would both be written to {o}; give each its own output folder")
         seen_out[key] = i
