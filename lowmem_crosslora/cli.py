@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -421,11 +422,14 @@ def inspect(path: Path, as_json: bool) -> None:
 
 @cli.command()
 @click.option("--rank", default=48, show_default=True, type=int, help="SVD rank for the demo.")
-@click.option("--keep", type=PATH, default=None, help="Build the demo in this folder and keep it.")
+@click.option("--keep", type=PATH, default=None, help="Build the demo in this folder (new or empty) and keep it.")
+@click.option("--force", is_flag=True, help="With --keep: a folder that is not empty is used anyway; the demo's own folders in it are replaced.")
 @click.option("--quiet", "-q", is_flag=True)
-def demo(rank: int, keep: Path | None, quiet: bool) -> None:
+def demo(rank: int, keep: Path | None, force: bool, quiet: bool) -> None:
     """Build two small models of different families and a LoRA, transfer it, print the report."""
 
+    if keep is not None:
+        _check_demo_folder(keep, force)
     with tempfile.TemporaryDirectory(prefix="crosslora-demo-") as tmp:
         root = keep or Path(tmp)
         t0 = time.perf_counter()
@@ -452,7 +456,23 @@ def demo(rank: int, keep: Path | None, quiet: bool) -> None:
         for line in summary_lines(report):
             click.echo(line)
         files = sorted(p.name for p in out.iterdir())
-        click.echo(f"output folder: {', '.join(files)}")
+        kept = f"{out}" if keep is not None else "a temporary folder, removed now (--keep DIR keeps it)"
+        click.echo(f"output folder ({kept}): {', '.join(files)}")
+
+
+DEMO_FOLDERS = ("source-llama", "target-qwen2", "lora-on-llama", "lora-on-qwen2", "basis-cache")
+
+
+def _check_demo_folder(keep: Path, force: bool) -> None:
+    """demo --keep writes only into a new or empty folder (or, with --force, replaces only its own folders)."""
+    if keep.exists() and not keep.is_dir():
+        raise InputError(f"demo --keep {keep}: exists and is not a folder")
+    if keep.is_dir() and any(keep.iterdir()):
+        if not force:
+            raise InputError(f"demo --keep {keep}: the folder is not empty; give a new or empty one, or --force to replace the demo's own folders in it")
+        for name in DEMO_FOLDERS:
+            if (keep / name).is_dir():
+                shutil.rmtree(keep / name)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -89,3 +89,32 @@ def test_a_usage_error_is_one_line(good: dict[str, Path], work: Path, capsys: py
     line = refused(args, capsys, [good["adapter"]], work / "out")
     assert "--out" in line and "--help" in line
     assert os.listdir(work) == []
+
+
+def test_demo_keep_never_replaces_what_it_did_not_write(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    mine = work / "mine"
+    (mine / "source-llama").mkdir(parents=True)
+    (mine / "source-llama" / "notes.txt").write_text("the user's")
+    line = refused(["demo", "--keep", str(mine), "-q"], capsys, [mine], work / "nothing")
+    assert "not empty" in line and "--force" in line
+    (work / "afile").write_text("x")
+    assert "not a folder" in refused(["demo", "--keep", str(work / "afile"), "-q"], capsys, [work / "afile"], work / "nothing")
+
+
+def test_messages_point_the_right_way(good: dict[str, Path], work: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A symlink loop as --adapter is a path, not a hub id; a pickled adapter's line names the commands
+    that read it; torch's advice on loading unsafely is never relayed."""
+    (work / "org").mkdir()
+    (work / "org" / "name").symlink_to(work / "org" / "name2")
+    (work / "org" / "name2").symlink_to(work / "org" / "name")
+    out = work / "out"
+    args = transfer_args({**good, "adapter": work / "org" / "name"}, out)
+    line = refused(args, capsys, [good["source"]], out)
+    assert "Hugging Face cache" not in line and "symbolic link" in line
+    pickled = copy_tree(good["adapter"], tmp_path / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    line = refused(["inspect", str(pickled)], capsys, [pickled], out)
+    assert "`transfer` and `plan`" in line
+    (pickled / "adapter_model.bin").write_bytes(b"\x80\x04\x95not a pickle of tensors")
+    line = refused([*transfer_args({**good, "adapter": pickled}, out), "--allow-pickle"], capsys, [pickled], out)
+    assert "weights_only" not in line and "refused" in line

@@ -110,8 +110,11 @@ def _load_pickled(file: Path, where: str) -> tuple[dict[str, Any], dict[str, tor
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is bad input
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise InputError(f"{where}: cannot load {file.name} with torch.load(weights_only=True): {first}") from None
+        # torch's own message goes on to explain how to load the file unsafely: never relay that advice.
+        raise InputError(
+            f"{where}: {file.name} is not a plain state dict of tensors ({type(e).__name__}); it is refused rather than "
+            "unpickled with code; convert it to adapter_model.safetensors with the tool that made it"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InputError(f"{where}: {file.name} does not hold a state dict of tensors")
     header = {k: {"shape": list(v.shape), "dtype": TORCH_TAG.get(v.dtype, str(v.dtype))} for k, v in state.items()}
@@ -138,6 +141,8 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
     p = resolve(path, "adapter")
     where = f"adapter {p}"
     if not p.exists():
+        if p.is_symlink():
+            raise InputError(f"{where}: a symbolic link that leads nowhere (dangling, or a loop)")
         raise InputError(f"{where}: no such file or directory")
     if not p.is_dir():
         raise InputError(f"{where}: expected an adapter folder (adapter_config.json + adapter_model.safetensors)")
@@ -184,8 +189,8 @@ def _adapter_file(p: Path, where: str, allow_pickle: bool) -> tuple[Path, dict[s
         raise InputError(f"{where}: adapter_model.safetensors not found")
     if not allow_pickle:
         raise InputError(
-            f"{where}: only a pickled adapter_model.bin found; pass --allow-pickle to read it with "
-            "torch.load(weights_only=True), or convert it to adapter_model.safetensors"
+            f"{where}: only a pickled adapter_model.bin found; `transfer` and `plan` read it with --allow-pickle "
+            "(torch.load(weights_only=True): tensors only, no code), or convert it to adapter_model.safetensors"
         )
     file = p / "adapter_model.bin"
     header, state = _load_pickled(file, where)

@@ -36,7 +36,7 @@ def resolve(path: str | os.PathLike[str], role: str) -> Path:
     """
     p = Path(path)
     text = os.fspath(path)
-    if p.exists() or not is_hub_id(text):
+    if p.exists() or os.path.lexists(p) or not is_hub_id(text):  # a broken link or a loop is a path too, not a hub id
         return p
     org, name = text.split("/")
     cache = hub_cache_dir()

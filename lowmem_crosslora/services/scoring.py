@@ -164,14 +164,14 @@ class Loader:
 
         where = f"{ckpt.role} {ckpt.path}"
         if not any((ckpt.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
-            raise InputError(f"{where}: no tokenizer in the model folder (tokenizer.json); verify scores text with each model's own tokenizer")
+            raise InputError(f"{where}: no tokenizer in the model folder (tokenizer.json); verify and refine score text with each model's own tokenizer")
         try:
             tok = AutoTokenizer.from_pretrained(str(ckpt.path))
         except (OSError, ValueError, TypeError, ImportError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise InputError(f"{where}: cannot load its tokenizer: {first}") from None
         if not getattr(tok, "is_fast", False):
-            raise InputError(f"{where}: verify needs a fast tokenizer (tokenizer.json) for character offsets")
+            raise InputError(f"{where}: verify and refine need a fast tokenizer (tokenizer.json) for character offsets")
         return tok
 
     def load(self, ckpt: Checkpoint) -> Any:
