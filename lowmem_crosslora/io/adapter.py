@@ -112,8 +112,8 @@ def _load_pickled(file: Path, where: str) -> tuple[dict[str, Any], dict[str, tor
     except Exception as e:  # noqa: BLE001 - any failure to unpickle is bad input
         # torch's own message goes on to explain how to load the file unsafely: never relay that advice.
         raise InputError(
-            f"{where}: {file.name} is not a plain state dict of tensors ({type(e).__name__}); it is refused rather than "
-            "unpickled with code; convert it to adapter_model.safetensors with the tool that made it"
+            f"{where}: torch.load(weights_only=True) refused {file.name} ({type(e).__name__}): it is not a plain state dict of "
+            "tensors, and is never unpickled with code; convert it to adapter_model.safetensors with the tool that made it"
         ) from None
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
         raise InputError(f"{where}: {file.name} does not hold a state dict of tensors")
