@@ -21,7 +21,7 @@ from lowmem_crosslora.io import runstate
 from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
 from lowmem_crosslora.io.checkpoints import open_checkpoint
 from lowmem_crosslora.io.gguf_lora import check_out_format, finish_hooks, output_files
-from lowmem_crosslora.io.partial import ADAPTER_NAME, REPORT_NAME, Layout, PartialOutput, journal_fingerprint
+from lowmem_crosslora.io.partial import ADAPTER_NAME, JOURNAL_NAME, REPORT_NAME, Layout, PartialOutput, journal_fingerprint
 from lowmem_crosslora.io.reader import CheckpointReader
 from lowmem_crosslora.io.runstate import check_output_dir, inside, state_dir_for
 from lowmem_crosslora.linalg.bases import SvdSettings
@@ -76,7 +76,7 @@ def _prepare(ad: Adapter, out_path: Path, src: CheckpointReader, tgt: Checkpoint
     check_finite(ad)
     fingerprint = run_fingerprint(ad, src, tgt, opts)
     task = Task(ad, out_path, plan, fingerprint)
-    if batch and not opts.force:
+    if not opts.force:  # a rerun of a finished transfer (one adapter or a batch) keeps it
         done = finished_report(out_path, fingerprint, output_files(opts.out_format))
         if done is not None:
             say(f"{out_path}: already holds this transfer; kept")
@@ -88,6 +88,23 @@ def _prepare(ad: Adapter, out_path: Path, src: CheckpointReader, tgt: Checkpoint
         detail = " (the adapter, a model's weight files, or an option that changes the result)"
         runstate.refuse_other_run(state, "transfer", journal_fingerprint(out_path), fingerprint, detail)
     return task
+
+
+def _say_discarded(out: Path, opts: TransferOptions, warn: Callable[[str], None] | None) -> None:
+    """--restart and --no-resume throw an interrupted run's finished units away: say so, with how many."""
+    state = state_dir_for(out)
+    if not state.exists() or (opts.resume and not opts.restart):
+        return
+    try:
+        units = max(0, len((state / JOURNAL_NAME).read_bytes().splitlines()) - 1)
+    except OSError:
+        units = 0
+    flag = "--restart" if opts.restart else "--no-resume"
+    msg = f"{out}: {flag} discards the interrupted transfer in {state} ({units} finished units); starting over"
+    if warn is not None:
+        warn(msg)
+    else:
+        warnings.warn(msg, UserWarning, stacklevel=4)
 
 
 def _open_output(task: Task, opts: TransferOptions, say: Callable[[str], None], label: str) -> None:
@@ -210,6 +227,7 @@ def run_transfers(
     with ExitStack() as held:
         for t in todo:  # each output locked before its state is read or written, released when published
             held.callback(runstate.lock_output(t.out, "crosslora", "transfer").release)
+            _say_discarded(t.out, opts, warn)
             _open_output(t, opts, say, f"{t.out}: " if batch else "")
         engine = _run(todo, src, tgt, opts, settings, budget, device, stop, progress, warn) if todo else None
         _finish(tasks, todo, engine, src, tgt, str(target), opts, device, budget, time.perf_counter() - t_start, batch)
