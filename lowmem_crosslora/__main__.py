@@ -1,4 +1,4 @@
-from lowmem_crosslora.cli import main
+from lowmem_crosslora.entry import main
 
 if __name__ == "__main__":
     main()

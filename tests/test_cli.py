@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from conftest import run_cli, run_module
@@ -171,3 +172,20 @@ def test_version_through_python_m():
     rc, out, err = run_module(["--version"])
     assert rc == 0, err
     assert out.strip() == f"lowmem-crosslora, version {lowmem_crosslora.__version__}"
+
+
+def test_ctrl_c_while_torch_imports_is_one_line_and_exit_130() -> None:
+    """SIGINT during start-up (torch is still importing) ends like one during the work: no traceback."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    p = subprocess.Popen([sys.executable, "-m", "lowmem_crosslora", "--version"], cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    p.send_signal(signal.SIGINT)
+    _out, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("start-up finished before the signal (a fast machine): nothing to interrupt")
+    assert p.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted", err
