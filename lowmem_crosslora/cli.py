@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import json
 import shlex
-import shutil
 import sys
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -25,40 +23,16 @@ from lowmem_crosslora.commands.refine import run_refine
 from lowmem_crosslora.commands.transfer import batch_outputs, transfer_batch
 from lowmem_crosslora.commands.transfer import transfer as run_transfer
 from lowmem_crosslora.commands.verify import run_verify
+from lowmem_crosslora.console import PATH, Decorator, progress_printer, stack, warn
+from lowmem_crosslora.demo import demo
 from lowmem_crosslora.errors import CrossLoraError, InputError, Interrupted
 from lowmem_crosslora.io.runstate import check_report_path
 from lowmem_crosslora.services.cache import BasisCache
 from lowmem_crosslora.services.options import BasesOptions, CacheOptions, RefineOptions, TransferOptions, VerifyOptions, click_options
 from lowmem_crosslora.services.probes import read_prompts
 from lowmem_crosslora.services.report import summary_lines, verify_lines
-from lowmem_crosslora.services.synthetic import DEMO_SOURCE, DEMO_TARGET, write_adapter, write_model
 from lowmem_crosslora.sizes import format_size
 from lowmem_crosslora.version import __version__
-
-Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
-
-
-class _Path(click.Path):
-    """A path option that refuses the empty string (which would otherwise mean the working directory)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, str) and not value.strip():
-            self.fail("an empty path names no file or folder", param, ctx)
-        return super().convert(value, param, ctx)
-
-
-PATH = _Path(path_type=Path)
-
-
-def _stack(*decorators: Decorator) -> Decorator:
-    """One decorator applying `decorators` so that their options list in the order given."""
-
-    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
-        for d in reversed(decorators):
-            f = d(f)
-        return f
-
-    return decorate
 
 
 def _path(name: str, help: str, dest: str | None = None, **kw: Any) -> Decorator:
@@ -88,7 +62,7 @@ TRANSFER_MODEL = ("rank", "layer_map", "dtype", "device", "max_memory", "max_gpu
 
 def common_inputs(f: Callable[..., Any], batch: bool = False) -> Callable[..., Any]:
     adapter = _path("--adapter", BATCH_ADAPTER_HELP, "adapters", multiple=True) if batch else _path("--adapter", ADAPTER_HELP)
-    return _stack(
+    return stack(
         adapter,
         _path("--source", BASE_HELP.format("Source")),
         _path("--target", BASE_HELP.format("Target")),
@@ -100,7 +74,7 @@ def common_inputs(f: Callable[..., Any], batch: bool = False) -> Callable[..., A
 REFINE_RUN = ("steps", "lr", "batch", "samples", "contrast_samples", "holdout", "patience", "max_new_tokens", "prompts")
 REFINE_SHAPE = ("lora_rank", "lora_alpha")
 REFINE_KEYS = ("steps", "lr", "batch", "samples", "contrast_samples", "holdout", "patience", "max_new_tokens", "prompts_file", "texts_file", *REFINE_SHAPE)
-refine_options = _stack(
+refine_options = stack(
     click_options(RefineOptions, only=REFINE_RUN),
     click.option("--texts", "texts_file", default=None, type=PATH, help='Your own texts of the adapter\'s kind too: .jsonl ({"text": ...}) or plain text.'),
     click_options(RefineOptions, only=REFINE_SHAPE),
@@ -111,32 +85,6 @@ refine_options = _stack(
 @click.version_option(__version__, prog_name="lowmem-crosslora")
 def cli() -> None:
     """Move a LoRA adapter onto a different base model (Cross-LoRA), data-free, in bounded memory."""
-
-
-def _progress_printer(quiet: bool, label: str = "transfer") -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:
-    if quiet:
-        return None, lambda: None
-    state: dict[str, Any] = {"bar": None, "last": 0}
-
-    def progress(done: int, total: int, uid: str) -> None:
-        if state["bar"] is None:
-            state["bar"] = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True, show_eta=True, item_show_func=lambda x: x)
-            state["bar"].__enter__()
-        bar = state["bar"]
-        bar.current_item = uid or None
-        bar.update(done - state["last"])
-        state["last"] = done
-
-    def close() -> None:
-        if state["bar"] is not None:
-            state["bar"].__exit__(None, None, None)
-            state["bar"] = None
-
-    return progress, close
-
-
-def _warn(msg: str) -> None:
-    click.echo(f"warning: {msg}", err=True)
 
 
 @cli.command()
@@ -175,14 +123,14 @@ def transfer(
         keep = {k: kw[k] for k in ("rank", "layer_map", "seed", "device", "max_memory", "max_gpu_memory", "cache_dir", "restart", "force")}
         _run_refine_cli(source, adapters[0], target, out, quiet, as_json, report_path, {**refine_kw, **keep})
         return
-    progress, close = _progress_printer(quiet or as_json)
+    progress, close = progress_printer(quiet or as_json)
     log = (lambda msg: click.echo(msg, err=True)) if not quiet else None
     try:
         if pairs is None:
-            result: Any = run_transfer(adapters[0], source, target, out, progress=progress, log=log, warn=_warn, **kw)
+            result: Any = run_transfer(adapters[0], source, target, out, progress=progress, log=log, warn=warn, **kw)
             reports = [result]
         else:
-            result = reports = transfer_batch(pairs, source, target, progress=progress, log=log, warn=_warn, **kw)
+            result = reports = transfer_batch(pairs, source, target, progress=progress, log=log, warn=warn, **kw)
     finally:
         close()
     if report_path is not None:
@@ -220,9 +168,9 @@ def bases(model: Path, quiet: bool, as_json: bool, **kw: Any) -> None:
     """Precompute MODEL's SVD factors (q, k, v, o, gate, up, down of every layer) into the basis cache,
     so that a later transfer with the same --rank, --seed, SVD settings and device type only projects."""
 
-    progress, close = _progress_printer(quiet or as_json, label="bases")
+    progress, close = progress_printer(quiet or as_json, label="bases")
     try:
-        summary = precompute_bases(model, progress=progress, warn=_warn, **kw)
+        summary = precompute_bases(model, progress=progress, warn=warn, **kw)
     finally:
         close()
     if as_json:
@@ -240,7 +188,7 @@ def cache() -> None:
 
 
 def _open_cache(cache_dir: str | None) -> Any:
-    return BasisCache(cache_dir, warn=_warn)
+    return BasisCache(cache_dir, warn=warn)
 
 
 @cache.command("ls")
@@ -301,7 +249,7 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
     for s in summary["skipped"]:
         click.echo(f"skip {s['tensor']}: {s['reason']}")
     for msg in summary.get("warnings", []):
-        _warn(msg)
+        warn(msg)
     e = summary["estimate"]
     click.echo(
         f"{len(summary['units'])} units, {e['base_matrices']} base matrices to factor; "
@@ -420,59 +368,7 @@ def inspect(path: Path, as_json: bool) -> None:
         click.echo(f"{k:<22} {v}")
 
 
-@cli.command()
-@click.option("--rank", default=48, show_default=True, type=int, help="SVD rank for the demo.")
-@click.option("--keep", type=PATH, default=None, help="Build the demo in this folder (new or empty) and keep it.")
-@click.option("--force", is_flag=True, help="With --keep: a folder that is not empty is used anyway; the demo's own folders in it are replaced.")
-@click.option("--quiet", "-q", is_flag=True)
-def demo(rank: int, keep: Path | None, force: bool, quiet: bool) -> None:
-    """Build two small models of different families and a LoRA, transfer it, print the report."""
-
-    if keep is not None:
-        _check_demo_folder(keep, force)
-    with tempfile.TemporaryDirectory(prefix="crosslora-demo-") as tmp:
-        root = keep or Path(tmp)
-        t0 = time.perf_counter()
-        src = write_model(root / "source-llama", DEMO_SOURCE, dtype="float32", seed=0, spectrum="decaying")
-        tgt = write_model(root / "target-qwen2", DEMO_TARGET, dtype="float32", seed=1, spectrum="decaying")
-        ad = write_adapter(root / "lora-on-llama", DEMO_SOURCE, rank=8, alpha=16, seed=2, base=str(src))
-        click.echo(
-            f"built a {DEMO_SOURCE.model_type} source (hidden {DEMO_SOURCE.hidden}, {DEMO_SOURCE.layers} layers), "
-            f"a {DEMO_TARGET.model_type} target (hidden {DEMO_TARGET.hidden}, {DEMO_TARGET.layers} layers) and a rank-8 LoRA "
-            f"in {root} ({time.perf_counter() - t0:.1f} s)"
-        )
-        out = root / "lora-on-qwen2"
-        progress, close = _progress_printer(quiet)
-        try:
-            report = run_transfer(ad, src, tgt, out, progress=progress, rank=rank, device="cpu", force=True, cache_dir=str(root / "basis-cache"))
-        finally:
-            close()
-        click.echo(f"{'unit':<8} {'source':<22} {'target':<22} {'r':>4} {'energy':>7}")
-        for u in report["units"]:
-            click.echo(
-                f"{u['uid']:<8} {'L{} {}x{}'.format(u['source_layer'], *u['source_shape']):<22} "
-                f"{'L{} {}x{}'.format(u['target_layer'], *u['target_shape']):<22} {u['r']:>4} {u['energy_retained']:>7.3f}"
-            )
-        for line in summary_lines(report):
-            click.echo(line)
-        files = sorted(p.name for p in out.iterdir())
-        kept = f"{out}" if keep is not None else "a temporary folder, removed now (--keep DIR keeps it)"
-        click.echo(f"output folder ({kept}): {', '.join(files)}")
-
-
-DEMO_FOLDERS = ("source-llama", "target-qwen2", "lora-on-llama", "lora-on-qwen2", "basis-cache")
-
-
-def _check_demo_folder(keep: Path, force: bool) -> None:
-    """demo --keep writes only into a new or empty folder (or, with --force, replaces only its own folders)."""
-    if keep.exists() and not keep.is_dir():
-        raise InputError(f"demo --keep {keep}: exists and is not a folder")
-    if keep.is_dir() and any(keep.iterdir()):
-        if not force:
-            raise InputError(f"demo --keep {keep}: the folder is not empty; give a new or empty one, or --force to replace the demo's own folders in it")
-        for name in DEMO_FOLDERS:
-            if (keep / name).is_dir():
-                shutil.rmtree(keep / name)
+cli.add_command(demo)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -148,6 +148,20 @@ def test_demo_prints_energy(capsys):
     assert "adapter_config.json, adapter_model.safetensors, crosslora_report.json" in out
 
 
+def test_demo_verifies_and_refines_offline(capsys, tmp_path):
+    """The demo pair has character tokenizers, so verify and refine run on it with no download."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    rc, out, err = run_cli(["demo", "--quiet", "--verify", "--refine", "--keep", str(tmp_path / "demo")], capsys)
+    assert rc == 0, err
+    assert "keeps" in out and "standard errors" in out  # verify's verdict
+    assert re.search(r"^refined in \d+ s: on 8 held-out probe texts", out, re.M)
+    refined = tmp_path / "demo" / "lora-on-qwen2-refined"
+    assert sorted(p.name for p in refined.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "crosslora_report.json", "refine_probes.json"]
+    for model in ("source-llama", "target-qwen2"):
+        assert (tmp_path / "demo" / model / "tokenizer.json").is_file()
+
+
 def test_help(capsys):
     rc, out, err = run_cli(["--help"], capsys)
     assert rc == 0

@@ -196,3 +196,34 @@ def write_adapter(
     }
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return path
+
+
+# The demo tokenizer's entries: 3 specials, printable ASCII, newline and tab, then Latin-1 and Greek
+# letters until the model's vocabulary is full (one token per character, every id decodes).
+_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def tokenizer_vocab(size: int) -> list[str]:
+    """`size` distinct single-character tokens after the three specials."""
+    chars = [chr(c) for c in range(32, 127)] + ["\n", "\t"] + [chr(c) for c in range(0xA1, 0x250)]
+    vocab = _SPECIALS + [c for c in chars if c not in ("\xad",)]
+    if size > len(vocab):
+        raise ValueError(f"no character tokenizer of {size} entries")
+    return vocab[:size]
+
+
+def write_tokenizer(path: Path, vocab_size: int) -> Path:
+    """A fast tokenizer (tokenizer.json, one token per character, exactly `vocab_size` entries) and its
+    tokenizer_config.json, written as JSON: no download and no tokenizers library needed to write it,
+    so that `demo --verify` / `--refine` run offline. transformers loads it as PreTrainedTokenizerFast."""
+    vocab = tokenizer_vocab(vocab_size)
+    flags = {"single_word": False, "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+    added = [{"id": i, "content": t, **flags} for i, t in enumerate(_SPECIALS)]
+    model = {"type": "BPE", "dropout": None, "unk_token": "<unk>", "continuing_subword_prefix": None, "end_of_word_suffix": None, "fuse_unk": False}
+    model.update({"byte_fallback": False, "ignore_merges": False, "vocab": {t: i for i, t in enumerate(vocab)}, "merges": []})
+    doc = {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added, "normalizer": None, "pre_tokenizer": None}
+    doc.update({"post_processor": None, "decoder": {"type": "Fuse"}, "model": model})
+    (path / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False) + "\n", encoding="utf-8")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "model_max_length": 4096}
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return path
