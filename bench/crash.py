@@ -98,10 +98,10 @@ def child_env(kill: str | None = None, delay: float | None = None, threads: int 
 
 
 def run_child(
-    args: list[str], *, kill: str | None = None, preexec_fn: Callable[[], None] | None = None, timeout: float = 120
+    args: list[str], *, kill: str | None = None, preexec_fn: Callable[[], None] | None = None, timeout: float = 120, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
-    """Run ARGS from the repository root in child_env(kill); capture its output as text."""
-    return subprocess.run(args, env=child_env(kill), capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn, cwd=REPO)
+    """Run ARGS from the repository root (or `cwd`) in child_env(kill); capture its output as text."""
+    return subprocess.run(args, env=child_env(kill), capture_output=True, text=True, timeout=timeout, preexec_fn=preexec_fn, cwd=cwd or REPO)
 
 
 def journal_check(record: dict[str, Any]) -> str:

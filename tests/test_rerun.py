@@ -37,3 +37,21 @@ def test_discarding_an_interrupted_run_is_said(pair: Path, tmp_path: Path, flag:
     p = run_child(transfer_command(pair, out, "--no-cache", flag))  # --quiet: warnings are still printed
     assert p.returncode == 0, p.stderr
     assert f"{flag} discards the interrupted transfer" in p.stderr and "(3 finished units)" in p.stderr
+
+
+def test_base_model_is_the_absolute_target_path_and_a_self_transfer_is_flagged(pair: Path, tmp_path: Path) -> None:
+    import json
+    import os
+
+    from bench.crash import command
+
+    rel = os.path.relpath(pair / "target", tmp_path)
+    out = tmp_path / "out"
+    args = command("transfer", "--adapter", str(pair / "adapter"), "--source", str(pair / "source"), "--target", rel, "--out", str(out))
+    p = run_child([*args, "--device", "cpu", "--rank", "8", "--no-cache", "--quiet"], cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str(pair / "target")
+    same = command("transfer", "--adapter", str(pair / "adapter"), "--source", str(pair / "source"), "--target", str(pair / "source"))
+    p = run_child([*same, "--out", str(tmp_path / "self"), "--device", "cpu", "--rank", "8", "--no-cache", "--quiet"])
+    assert p.returncode == 0 and "source and target are the same model" in p.stderr

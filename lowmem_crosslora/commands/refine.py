@@ -43,6 +43,7 @@ from lowmem_crosslora import hooks
 from lowmem_crosslora.errors import BudgetError, InputError, Interrupted
 from lowmem_crosslora.io import runstate
 from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint, check_all_finite, check_finite, is_plain_lora, load_behaviour_adapter
+from lowmem_crosslora.io.hub import model_name
 from lowmem_crosslora.io.partial import ADAPTER_NAME, CONFIG_NAME, REPORT_NAME
 from lowmem_crosslora.io.runstate import check_output_dir, write_json
 from lowmem_crosslora.io.safetensors_model import Checkpoint
@@ -231,7 +232,7 @@ def _open_run(
     ad = _source_adapter(adapter, src, opts)
     user = read_texts(texts) if isinstance(texts, (str, Path)) else list(texts or [])
     plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map)
-    cfg = _lora_config(adapter_config(plan, ad, str(tgt.path)), opts)
+    cfg = _lora_config(adapter_config(plan, ad, model_name(target)), opts)
     dev = resolve_device(opts.device)
     check_output_dir(out, [ad.path, src.path, tgt.path], opts.force)
     require_extras("refine")

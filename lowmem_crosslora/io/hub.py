@@ -63,3 +63,13 @@ def resolve(path: str | os.PathLike[str], role: str) -> Path:
         f"{role} {text}: no such folder, and not in the local Hugging Face cache ({tried}; "
         "set HF_HUB_CACHE or HF_HOME, or download it first); nothing is fetched from the network"
     )
+
+
+def model_name(path: str | os.PathLike[str]) -> str:
+    """What PEFT users expect in an output's base_model_name_or_path: the hub id when the model came
+    from the Hugging Face cache, else the absolute path (symbolic links kept as the user gave them)."""
+    text = os.fspath(path)
+    p = Path(path)
+    if not os.path.lexists(p) and is_hub_id(text):
+        return text
+    return os.path.abspath(p)  # absolute and normalised (no ".."), links not followed

@@ -21,6 +21,7 @@ from lowmem_crosslora.io import runstate
 from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint, check_finite, load_adapter
 from lowmem_crosslora.io.checkpoints import open_checkpoint
 from lowmem_crosslora.io.gguf_lora import check_out_format, finish_hooks, output_files
+from lowmem_crosslora.io.hub import model_name
 from lowmem_crosslora.io.partial import ADAPTER_NAME, JOURNAL_NAME, REPORT_NAME, Layout, PartialOutput, journal_fingerprint
 from lowmem_crosslora.io.reader import CheckpointReader
 from lowmem_crosslora.io.runstate import check_output_dir, inside, state_dir_for
@@ -100,7 +101,11 @@ def _say_discarded(out: Path, opts: TransferOptions, warn: Callable[[str], None]
     except OSError:
         units = 0
     flag = "--restart" if opts.restart else "--no-resume"
-    msg = f"{out}: {flag} discards the interrupted transfer in {state} ({units} finished units); starting over"
+    _notice(warn, f"{out}: {flag} discards the interrupted transfer in {state} ({units} finished units); starting over")
+
+
+def _notice(warn: Callable[[str], None] | None, msg: str) -> None:
+    """A warning line: through the caller's `warn` (the CLI prints it even with --quiet), else warnings.warn."""
     if warn is not None:
         warn(msg)
     else:
@@ -220,6 +225,8 @@ def run_transfers(
     tgt = open_checkpoint(target, "target")
     check_out_format(opts.out_format, tgt.family.name)
     tasks = _plan_tasks(pairs, src, tgt, opts, batch, say, warn)
+    if src.identity() == tgt.identity():
+        _notice(warn, "source and target are the same model: the transfer can only truncate the adapter to rank r")
     device = resolve_device(opts.device)
     budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
     stop.check()
@@ -230,7 +237,7 @@ def run_transfers(
             _say_discarded(t.out, opts, warn)
             _open_output(t, opts, say, f"{t.out}: " if batch else "")
         engine = _run(todo, src, tgt, opts, settings, budget, device, stop, progress, warn) if todo else None
-        _finish(tasks, todo, engine, src, tgt, str(target), opts, device, budget, time.perf_counter() - t_start, batch)
+        _finish(tasks, todo, engine, src, tgt, model_name(target), opts, device, budget, time.perf_counter() - t_start, batch)
     return [t.report for t in tasks if t.report is not None]
 
 
