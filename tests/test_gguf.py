@@ -318,6 +318,18 @@ def test_gguf_only_output_qwen2_from_gguf_target(models: dict[str, Path], tmp_pa
     assert np.array_equal(db, peft["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"].float().numpy())
 
 
+def test_inspect_reads_the_lora_gguf_we_write(models: dict[str, Path], tmp_path: Path) -> None:
+    from lowmem_crosslora.commands.inspect import describe
+
+    out = tmp_path / "out"
+    lowmem_crosslora.transfer(models["adapter"], models["src.q.gguf"], models["tgt.q.gguf"], out, rank=16, device="cpu", use_cache=False, out_format="gguf")
+    d = describe(out / GGUF_NAME)
+    meta, tensors = read_lora_gguf(out / GGUF_NAME)
+    assert d["kind"] == "lora-gguf" and d["architecture"] == meta["general.architecture"] == "qwen2" and d["adapter_type"] == "lora"
+    assert d["lora_modules"] * 2 == len(tensors) and d["unpaired"] == [] and d["ranks"] == [4]
+    assert d["layers"] == f"0..{TGT.layers - 1} ({TGT.layers})" and "ffn_down" in d["modules"]
+
+
 def test_per_module_scales_fold_into_lora_b(models: dict[str, Path], tmp_path: Path) -> None:
     """llama.cpp has one alpha: rsLoRA and alpha_pattern scales are folded into lora_b."""
     ad = tmp_path / "ad"

@@ -13,7 +13,7 @@ from lowmem_crosslora.dtypes import tag_bytes
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.adapter import load_adapter
 from lowmem_crosslora.io.checkpoints import open_checkpoint
-from lowmem_crosslora.io.gguf_model import is_gguf
+from lowmem_crosslora.io.gguf_model import GGUFTensor, is_gguf, read_gguf_header
 from lowmem_crosslora.io.hub import resolve
 from lowmem_crosslora.io.reader import read_json
 from lowmem_crosslora.io.safetensors_model import Checkpoint
@@ -132,6 +132,10 @@ def describe(path: Path) -> dict[str, Any]:
             "skipped": ad.skipped,
         }
 
+    if is_gguf(path):
+        meta, tensors = read_gguf_header(path, f"GGUF {path}")
+        if meta.get("general.type") == "adapter":
+            return _describe_lora_gguf(path, meta, tensors)
     if is_gguf(path) or (path / "config.json").exists():
         ck = open_checkpoint(path, "model")
         d = ck.dims
@@ -167,3 +171,26 @@ def describe(path: Path) -> dict[str, Any]:
     except InputError:
         pass
     raise InputError(f"{path}: neither a model folder (config.json) nor an adapter folder (adapter_config.json)")
+
+
+def _describe_lora_gguf(path: Path, meta: dict[str, Any], tensors: list[GGUFTensor]) -> dict[str, Any]:
+    """A llama.cpp LoRA adapter GGUF (what `--out-format gguf` writes): its architecture, alpha, and
+    the modules, layers and ranks of its lora_a / lora_b pairs."""
+    a = {t.gguf_name[: -len(".lora_a")]: t for t in tensors if t.gguf_name.endswith(".lora_a")}
+    b = {t.gguf_name[: -len(".lora_b")]: t for t in tensors if t.gguf_name.endswith(".lora_b")}
+    names = sorted(set(a) | set(b))
+    layers = sorted({int(n.split(".")[1]) for n in names if n.startswith("blk.") and n.split(".")[1].isdigit()})
+    return {
+        "kind": "lora-gguf",
+        "path": str(path),
+        "architecture": meta.get("general.architecture"),
+        "adapter_type": meta.get("adapter.type"),
+        "lora_alpha": meta.get("adapter.lora.alpha"),
+        "ranks": sorted({t.shape[0] for t in a.values()}),
+        "modules": sorted({n.split(".")[2] if n.startswith("blk.") else n for n in names}),
+        "layers": f"{layers[0]}..{layers[-1]} ({len(layers)})" if layers else "-",
+        "lora_modules": len(names),
+        "unpaired": sorted(set(a) ^ set(b)),
+        "dtype": sorted({t.type_name for t in tensors}),
+        "bytes": sum(t.nbytes for t in tensors),
+    }
