@@ -4,6 +4,7 @@ warning lines (cli.py and demo.py)."""
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,17 @@ def stack(*decorators: Decorator) -> Decorator:
     return decorate
 
 
+# In a log (stderr not a terminal) progress is a line now and then instead of a redrawn bar.
+LOG_EVERY_SECONDS = 30.0
+LOG_EVERY_FRACTION = 0.1
+
+
 def progress_printer(quiet: bool, label: str = "transfer") -> tuple[Callable[[int, int, str], None] | None, Callable[[], None]]:
+    """A progress callback (done, total, item) and its closer: a bar on a terminal, lines in a log."""
     if quiet:
         return None, lambda: None
+    if not sys.stderr.isatty():
+        return _log_lines(label), lambda: None
     state: dict[str, Any] = {"bar": None, "last": 0}
 
     def progress(done: int, total: int, uid: str) -> None:
@@ -56,6 +65,27 @@ def progress_printer(quiet: bool, label: str = "transfer") -> tuple[Callable[[in
             state["bar"] = None
 
     return progress, close
+
+
+def _log_lines(label: str) -> Callable[[int, int, str], None]:
+    """Progress for a log: a line at the start, every tenth of the work or half a minute, and at the
+    end, with the time spent and an estimate of the time left."""
+    state = {"t0": time.monotonic(), "first": -1, "last_t": 0.0, "last_done": -1}
+
+    def progress(done: int, total: int, uid: str) -> None:
+        now = time.monotonic()
+        if state["first"] < 0:
+            state["first"], state["t0"] = done, now  # units resumed from an interrupted run cost nothing now
+        step = max(1, int(total * LOG_EVERY_FRACTION))
+        due = done == total or done - state["last_done"] >= step or now - state["last_t"] >= LOG_EVERY_SECONDS
+        if not due or done == state["last_done"]:
+            return
+        spent, fresh = now - state["t0"], done - state["first"]
+        left = f", about {spent / fresh * (total - done):.0f} s left" if 0 < fresh and done < total else ""
+        click.echo(f"{label}: {done}/{total} units, {spent:.0f} s{left}", err=True)
+        state["last_t"], state["last_done"] = now, done
+
+    return progress
 
 
 def warn(msg: str) -> None:

@@ -55,3 +55,13 @@ def test_base_model_is_the_absolute_target_path_and_a_self_transfer_is_flagged(p
     same = command("transfer", "--adapter", str(pair / "adapter"), "--source", str(pair / "source"), "--target", str(pair / "source"))
     p = run_child([*same, "--out", str(tmp_path / "self"), "--device", "cpu", "--rank", "8", "--no-cache", "--quiet"])
     assert p.returncode == 0 and "source and target are the same model" in p.stderr
+
+
+def test_progress_in_a_log_is_lines_with_the_time_left(pair: Path, tmp_path: Path) -> None:
+    """stderr that is not a terminal (a log, CI) gets a progress line now and then, not a bare label."""
+    args = [a for a in transfer_command(pair, tmp_path / "out", "--no-cache") if a != "--quiet"]
+    p = run_child(args)
+    assert p.returncode == 0, p.stderr
+    lines = [ln for ln in p.stderr.splitlines() if ln.startswith("transfer: ")]
+    assert lines[0].startswith("transfer: 0/") and lines[-1].split()[1].split("/")[0] == lines[-1].split()[1].split("/")[1]
+    assert any("s left" in ln for ln in lines) and len(lines) <= 12
