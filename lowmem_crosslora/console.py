@@ -3,6 +3,7 @@ warning lines (cli.py and demo.py)."""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -76,7 +77,7 @@ def _log_lines(label: str) -> Callable[[int, int, str], None]:
         now = time.monotonic()
         if state["first"] < 0:
             state["first"], state["t0"] = done, now  # units resumed from an interrupted run cost nothing now
-        step = max(1, int(total * LOG_EVERY_FRACTION))
+        step = max(1, math.ceil(total * LOG_EVERY_FRACTION))
         due = done == total or done - state["last_done"] >= step or now - state["last_t"] >= LOG_EVERY_SECONDS
         if not due or done == state["last_done"]:
             return

@@ -64,4 +64,4 @@ def test_progress_in_a_log_is_lines_with_the_time_left(pair: Path, tmp_path: Pat
     assert p.returncode == 0, p.stderr
     lines = [ln for ln in p.stderr.splitlines() if ln.startswith("transfer: ")]
     assert lines[0].startswith("transfer: 0/") and lines[-1].split()[1].split("/")[0] == lines[-1].split()[1].split("/")[1]
-    assert any("s left" in ln for ln in lines) and len(lines) <= 12
+    assert any("s left" in ln for ln in lines) and len(lines) <= 13
