@@ -18,9 +18,10 @@ from lowmem_crosslora.io.hub import resolve
 from lowmem_crosslora.io.reader import read_json
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.device import resolve_device
-from lowmem_crosslora.services.memory import Budget
+from lowmem_crosslora.services.memory import Budget, size_at_least
 from lowmem_crosslora.services.options import TransferOptions
 from lowmem_crosslora.services.plan import build_plan
+from lowmem_crosslora.services.units import run_matrices
 from lowmem_crosslora.sizes import format_size
 
 
@@ -57,25 +58,29 @@ def plan_summary(adapter: Path, source: Path, target: Path, **options: Any) -> d
     plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map, dtype=opts.dtype, target_format=opts.target_format)
     device = resolve_device(opts.device)
     budget = Budget(opts.max_memory, opts.max_gpu_memory, device)
+    # The matrices the run would factor, in its order, with the bases it would hold beside each: the
+    # planner sees what the run's planner sees, and names the budget the run would name.
+    scheduled = run_matrices(plan.units, src, tgt, settings)
+    budget.run_matrices = matrices = [mat for _, mat in scheduled]
+    held_at = {key: mat[5] for key, mat in scheduled}
     gflops = measured_gflops("cpu" if device == "mps" else device)
     units = []
     seen: set[str] = set()
     total_seconds = 0.0
     peak = 0
-    shapes = []
     for u in plan.units:
         d = u.to_json()
         svd: dict[str, str] = {}
         secs = 0.0
         for role, ckpt, name, (m, n) in (("source", src, u.source_weight, u.source_shape), ("target", tgt, u.target_weight, u.target_shape)):
             q = settings.q_for(u.r, m, n)
-            shapes.append((m, n, q, u.r))
             if role == "source" and name in seen:
                 svd[role] = "reused"
                 continue
             seen.add(name)
             exact = settings.uses_exact(u.r, m, n, device)
-            mp = budget.plan_matrix(m, n, q, u.r, ckpt.info(name).dtype)
+            held = held_at[f"source:{name}" if role == "source" else f"target:{u.uid}"]
+            mp = budget.plan_matrix(m, n, q, u.r, ckpt.info(name).dtype, retained=held, held=held)
             svd[role] = ("exact" if exact and mp.mode == "in-core" else "randomized") + ("" if mp.mode == "in-core" else f" blocked/{mp.block_rows}")
             secs += svd_flops(m, n, q, settings.niter, exact and mp.mode == "in-core") / (gflops * 1e9)
             peak = max(peak, mp.host_bytes)
@@ -83,6 +88,7 @@ def plan_summary(adapter: Path, source: Path, target: Path, **options: Any) -> d
         d["estimated_seconds"] = round(secs, 3)
         total_seconds += secs
         units.append(d)
+    need = budget.smallest_for(matrices)
     return {
         "units": units,
         "skipped": plan.skipped,
@@ -98,7 +104,8 @@ def plan_summary(adapter: Path, source: Path, target: Path, **options: Any) -> d
             "peak_working_bytes": peak,
             "baseline_host": format_size(budget.baseline),
             "host_budget": format_size(budget.max_host),
-            "min_host_budget": format_size(budget.minimum_host(shapes)),
+            "min_host_budget": size_at_least(need),
+            "min_host_budget_bytes": need,
         },
     }
 

@@ -3,8 +3,6 @@ memory budget, or taken from the basis cache; freshly computed bases written to 
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -23,8 +21,7 @@ from lowmem_crosslora.services.cache import BasisCache, CacheKey
 from lowmem_crosslora.services.memory import Budget, MatrixPlan, stored_bytes
 from lowmem_crosslora.services.plan import Plan
 from lowmem_crosslora.services.stop import StopFlag
-from lowmem_crosslora.sizes import format_size
-from lowmem_crosslora.sysmem import host_anon_bytes, release_free_memory
+from lowmem_crosslora.sysmem import release_free_memory
 
 # Mapped checkpoint pages this process may keep resident before it unmaps the shards (they are
 # reclaimable either way; unmapping keeps the process's resident size honest on small machines).
@@ -117,32 +114,20 @@ class Engine:
         return self.budget.plan_matrix(m, n, self.settings.q_for(job.r, m, n), job.r, job.ckpt.info(job.weight).dtype, retained=retained, prefer_device=device)
 
     def matrix_plan(self, job: MatrixJob, retained: int, device: str | None = None) -> MatrixPlan:
-        m, n = job.shape
-        q = self.settings.q_for(job.r, m, n)
+        """The job's plan; a refusal names the smallest budget for the whole run (Budget.smallest_for
+        over this engine's matrices), the same figure `plan` names, first matrix included."""
+        if self.budget.run_matrices is not self.matrices:
+            self.budget.run_matrices = self.matrices
         try:
             return self._plan(job, retained, device)
         except BudgetError:
-            if self._pending is not None:
-                # A cache write in flight holds memory the matrix needs: finish it, plan again.
-                cost = self._pending[1]
-                self.flush_cache()
-                release_free_memory()
-                try:
-                    return self._plan(job, max(0, retained - cost), device)
-                except BudgetError:
-                    pass
-            if not self.matrices:
+            if self._pending is None:
                 raise
-            # Name the budget that works for the whole run, not just for this matrix: a larger
-            # matrix later on would otherwise refuse the figure this message gives.
-            # What the planner needs now, plus room for what the process's own figure creeps up by
-            # over a run (allocator fragmentation, kept bases measured rather than modelled).
-            creep = max(0, host_anon_bytes() - self.budget.baseline - self.retained)
-            need = int(smallest_budget(self.budget, self.matrices, creep) * 1.25) + (8 << 20)
-            raise BudgetError(
-                f"--max-memory {format_size(self.budget.max_host)} is too small for this transfer "
-                f"(a {m} x {n} matrix at q={q} does not fit): the smallest budget that works is about {_size_at_least(need)}"
-            ) from None
+            # A cache write in flight holds memory the matrix needs: finish it, plan again.
+            cost = self._pending[1]
+            self.flush_cache()
+            release_free_memory()
+            return self._plan(job, max(0, retained - cost), device)
 
     def factor(self, job: MatrixJob, mplan: MatrixPlan, preloaded: torch.Tensor | None = None) -> tuple[Basis, MatrixPlan]:
         m, n = job.shape
@@ -350,6 +335,7 @@ class Engine:
                     if self.prefetch:
                         self._read_entries_ahead(jobs, i, hit[1].host_bytes, entries)
                     yield job, hit[0], hit[1]
+                    del hit
                     continue
                 preloaded: torch.Tensor | None = None
                 if ahead is not None and ahead[0] == i:
@@ -381,6 +367,7 @@ class Engine:
                 release_free_memory()
                 job.ckpt.release_pages(self.budget.file_baseline + FILE_PAGES_KEPT)
                 yield job, basis, used
+                del basis, used  # held from here on only as the caller holds it (and counts it)
         finally:
             for fut, _ in entries.values():  # a stopped run: let the reads in flight end
                 fut.cancel()
@@ -436,40 +423,6 @@ def all_finite(t: torch.Tensor) -> bool:
     flat = t.reshape(-1)
     step = 1 << 18
     return all(bool(torch.isfinite(flat[i : i + step]).all()) for i in range(0, flat.numel(), step))
-
-
-def smallest_budget(budget: Budget, matrices: list[tuple[int, int, int, int, str, int]], creep: int = 0) -> int:
-    """The smallest --max-memory under which the budget's own planner fits every matrix of a run
-    (with the bases held at that point, plus `creep`: what the measured figure runs above the
-    modelled one), found by bisection over that planner."""
-
-    def fits(limit: int) -> bool:
-        probe = copy.copy(budget)
-        probe.max_host = limit
-        try:
-            for m, n, q, r, dtype, retained in matrices:
-                probe.plan_matrix(m, n, q, r, dtype, retained=retained, held=retained + creep)
-        except BudgetError:
-            return False
-        return True
-
-    lo, hi = 0, max(2 * budget.max_host, 1 << 20)
-    while not fits(hi):
-        lo, hi = hi, 2 * hi
-        if hi > 1 << 60:
-            return hi
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        lo, hi = (lo, mid) if fits(mid) else (mid, hi)
-    return hi
-
-
-def _size_at_least(n: int) -> str:
-    """A size for people, rounded up so that the figure printed is never below n."""
-    for unit, scale in (("KiB", 1024), ("MiB", 1024**2), ("GiB", 1024**3)):
-        if n < 1000 * scale or unit == "GiB":
-            return f"{math.ceil(n / scale * 10) / 10:.1f} {unit}"
-    raise AssertionError("unreachable")
 
 
 def basis_bytes(b: Basis) -> int:

@@ -14,6 +14,7 @@ cleanly, keeping finished units, if the budget is crossed."""
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass
@@ -35,11 +36,24 @@ F32 = 4
 SLACK = 4 * 1024**2
 
 
+# The creep allowance: how far the measured working memory may run above the modelled held memory
+# (the bases kept for later units) between matrices: allocator fragmentation and the run's own
+# Python objects (unit records, journal lines, the output file's index). The planner reserves it
+# in every plan, and the smallest budget it names includes it, so the figure named is the figure
+# the run plans with; only a run whose measured creep goes past it plans from the measured figure.
+CREEP = 3 * 1024**2
+
+
 MIN_BLOCK_ROWS = 16
 
 
 # GPU headroom for the solvers' own workspaces (cuSOLVER QR and SVD), which grow with the panels.
 GPU_SLACK = 16 * 1024**2
+
+
+# One matrix of a run, in the order the run factors them: (m, n, q, r, stored dtype, bytes of bases
+# held beside it).
+RunMatrix = tuple[int, int, int, int, str, int]
 
 
 @dataclass(frozen=True)
@@ -133,25 +147,39 @@ class Budget:
         self.exceeded: str | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # The matrices of the run this budget plans, when known (the engine's or `plan`'s list):
+        # a refusal names the smallest budget for all of them, not only for the matrix refused.
+        self.run_matrices: list[RunMatrix] = []
 
     # ---- planning -------------------------------------------------------------------------
     def host_room(self) -> int:
-        return self.max_host - SLACK
+        """The room the planner gives matrices and held bases: the budget less the slack and the creep allowance."""
+        return self.max_host - SLACK - CREEP
+
+    def held_now(self, retained: int) -> int:
+        """Held memory as the planner counts it: the modelled `retained` bytes, or the measured figure
+        less the creep allowance when the process has crept further than the allowance."""
+        return max(retained, host_anon_bytes() - self.baseline - CREEP)
 
     def plan_matrix(
         self, m: int, n: int, q: int, r: int, dtype: str, retained: int = 0, prefer_device: str | None = None, held: int | None = None
     ) -> MatrixPlan:
         """Pick device, in-core or blocked, and block size for one m x n matrix; BudgetError if none fits.
 
-        `retained` is memory already held for the unit (the other model's basis).
+        `retained` is memory already held for the unit (the other model's basis); `held`, when given,
+        replaces the measured figure (see held_now).
         """
-        device = prefer_device or self.device
+        if held is None:
+            held = self.held_now(retained)
+        chosen = self._choose(m, n, q, r, dtype, self.host_room() - held, prefer_device or self.device)
+        if chosen is None:
+            raise BudgetError(self.refusal(m, n, q, r, dtype, retained))
+        return chosen
+
+    def _choose(self, m: int, n: int, q: int, r: int, dtype: str, room: int, device: str) -> MatrixPlan | None:
+        """The plan for one matrix with `room` bytes of host memory for it; None if none fits."""
         panels = panel_bytes(m, n, q, r)
         native = stored_bytes(dtype)
-        # What is held now, measured (it includes the retained bases and any allocator creep).
-        if held is None:  # what is held now, measured (includes the retained bases and allocator creep)
-            held = max(retained, host_anon_bytes() - self.baseline)
-        room = self.host_room() - held
         if device != "cpu":
             # What the GPU holds now (kept bases, the caching allocator's live blocks), measured.
             gpu_held = max(0, int(torch.cuda.memory_allocated()) - self.gpu_baseline) if device.startswith("cuda") else 0
@@ -174,25 +202,42 @@ class Budget:
         if rows >= MIN_BLOCK_ROWS:
             rows = int(min(rows, m))
             return MatrixPlan("cpu", "blocked", rows, per_row * rows + panels, 0)
-        need = SLACK + held + panels + per_row * MIN_BLOCK_ROWS
-        raise BudgetError(
-            f"--max-memory {format_size(self.max_host)} is too small for a {m} x {n} matrix at q={q}: "
-            f"the smallest budget that works is {format_size(need)} of working memory "
+        return None
+
+    def _least_room(self, m: int, n: int, q: int, r: int, dtype: str) -> int:
+        """The smallest room in which _choose finds a plan for this matrix (on the budget's device)."""
+        panels = panel_bytes(m, n, q, r)
+        native = stored_bytes(dtype)
+        per_row = (F32 + native) * n
+        least = min(F32 * m * n + native * min(m, 1024) * n + panels, panels + per_row * MIN_BLOCK_ROWS)
+        if self.device != "cpu" and self._choose(m, n, q, r, dtype, F32 * (m + n) * r, self.device) is not None:
+            least = min(least, F32 * (m + n) * r)
+        return least
+
+    def smallest_for(self, matrices: list[RunMatrix], creep: int = 0) -> int:
+        """The smallest --max-memory under which the planner fits every matrix of a run, each beside
+        the bases held at its point (plus `creep` bytes measured past the allowance, if any). The
+        one figure `plan`, `transfer` and every refusal name: the slack and the creep allowance the
+        planner reserves are in it, so a run at this budget plans every matrix and one below it is
+        refused."""
+        worst = max((held + self._least_room(m, n, q, r, dtype) for m, n, q, r, dtype, held in matrices), default=0)
+        return SLACK + CREEP + creep + worst
+
+    def refusal(self, m: int, n: int, q: int, r: int, dtype: str, retained: int) -> str:
+        """The message of a budget too small for the run (for the matrix alone when the run's list is unknown)."""
+        run = self.run_matrices or [(m, n, q, r, dtype, retained)]
+        need = self.smallest_for(run)
+        if need <= self.max_host:  # the process crept past the allowance: name what the measured figure needs
+            need = self.smallest_for(run, max(0, host_anon_bytes() - self.baseline - CREEP - retained))
+        return (
+            f"--max-memory {size_at_most(self.max_host)} is too small for this transfer (a {m} x {n} matrix at q={q} does not fit): "
+            f"the smallest budget that works is {size_at_least(need)} of working memory "
             f"(on top of the {format_size(self.baseline)} the process holds for Python and torch)"
         )
 
     def fits_host(self, nbytes: int, retained: int = 0) -> bool:
         """Whether nbytes more of host memory fit the budget beside what is held now."""
-        held = max(retained, host_anon_bytes() - self.baseline)
-        return nbytes <= self.host_room() - held
-
-    def minimum_host(self, shapes: list[tuple[int, int, int, int]]) -> int:
-        """The smallest --max-memory (working memory) under which every (m, n, q, r) matrix can be factored."""
-        worst = 0
-        for m, n, q, r in shapes:
-            per_row = (F32 + 2) * n
-            worst = max(worst, panel_bytes(m, n, q, r) + per_row * MIN_BLOCK_ROWS + F32 * (m + n) * r)
-        return SLACK + worst
+        return nbytes <= self.host_room() - self.held_now(retained)
 
     # ---- watching -------------------------------------------------------------------------
     def start(self, interval: float = 0.01) -> None:
@@ -236,3 +281,21 @@ class Budget:
         """Raise BudgetError if the sampler saw the budget crossed."""
         if self.exceeded is not None:
             raise BudgetError(self.exceeded + "; finished units are kept: rerun with --resume and a larger budget")
+
+
+def _size_rounded(n: int, up: bool) -> str:
+    for unit, scale in (("KiB", 1024), ("MiB", 1024**2), ("GiB", 1024**3)):
+        if n < 1000 * scale or unit == "GiB":
+            tenths = n / scale * 10
+            return f"{(math.ceil(tenths) if up else math.floor(tenths)) / 10:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def size_at_least(n: int) -> str:
+    """A size for people rounded up, so that the figure printed (and typed back) is never below n."""
+    return _size_rounded(n, up=True)
+
+
+def size_at_most(n: int) -> str:
+    """A size for people rounded down: a refused budget never prints as the figure named beside it."""
+    return _size_rounded(n, up=False)

@@ -13,11 +13,11 @@ from lowmem_crosslora.dtypes import TAG_TORCH
 from lowmem_crosslora.io.adapter import Adapter
 from lowmem_crosslora.io.partial import PartialOutput
 from lowmem_crosslora.io.reader import CheckpointReader
-from lowmem_crosslora.linalg.bases import Basis
+from lowmem_crosslora.linalg.bases import Basis, SvdSettings
 from lowmem_crosslora.linalg.fused import unit_tensors
 from lowmem_crosslora.linalg.projection import project_factors
 from lowmem_crosslora.services.factoring import Engine, MatrixJob, Progress, basis_bytes
-from lowmem_crosslora.services.memory import MatrixPlan
+from lowmem_crosslora.services.memory import MatrixPlan, RunMatrix
 from lowmem_crosslora.services.plan import Plan, Unit
 
 
@@ -52,8 +52,8 @@ def run_units(
     """Factor each base matrix the tasks' pending units need once, in layer order, and project
     every task's unit on it. A unit id names one (target layer, module): the same pair of base
     matrices in every task of the run."""
-    groups, order, jobs, job_group, last_use = _schedule(tasks, src, tgt)
-    _model_residency(engine, jobs, job_group, groups, order, last_use)
+    groups, order, jobs, job_group, last_use = schedule([(t, u) for t in tasks for u in t.pending], src, tgt)
+    engine.matrices.extend(residency(jobs, job_group, groups, order, last_use, engine.settings))
     src_bases: dict[str, tuple[Basis, MatrixPlan]] = {}
     unit_t0 = time.perf_counter()
     index_of = {id(t): t.index_of for t in tasks}
@@ -89,24 +89,27 @@ def run_units(
             unit_t0 = time.perf_counter()
             if progress:
                 progress(done_count, total, u.uid)
-        del Us, Vs
+        # Nothing of this group outlives it but what is counted: the kept source bases.
+        del Us, Vs, A, B, proj, tensors, bs, splan, basis, mplan
         if last_use.get(sw) == gi:
             b, _ = src_bases.pop(sw)
             engine.retained -= basis_bytes(b)
+            del b
 
 
-Groups = dict[str, list[tuple[Task, Unit]]]
+Groups = dict[str, list[tuple[Any, Unit]]]  # unit id -> (task, unit) pairs
+Schedule = tuple[Groups, list[str], list[MatrixJob], list[int], dict[str, int]]
 
 
-def _schedule(tasks: list[Task], src: CheckpointReader, tgt: CheckpointReader) -> tuple[Groups, list[str], list[MatrixJob], list[int], dict[str, int]]:
-    """The pending units grouped by unit id, the groups in layer and module order, the matrix jobs
-    (each source weight once, before the first group that needs it; each group's target weight),
-    each job's group, and each source weight's last group."""
+def schedule(pending: list[tuple[Any, Unit]], src: CheckpointReader, tgt: CheckpointReader) -> Schedule:
+    """The pending (task, unit) pairs grouped by unit id, the groups in layer and module order, the
+    matrix jobs (each source weight once, before the first group that needs it; each group's target
+    weight), each job's group, and each source weight's last group. The task is only carried along:
+    `plan` schedules a plan's units with none."""
     src_id, tgt_id = src.identity(), tgt.identity()
     groups: Groups = {}
-    for t in tasks:
-        for u in t.pending:
-            groups.setdefault(u.uid, []).append((t, u))
+    for t, u in pending:
+        groups.setdefault(u.uid, []).append((t, u))
     module_order = {m: k for k, m in enumerate(CANONICAL)}
     order = sorted(groups, key=lambda uid: (groups[uid][0][1].target_layer, module_order.get(groups[uid][0][1].module, len(module_order)), uid))
     last_use: dict[str, int] = {}
@@ -126,18 +129,31 @@ def _schedule(tasks: list[Task], src: CheckpointReader, tgt: CheckpointReader) -
     return groups, order, jobs, job_group, last_use
 
 
-def _model_residency(engine: Engine, jobs: list[MatrixJob], job_group: list[int], groups: Groups, order: list[str], last_use: dict[str, int]) -> None:
+def residency(
+    jobs: list[MatrixJob], job_group: list[int], groups: Groups, order: list[str], last_use: dict[str, int], settings: SvdSettings
+) -> list[RunMatrix]:
     """What the budget must fit, matrix by matrix, with the source bases held as run_units holds them."""
     held: dict[str, int] = {}
-    itemsize = engine.settings.compute_dtype.itemsize
+    itemsize = settings.compute_dtype.itemsize
+    out: list[RunMatrix] = []
     for job, gi in zip(jobs, job_group, strict=True):
         m, n = job.shape
-        engine.matrices.append((m, n, engine.settings.q_for(job.r, m, n), job.r, job.ckpt.info(job.weight).dtype, sum(held.values())))
+        out.append((m, n, settings.q_for(job.r, m, n), job.r, job.ckpt.info(job.weight).dtype, sum(held.values())))
         sw = groups[order[gi]][0][1].source_weight
         if job.role == "source":
             held[job.weight] = itemsize * (m + n + 1) * job.r
         elif last_use.get(sw) == gi:
             held.pop(sw, None)
+    return out
+
+
+def run_matrices(units: list[Unit], src: CheckpointReader, tgt: CheckpointReader, settings: SvdSettings) -> list[tuple[str, RunMatrix]]:
+    """The matrices a transfer of these units factors, in its order, each with the bases held beside
+    it, and what each is for: "source:<weight>" (factored once, however many units use it) or
+    "target:<unit id>"."""
+    groups, order, jobs, job_group, last_use = schedule([(None, u) for u in units], src, tgt)
+    keys = [f"source:{j.weight}" if j.role == "source" else f"target:{order[gi]}" for j, gi in zip(jobs, job_group, strict=True)]
+    return list(zip(keys, residency(jobs, job_group, groups, order, last_use, settings), strict=True))
 
 
 def _record(u: Unit, energy: float | None, seconds: float, source: tuple[Basis, MatrixPlan], target: tuple[Basis, MatrixPlan]) -> dict[str, Any]:
