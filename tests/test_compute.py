@@ -19,7 +19,7 @@ from lowmem_crosslora.commands import refine as refine_mod  # noqa: E402
 from lowmem_crosslora.commands.refine import run_refine  # noqa: E402
 from lowmem_crosslora.services import compute  # noqa: E402
 from lowmem_crosslora.services.compute import UpcastMatmul, bf16_speed, upcast_model  # noqa: E402
-from lowmem_crosslora.services.distill import TrainShape  # noqa: E402
+from lowmem_crosslora.services.train_shape import TrainShape  # noqa: E402
 
 PROMPTS = ["The weather", "A story:"]
 FAST: dict[str, Any] = {"steps": 2, "batch": 2, "samples": 4, "contrast_samples": 2, "max_new_tokens": 12, "prompts": PROMPTS, "device": "cpu"}

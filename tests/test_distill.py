@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowmem_crosslora.commands.refine import batch_indices
+from lowmem_crosslora.services.target_lora import batch_indices
 from lowmem_crosslora.services.distill import TrainText, batch_norms, segments, truncate
 
 # ---- segments, truncate, batch order --------------------------------------------------------------

@@ -29,7 +29,7 @@ from lowmem_crosslora.commands.refine import CHECKPOINT_NAME, run_refine  # noqa
 from lowmem_crosslora.commands.verify import run_verify  # noqa: E402
 from lowmem_crosslora.errors import InputError, Interrupted  # noqa: E402
 from lowmem_crosslora.io.runstate import state_dir_for  # noqa: E402
-from lowmem_crosslora.services.distill import OBJECTIVES, TrainText, choose_shape, smallest_room, train_bytes  # noqa: E402
+from lowmem_crosslora.services.distill import OBJECTIVES, TrainText  # noqa: E402
 from lowmem_crosslora.services.options import INITS  # noqa: E402
 from lowmem_crosslora.services.probes import (  # noqa: E402
     PROBES_NAME,  # noqa: E402
@@ -37,6 +37,7 @@ from lowmem_crosslora.services.probes import (  # noqa: E402
     stable_seed,
 )
 from lowmem_crosslora.services.scoring import encode, token_logprobs  # noqa: E402
+from lowmem_crosslora.services.train_shape import choose_shape, smallest_room, train_bytes  # noqa: E402
 
 PROMPTS = ["The weather", "A story:"]
 FAST: dict[str, Any] = {"steps": 2, "batch": 2, "samples": 4, "contrast_samples": 2, "max_new_tokens": 12, "prompts": PROMPTS, "device": "cpu"}

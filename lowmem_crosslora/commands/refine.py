@@ -25,6 +25,7 @@ transfer's planner) on texts only, since token ids do not cross the tokenizer ga
    no step beat the random control the adapter is still written, and the report and the summary say
    that it does not carry the behaviour. verify reads refine_probes.json and grades on other seeds."""
 
+
 from __future__ import annotations
 
 import json
@@ -49,23 +50,7 @@ from lowmem_crosslora.io.runstate import check_output_dir, write_json
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.compute import bf16_speed, upcast_bytes, upcast_model
 from lowmem_crosslora.services.device import resolve_device
-from lowmem_crosslora.services.distill import (
-    Prepared,
-    TrainShape,
-    TrainText,
-    base_token_logprobs,
-    batch_loss,
-    batch_norms,
-    choose_shape,
-    load_checkpoint,
-    loglik_per_byte,
-    lora_state,
-    prepare_source,
-    save_checkpoint,
-    smallest_room,
-    target_texts,
-    truncate,
-)
+from lowmem_crosslora.services.distill import TrainText, base_token_logprobs, batch_loss, batch_norms, loglik_per_byte, truncate
 from lowmem_crosslora.services.effects import ControlInPlace
 from lowmem_crosslora.services.holdout import Holdout, target_held
 from lowmem_crosslora.services.memory import Budget
@@ -73,18 +58,26 @@ from lowmem_crosslora.services.options import RefineOptions
 from lowmem_crosslora.services.peft_config import adapter_config
 from lowmem_crosslora.services.pipeline import run_guarded
 from lowmem_crosslora.services.plan import Plan, build_plan
-from lowmem_crosslora.services.probes import PROBES_NAME, Probe, read_texts, require_extras, stable_seed
+from lowmem_crosslora.services.probe_set import Prepared, prepare_source, target_texts
+from lowmem_crosslora.services.probes import PROBES_NAME, Probe, read_texts, require_extras
 from lowmem_crosslora.services.report import build_report
 from lowmem_crosslora.services.scoring import Loader, budgeted_params, free, room_left
 from lowmem_crosslora.services.stop import StopFlag
+from lowmem_crosslora.services.target_lora import attach_lora, batch_indices, lora_config, lora_param_count, peft_tensors
+from lowmem_crosslora.services.train_shape import TrainShape, choose_shape, load_checkpoint, lora_state, save_checkpoint, smallest_room
 from lowmem_crosslora.sizes import format_size
 from lowmem_crosslora.sysmem import tune_allocator
 from lowmem_crosslora.version import __version__
 
 CHECKPOINT_NAME = "refine_checkpoint.pt"
+
+
 STATE_NAME = "refine_state.json"
 
+
 Log = Callable[[str], None]
+
+
 Progress = Callable[[int, int, dict[str, float]], None]
 
 
@@ -98,48 +91,6 @@ def fingerprint(adapter: Any, src: Checkpoint, tgt: Checkpoint, opts: RefineOpti
         "version": __version__,
     }
     return runstate.fingerprint(payload)
-
-
-def batch_indices(n: int, batch: int, seed: int, step: int, salt: str) -> list[int]:
-    """The texts of step `step`: epochs of seeded permutations, read `batch` at a time. A pure
-    function of its arguments, so a resumed run draws exactly the batches it would have drawn."""
-    if n == 0:
-        return []
-    out = []
-    pos = step * batch
-    for k in range(pos, pos + batch):
-        epoch, i = divmod(k, n)
-        g = torch.Generator().manual_seed(stable_seed("refine-batch", salt, seed, epoch))
-        out.append(int(torch.randperm(n, generator=g)[i]))
-    return out
-
-
-def _lora_config(cfg: dict[str, Any], opts: RefineOptions) -> dict[str, Any]:
-    cfg = dict(cfg)
-    cfg["lora_dropout"] = 0.0  # deterministic and resumable: no random masks
-    cfg["inference_mode"] = False
-    if opts.lora_rank is not None:
-        cfg["r"], cfg["rank_pattern"] = opts.lora_rank, {}
-    if opts.lora_alpha is not None:
-        cfg["lora_alpha"], cfg["alpha_pattern"] = opts.lora_alpha, {}
-    return cfg
-
-
-def _attach(base: Any, cfg: dict[str, Any], init_dir: Path | None, seed: int) -> Any:
-    from peft import LoraConfig, PeftModel, get_peft_model
-
-    if init_dir is not None:
-        model = PeftModel.from_pretrained(base, str(init_dir), is_trainable=True)
-    else:
-        keep = {k: v for k, v in cfg.items() if k in LoraConfig.__dataclass_fields__}
-        torch.manual_seed(stable_seed("refine-init", seed))
-        model = get_peft_model(base, LoraConfig(**keep))
-    for n, p in model.named_parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
-        if "lora_" not in n:
-            p.requires_grad_(False)
-    return model
 
 
 def run_refine(
@@ -232,7 +183,7 @@ def _open_run(
     ad = _source_adapter(adapter, src, opts)
     user = read_texts(texts) if isinstance(texts, (str, Path)) else list(texts or [])
     plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map)
-    cfg = _lora_config(adapter_config(plan, ad, model_name(target)), opts)
+    cfg = lora_config(adapter_config(plan, ad, model_name(target)), opts)
     dev = resolve_device(opts.device)
     check_output_dir(out, [ad.path, src.path, tgt.path], opts.force)
     require_extras("refine")
@@ -339,7 +290,7 @@ def _train_target(run: RefineRun, budget: Budget, loader: Loader, tok: Any, prep
             named = dict(model.named_parameters())
             for n, v in training.holdout.best_state.items():
                 named[n].copy_(v)
-    lora = _peft_tensors(model)
+    lora = peft_tensors(model)
     del model
     free()
     return lora, training
@@ -355,7 +306,7 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
     longest = min(opts.max_len, max(len(t.ids) for t in main + contrast))
 
     params = budgeted_params(tgt, "bfloat16", dev)
-    lora_params = _lora_param_count(run.plan, run.cfg)
+    lora_params = lora_param_count(run.plan, run.cfg)
     passes = 2 if opts.objective == "lm+kl" else 1
     per_step = opts.batch * (2 if contrast else 1)  # "delta" and "lm+kl" pass main and contrast texts together
     room = room_left(budget, dev)
@@ -419,7 +370,7 @@ def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: P
     base.to(run.dev)
     if shape.checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = _attach(base, run.cfg, init_dir, run.opts.seed)
+    model = attach_lora(base, run.cfg, init_dir, run.opts.seed)
     model.to(run.dev)
     if run.opts.objective == "delta":
         base_token_logprobs(model, training.main + training.contrast, run.dev, shape.micro_batch)
@@ -581,21 +532,3 @@ def _report(run: RefineRun, prep: Prepared, training: Training, budget: Budget, 
         train_seconds=training.seconds,
         fingerprint=run.fp,
     )
-
-
-def _lora_param_count(plan: Any, cfg: dict[str, Any]) -> int:
-    """LoRA parameters on the target (an over-estimate for fused targets, whose parts share one A)."""
-    n = 0
-    for u in plan.units:
-        r = cfg["r"] if not cfg.get("rank_pattern") else u.rank
-        m, k = u.target_shape
-        n += r * (m + k)
-    return n
-
-
-def _peft_tensors(model: Any) -> dict[str, torch.Tensor]:
-    """The LoRA tensors under PEFT's saved names (base_model.model.<module>.lora_A.weight), float32."""
-    from peft import get_peft_model_state_dict
-
-    sd = get_peft_model_state_dict(model)
-    return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(sd.items())}

@@ -1,0 +1,156 @@
+"""refine's probe set: texts sampled from source + adapter (and the source base), the source's per-token
+changes on them, the held-out split, and their tokenization on the target's side (services/distill.py
+holds the losses; docs/METHOD.md section 7)."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io.safetensors_model import Checkpoint
+from lowmem_crosslora.services.distill import TrainText, segments
+from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, Probe, sample_probes, stable_seed
+from lowmem_crosslora.services.scoring import Loader, Log, encode, free, token_logprobs, vocab_size
+
+
+@dataclass
+class Prepared:
+    """The source's contribution, computed once and kept in the state folder: probe texts and, per
+    text, the source's token ends and per-token change in log-probability (adapter on minus off).
+    The held-out texts (never trained on) come with their own seed and, per text, the source effect:
+    log-likelihood per byte with the adapter on minus off, as verify measures it."""
+
+    probes: list[Probe]
+    src_start: list[int]
+    src_ends: list[list[int]]
+    src_delta: list[list[float]]
+    seconds: float
+    sample_seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+    holdout: list[Probe] = field(default_factory=list)
+    holdout_effect: list[float] = field(default_factory=list)
+    holdout_seed: int | None = None  # None: no held-out texts were asked for
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "texts": [
+                {**p.to_json(), "source_start": s, "source_token_ends": e, "source_token_delta": [round(v, 6) for v in d]}
+                for p, s, e, d in zip(self.probes, self.src_start, self.src_ends, self.src_delta, strict=True)
+            ],
+            "seconds": round(self.seconds, 3),
+            **self.extra,
+        }
+        if self.holdout_seed is not None:
+            texts = [{**p.to_json(), "source_effect": round(v, 9)} for p, v in zip(self.holdout, self.holdout_effect, strict=True)]
+            out["holdout"] = {"seed": self.holdout_seed, "texts": texts}
+        return out
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Prepared:
+        ps, ss, es, ds = [], [], [], []
+        for t in obj["texts"]:
+            ps.append(Probe(t["prompt"], t["text"], t["seed"], t["origin"]))
+            ss.append(int(t["source_start"]))
+            es.append([int(v) for v in t["source_token_ends"]])
+            ds.append([float(v) for v in t["source_token_delta"]])
+        extra = {k: v for k, v in obj.items() if k not in ("texts", "seconds", "holdout")}
+        held = obj.get("holdout")
+        hp = [Probe(t["prompt"], t["text"], t["seed"], t["origin"]) for t in held["texts"]] if held else []
+        he = [float(t["source_effect"]) for t in held["texts"]] if held else []
+        return cls(ps, ss, es, ds, float(obj.get("seconds", 0.0)), extra=extra, holdout=hp, holdout_effect=he, holdout_seed=held["seed"] if held else None)
+
+
+def prepare_source(
+    src: Checkpoint,
+    tok: Any,
+    adapter: Path,
+    loader: Loader,
+    dev: str,
+    say: Log,
+    *,
+    prompts: list[str] | None,
+    samples: int,
+    contrast_samples: int,
+    max_new_tokens: int,
+    seed: int,
+    user: list[Probe],
+    holdout: int = 0,
+) -> Prepared:
+    """Sample probe and contrast texts from the source (adapter on / off; `prompts` None: the built-in
+    ones), score them token by token under both, free the source. `holdout` more texts of source +
+    adapter are sampled with their own seed (holdout_seed(seed)) and scored as verify does (source
+    effect per byte); a held-out text that is also a training text is left out."""
+    from peft import PeftModel
+
+    t0 = time.perf_counter()
+    base = loader.load(src)
+    model = PeftModel.from_pretrained(base, str(adapter), adapter_name="adapter")
+    model.to(dev)
+    model.eval()
+    prompts = prompts or list(DEFAULT_PROMPTS)
+    say(f"sampling {samples} texts from source + adapter and {contrast_samples} from the source base (seed {seed})")
+    probes = sample_probes(model, tok, prompts, samples, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
+    with model.disable_adapter():
+        probes += sample_probes(model, tok, prompts, contrast_samples, max_new_tokens=max_new_tokens, seed=seed, origin="base", device=dev)
+    held: list[Probe] = []
+    if holdout:
+        hs = holdout_seed(seed)
+        say(f"sampling {holdout} held-out texts from source + adapter (seed {hs}; not trained on)")
+        seen = {(p.prompt, p.text) for p in probes + user}
+        drawn = sample_probes(model, tok, prompts, holdout, max_new_tokens=max_new_tokens, seed=hs, origin="adapter", device=dev)
+        held = [p for p in drawn if (p.prompt, p.text) not in seen]
+    sample_s = time.perf_counter() - t0
+    probes += user
+    if not any(p.origin in ("adapter", "user") for p in probes):
+        raise InputError("no probe texts: every sample ended at once (empty continuations); try other --prompts or pass --texts")
+    enc = [encode(tok, p) for p in probes]
+    with model.disable_adapter():
+        lp_base = token_logprobs(model, enc, dev, vocab_size(src))
+    lp_ad = token_logprobs(model, enc, dev, vocab_size(src))
+    held, held_effect = _source_effects(model, tok, held, dev, vocab_size(src))
+    del model, base
+    free()
+    delta = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(lp_ad, lp_base, strict=True)]
+    prep = Prepared(probes, [e.start for e in enc], [list(e.ends) for e in enc], delta, time.perf_counter() - t0, sample_s)
+    if holdout:
+        prep.holdout, prep.holdout_effect, prep.holdout_seed = held, held_effect, holdout_seed(seed)
+    return prep
+
+
+def holdout_seed(seed: int) -> int:
+    """The seed of refine's held-out texts: derived from the run's seed, never the one it trains on."""
+    return stable_seed(seed, "holdout")
+
+
+def _source_effects(model: Any, tok: Any, texts: list[Probe], dev: str, vocab: int) -> tuple[list[Probe], list[float]]:
+    """The texts that have something to score, each with its source effect in nats per byte:
+    log-likelihood per byte with the adapter on minus off (verify's source_adapter - source_base)."""
+    if not texts:
+        return [], []
+    enc = [encode(tok, p) for p in texts]
+    with model.disable_adapter():
+        lp_base = token_logprobs(model, enc, dev, vocab)
+    lp_ad = token_logprobs(model, enc, dev, vocab)
+    keep, eff = [], []
+    for p, e, a, b in zip(texts, enc, lp_ad, lp_base, strict=True):
+        if e.nbytes:
+            keep.append(p)
+            eff.append(math.fsum(a) / e.nbytes - math.fsum(b) / e.nbytes)
+    return keep, eff
+
+
+def target_texts(tok: Any, prep: Prepared) -> list[TrainText]:
+    """The probe texts in the target's tokens, each with the source's changes summed over the segments
+    both tokenizations share; texts with nothing to score are left out."""
+    out = []
+    for p, s0, se, sd in zip(prep.probes, prep.src_start, prep.src_ends, prep.src_delta, strict=True):
+        e = encode(tok, p)
+        if e.nbytes == 0 or len(e.ids) - e.first < 1:
+            continue
+        seg, delta = segments(s0, se, e.start, list(e.ends), sd)
+        out.append(TrainText(e.ids, e.first, seg, delta, p.origin, e.nbytes))
+    return out

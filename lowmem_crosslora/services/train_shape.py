@@ -1,0 +1,162 @@
+"""refine's training shape and memory model (texts per pass, length, gradient checkpointing, the
+weights' dtype), and its per-step checkpoints."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowmem_crosslora.dtypes import name_bytes
+from lowmem_crosslora.services.distill import LOGIT_CHUNK_BYTES
+
+
+def lora_state(model: Any) -> dict[str, torch.Tensor]:
+    """Copies of the trainable (LoRA) parameters, by name."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    path: Path,
+    model: Any,
+    opt: Any,
+    step: int,
+    losses: list[dict[str, float]],
+    fp: str,
+    shape: TrainShape,
+    seconds: float,
+    extra: dict[str, Any] | None = None,
+) -> None:
+    """The training state after `step` (LoRA, optimiser, losses, shape, and `extra`: e.g. the held-out
+    evaluations and the best step's LoRA), written atomically and durably."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(
+            {
+                "fingerprint": fp,
+                "step": step,
+                "lora": lora_state(model),
+                "optimizer": opt.state_dict(),
+                "losses": losses,
+                "shape": shape.to_json(),
+                "seconds": seconds,
+                **(extra or {}),
+            },
+            f,
+        )
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, fp: str) -> dict[str, Any] | None:
+    """The checkpoint at `path` if it is readable and was made by the run with fingerprint `fp`, else None."""
+    if not path.exists():
+        return None
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a damaged checkpoint is redone from the start, never trusted
+        return None
+    return ck if isinstance(ck, dict) and ck.get("fingerprint") == fp else None
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    """What the budget allows: texts per forward pass, longest text (target tokens), checkpointing."""
+
+    micro_batch: int
+    max_len: int
+    checkpointing: bool
+    weights_dtype: str
+    bytes: int  # modelled working memory
+    # What the frozen weights compute in ("" = their own dtype) and why (compute.py); float32 compute
+    # on bfloat16 weights is the upcast path (one float32 block of a weight alive at a time).
+    compute_dtype: str = ""
+    compute: str = ""
+
+    @property
+    def upcast(self) -> bool:
+        return self.compute_dtype == "float32" and self.weights_dtype != "float32"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "micro_batch": self.micro_batch,
+            "max_len": self.max_len,
+            "gradient_checkpointing": self.checkpointing,
+            "weights_dtype": self.weights_dtype,
+            "modelled_bytes": self.bytes,
+            "compute_dtype": self.compute_dtype or self.weights_dtype,
+            "compute": self.compute,
+        }
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> TrainShape:
+        return cls(
+            obj["micro_batch"],
+            obj["max_len"],
+            obj["gradient_checkpointing"],
+            obj["weights_dtype"],
+            obj["modelled_bytes"],
+            obj.get("compute_dtype", obj["weights_dtype"]),
+            obj.get("compute", ""),
+        )
+
+
+def train_bytes(cfg: dict[str, Any], params: int, lora_params: int, weights_bytes: int, micro: int, seq: int, ckpt: bool, passes: int) -> int:
+    """Modelled working memory of one training step on the target.
+
+    Weights (frozen, `weights_bytes` per parameter); LoRA parameters with their gradients and two
+    AdamW moments (float32); activations kept for the backward pass, per token and layer: with
+    gradient checkpointing only the layer's input (H) plus one layer being recomputed, without it
+    every layer's intermediates (about 16 H + 4 I values, attention scores heads x T); the
+    vocabulary projection in chunks of LOGIT_CHUNK_BYTES (kept alive twice: forward and recompute);
+    `passes` forward passes alive at once (the KL term holds a second, ungraded one's final state)."""
+    H = int(cfg.get("hidden_size") or cfg.get("n_embd") or 0)
+    inter = int(cfg.get("intermediate_size") or cfg.get("n_inner") or 4 * H)
+    L = int(cfg.get("num_hidden_layers") or cfg.get("n_layer") or 1)
+    heads = int(cfg.get("num_attention_heads") or cfg.get("n_head") or 1)
+    act = 4  # activations of a float32 LoRA path and the upcast norms dominate; bfloat16 halves some
+    per_layer_token = (16 * H + 4 * inter) * act + heads * seq * act * 2
+    tokens = micro * seq
+    if ckpt:
+        acts = tokens * (L * H * act + per_layer_token)
+    else:
+        acts = tokens * L * per_layer_token
+    acts *= passes
+    return int(params * weights_bytes + 16 * lora_params + acts + 2 * LOGIT_CHUNK_BYTES + 64 * 1024**2)
+
+
+def choose_shape(
+    cfg: dict[str, Any], params: int, lora_params: int, room: int, batch: int, longest: int, passes: int, dtypes: tuple[str, ...], extra: int = 0
+) -> TrainShape | None:
+    """The fastest shape that fits `room`: the most texts per pass (fewer passes of gradient
+    accumulation: the same step), without gradient checkpointing where that fits, else with it; then
+    shorter texts (down to 32 tokens). The first of `dtypes` whose weights fit. `extra`: bytes the
+    compute path holds besides (the upcast path's float32 blocks, compute.upcast_bytes). None when
+    nothing fits."""
+    for dt in dtypes:
+        wb = name_bytes(dt)
+        for seq in _lengths(longest):
+            for micro in range(batch, 0, -1):
+                for ckpt in (False, True):
+                    need = train_bytes(cfg, params, lora_params, wb, micro, seq, ckpt, passes) + extra
+                    if need <= room:
+                        return TrainShape(micro, seq, ckpt, dt, need)
+    return None
+
+
+def smallest_room(cfg: dict[str, Any], params: int, lora_params: int, longest: int, passes: int, dtype: str, extra: int = 0) -> int:
+    size = name_bytes(dtype)
+    return train_bytes(cfg, params, lora_params, size, 1, min(longest, 32), True, passes) + extra
+
+
+def _lengths(longest: int) -> list[int]:
+    out = [longest]
+    n = longest
+    while n > 32:
+        n = max(32, n * 3 // 4)
+        out.append(n)
+    return out
