@@ -11,8 +11,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowmem_crosslora.services.target_lora import batch_indices
 from lowmem_crosslora.services.distill import TrainText, batch_norms, segments, truncate
+from lowmem_crosslora.services.target_lora import batch_indices
 
 # ---- segments, truncate, batch order --------------------------------------------------------------
 
