@@ -240,12 +240,22 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
     if as_json:
         click.echo(json.dumps(summary, indent=2, sort_keys=True))
         return
-    click.echo(f"{'unit':<12} {'source':<34} {'target':<34} {'k':>3} {'r':>4}  {'svd (src/tgt)':<24} {'est s':>6}")
-    for u in summary["units"]:
-        src = f"L{u['source_layer']} {u['module']} {u['source_shape'][0]}x{u['source_shape'][1]}"
-        tgt = f"L{u['target_layer']} {u['module']} {u['target_shape'][0]}x{u['target_shape'][1]}"
-        how = f"{u['svd']['source']}/{u['svd']['target']}"
-        click.echo(f"{u['uid']:<12} {src:<34} {tgt:<34} {u['rank']:>3} {u['r']:>4}  {how:<24} {u['estimated_seconds']:>6.2f}")
+    rows = [
+        (
+            u["uid"],
+            f"L{u['source_layer']} {u['module']} {u['source_shape'][0]}x{u['source_shape'][1]}",
+            f"L{u['target_layer']} {u['module']} {u['target_shape'][0]}x{u['target_shape'][1]}",
+            u["rank"],
+            u["r"],
+            f"{u['svd']['source']}/{u['svd']['target']}",
+            u["estimated_seconds"],
+        )
+        for u in summary["units"]
+    ]
+    w = [max([len(h), *(len(str(r[i])) for r in rows)]) for i, h in enumerate(("unit", "source", "target", "k", "r", "svd (src/tgt)"))]
+    click.echo(f"{'unit':<{w[0]}}  {'source':<{w[1]}}  {'target':<{w[2]}}  {'k':>{w[3]}}  {'r':>{w[4]}}  {'svd (src/tgt)':<{w[5]}}  {'est s':>6}")
+    for uid, src, tgt, k, r, how, est in rows:  # columns as wide as their widest entry (a blocked SVD names its rows)
+        click.echo(f"{uid:<{w[0]}}  {src:<{w[1]}}  {tgt:<{w[2]}}  {k:>{w[3]}}  {r:>{w[4]}}  {how:<{w[5]}}  {est:>6.2f}")
     for s in summary["skipped"]:
         click.echo(f"skip {s['tensor']}: {s['reason']}")
     for msg in summary.get("warnings", []):

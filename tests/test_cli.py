@@ -203,3 +203,16 @@ def test_ctrl_c_while_torch_imports_is_one_line_and_exit_130() -> None:
     if p.returncode == 0:
         pytest.skip("start-up finished before the signal (a fast machine): nothing to interrupt")
     assert p.returncode == 130 and "Traceback" not in err and err.strip() == "interrupted", err
+
+
+def test_plan_columns_line_up_with_blocked_svds(capsys, tmp_path):
+    """A blocked SVD names its rows in the svd column; every row keeps the columns aligned."""
+    rc, _out, err = run_cli(["demo", "--quiet", "--keep", str(tmp_path / "d")], capsys)
+    assert rc == 0, err
+    d = tmp_path / "d"
+    args = ["plan", "--adapter", str(d / "lora-on-llama"), "--source", str(d / "source-llama"), "--target", str(d / "target-qwen2")]
+    rc, out, err = run_cli([*args, "--max-memory", "9MB"], capsys)
+    assert rc == 0, err
+    table = [ln for ln in out.splitlines() if re.match(r"^(unit|\d+\.\w+)\s", ln)]
+    assert any("blocked/" in ln for ln in table)
+    assert len({len(ln) for ln in table}) == 1  # 'est s' ends in one column on every row
