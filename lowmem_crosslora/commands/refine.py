@@ -1,29 +1,16 @@
 """refine: a data-free distillation that makes the target's LoRA do what the adapter does on the source.
 
-The paper's transfer keeps an adapter's energy, not its behaviour, across families (docs/METHOD.md section
-5). refine trains a target LoRA (the source adapter's rank, alpha and modules, placed by the
-transfer's planner) on texts only, since token ids do not cross the tokenizer gap:
-
-1. Probe texts (probes.py, shared with verify): seeded samples of source + adapter on neutral
-   prompts, seeded samples of the source base as contrast, the user's --texts. With the source
-   resident, each text is scored token by token with the adapter off and on; then the source is freed.
-   A held-out split (--holdout texts of source + adapter, their own seed, never trained on) is
-   scored for the source effect at the same time.
-2. With only the target resident, a LoRA is trained for up to --steps steps on one objective
-   (distill.py). Batch order is a pure function of (seed, step), the LoRA starts from the transfer or
-   from a seeded fresh initialisation, dropout is off: the same seed gives the same adapter. Before
-   the first step and every `eval_every` steps the held-out split is scored on the target
-   (holdout.py: recovery against a random control of the same norms); the best step's LoRA is kept,
-   and training stops once `patience` evaluations in a row found no better one.
-3. Every step ends with a checkpoint (LoRA weights, AdamW state, losses, evaluations, best LoRA) written atomically into the
-   hidden state folder `.<OUT>.refine-partial/`, next to the probe texts and the initialiser. An
-   interrupted run resumes from its last checkpoint and ends with the adapter an uninterrupted run
-   would have written (byte for byte on the CPU, with the same thread count).
-4. The finished folder (adapter_config.json, adapter_model.safetensors: the best step's LoRA,
-   crosslora_report.json with kind "refine" and its `holdout` section, refine_probes.json: the texts
-   it trained on and the held-out ones, with their seeds) is renamed into place in one step. Where
-   no step beat the random control the adapter is still written, and the report and the summary say
-   that it does not carry the behaviour. verify reads refine_probes.json and grades on other seeds."""
+The paper's transfer keeps an adapter's energy, not its behaviour (docs/METHOD.md sections 5 and 7,
+which this module follows step by step). On texts only, since token ids do not cross tokenizers:
+1. probe texts sampled from source + adapter (and the base, and --texts), scored token by token with
+   the adapter off and on, plus a held-out split with its own seed (services/probe_set.py);
+2. with only the target resident, a LoRA trained for up to --steps steps (services/distill.py), the
+   held-out split scored against a random control every few steps to keep the best step and stop
+   early (services/holdout.py); the same seed gives the same adapter;
+3. a checkpoint after every step in `.<OUT>.refine-partial/`, so an interrupted run resumes to the
+   bytes an uninterrupted one writes;
+4. the finished folder renamed into place in one step, its report saying plainly whether any step
+   beat the control on the held-out texts."""
 
 
 from __future__ import annotations
@@ -43,7 +30,7 @@ from safetensors.torch import save_file
 from lowmem_crosslora import hooks
 from lowmem_crosslora.errors import BudgetError, InputError, Interrupted
 from lowmem_crosslora.io import runstate
-from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint, check_all_finite, check_finite, is_plain_lora, load_behaviour_adapter
+from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint
 from lowmem_crosslora.io.hub import model_name
 from lowmem_crosslora.io.partial import ADAPTER_NAME, CONFIG_NAME, REPORT_NAME
 from lowmem_crosslora.io.runstate import check_output_dir, write_json
@@ -63,7 +50,7 @@ from lowmem_crosslora.services.probes import PROBES_NAME, Probe, read_texts, req
 from lowmem_crosslora.services.report import build_report
 from lowmem_crosslora.services.scoring import Loader, budgeted_params, free, room_left
 from lowmem_crosslora.services.stop import StopFlag
-from lowmem_crosslora.services.target_lora import attach_lora, batch_indices, lora_config, lora_param_count, peft_tensors
+from lowmem_crosslora.services.target_lora import attach_lora, batch_indices, lora_config, lora_param_count, peft_tensors, source_adapter
 from lowmem_crosslora.services.train_shape import TrainShape, choose_shape, load_checkpoint, lora_state, save_checkpoint, smallest_room
 from lowmem_crosslora.sizes import format_size
 from lowmem_crosslora.sysmem import tune_allocator
@@ -180,7 +167,7 @@ def _open_run(
     """Check every input and the output folder, plan the target's modules, and claim (or resume) the state folder."""
     opts.check()
     src, tgt = Checkpoint(source, "source"), Checkpoint(target, "target")
-    ad = _source_adapter(adapter, src, opts)
+    ad = source_adapter(adapter, src, opts.init)
     user = read_texts(texts) if isinstance(texts, (str, Path)) else list(texts or [])
     plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map)
     cfg = lora_config(adapter_config(plan, ad, model_name(target)), opts)
@@ -195,28 +182,6 @@ def _open_run(
     for line in plan.warnings:  # skipped tensors, and what a non-LoRA adapter becomes on the target
         say(line)
     return RefineRun(opts, src, tgt, ad, user, plan, cfg, dev, out, fp, state, say, stop, progress)
-
-
-def _source_adapter(adapter: Any, src: Checkpoint, opts: RefineOptions) -> Adapter:
-    """The adapter refine learns from: any type the source runs through PEFT (io/adapter.py's
-    BEHAVIOUR_TYPES); only a plain LoRA can start from the SVD transfer (--init transfer)."""
-    plain = is_plain_lora(adapter)
-    if opts.init == "transfer" and not plain:
-        raise InputError("--init transfer starts from the SVD transfer, which moves plain LoRA adapters only; use the default fresh start for this adapter")
-
-    def shape_of(module: str) -> tuple[int, int] | None:
-        name = f"{module}.weight"
-        if not src.has(name):
-            return None
-        shape = src.info(name).shape
-        return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
-
-    ad = load_behaviour_adapter(adapter, shape_of)
-    if plain:
-        check_finite(ad)
-    else:
-        check_all_finite(ad)
-    return ad
 
 
 def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:

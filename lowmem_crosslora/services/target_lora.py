@@ -8,6 +8,9 @@ from typing import Any
 
 import torch
 
+from lowmem_crosslora.errors import InputError
+from lowmem_crosslora.io.adapter import Adapter, check_all_finite, check_finite, is_plain_lora, load_behaviour_adapter
+from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.options import RefineOptions
 from lowmem_crosslora.services.probes import stable_seed
 
@@ -70,3 +73,25 @@ def peft_tensors(model: Any) -> dict[str, torch.Tensor]:
 
     sd = get_peft_model_state_dict(model)
     return {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in sorted(sd.items())}
+
+
+def source_adapter(adapter: Any, src: Checkpoint, init: str) -> Adapter:
+    """The adapter refine learns from: any type the source runs through PEFT (io/adapter.py's
+    BEHAVIOUR_TYPES); only a plain LoRA can start from the SVD transfer (--init transfer)."""
+    plain = is_plain_lora(adapter)
+    if init == "transfer" and not plain:
+        raise InputError("--init transfer starts from the SVD transfer, which moves plain LoRA adapters only; use the default fresh start for this adapter")
+
+    def shape_of(module: str) -> tuple[int, int] | None:
+        name = f"{module}.weight"
+        if not src.has(name):
+            return None
+        shape = src.info(name).shape
+        return (int(shape[0]), int(shape[1])) if len(shape) == 2 else None
+
+    ad = load_behaviour_adapter(adapter, shape_of)
+    if plain:
+        check_finite(ad)
+    else:
+        check_all_finite(ad)
+    return ad
