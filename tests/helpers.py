@@ -91,3 +91,23 @@ def write_lora(model_dir: Path, out: Path, seed: int) -> Path:
     cfg = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"], init_lora_weights=False, task_type="CAUSAL_LM")
     get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), cfg).save_pretrained(out)
     return out
+
+
+# refine's tests: two short prompts and a few steps on a few short texts, so each run takes seconds.
+PROMPTS = ["The weather", "A story:"]
+FAST_REFINE: dict[str, Any] = {"steps": 2, "batch": 2, "samples": 4, "contrast_samples": 2, "max_new_tokens": 12, "prompts": PROMPTS, "device": "cpu"}
+
+
+def refine_pair(root: Path) -> dict[str, Path]:
+    """The tiny llama source with a rank-8 q/o LoRA, the qwen2 target, and a prompts file, under `root`."""
+    source = write_llama(root / "llama")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return {"root": root, "source": source, "adapter": write_lora(source, root / "lora", seed=10), "target": write_qwen2(root / "qwen2"), "prompts": prompts}
+
+
+def fast_refine(models: dict[str, Path], out: Path, **kw: Any) -> dict[str, Any]:
+    """run_refine of the pair with FAST_REFINE's settings (kw overrides them)."""
+    from lowmem_crosslora.commands.refine import run_refine
+
+    return run_refine(models["source"], models["adapter"], models["target"], out, **{**FAST_REFINE, **kw})

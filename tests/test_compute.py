@@ -10,30 +10,25 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import write_llama, write_lora, write_qwen2
+from helpers import FAST_REFINE, PROMPTS, fast_refine, refine_pair
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from lowmem_crosslora.commands import refine as refine_mod  # noqa: E402
-from lowmem_crosslora.commands.refine import run_refine  # noqa: E402
 from lowmem_crosslora.services import compute  # noqa: E402
 from lowmem_crosslora.services.compute import UpcastMatmul, bf16_speed, upcast_model  # noqa: E402
 from lowmem_crosslora.services.train_shape import TrainShape  # noqa: E402
 
-PROMPTS = ["The weather", "A story:"]
-FAST: dict[str, Any] = {"steps": 2, "batch": 2, "samples": 4, "contrast_samples": 2, "max_new_tokens": 12, "prompts": PROMPTS, "device": "cpu"}
+FAST = FAST_REFINE
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("compute")
-    source = write_llama(root / "llama")
-    return {"root": root, "source": source, "adapter": write_lora(source, root / "lora", seed=10), "target": write_qwen2(root / "qwen2")}
+    return refine_pair(tmp_path_factory.mktemp("compute"))
 
 
-def refine(models: dict[str, Path], out: Path, **kw: Any) -> dict[str, Any]:
-    return run_refine(models["source"], models["adapter"], models["target"], out, **{**FAST, **kw})
+refine = fast_refine
 
 
 def test_the_decision_can_be_forced_either_way(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,14 +18,14 @@ from typing import Any
 import pytest
 import torch
 from conftest import read_tensors, run_cli, run_module
-from helpers import write_llama, write_lora, write_qwen2
+from helpers import FAST_REFINE, PROMPTS, fast_refine, refine_pair
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
 from lowmem_crosslora import hooks  # noqa: E402
 from lowmem_crosslora.commands import refine as refine_mod  # noqa: E402
-from lowmem_crosslora.commands.refine import CHECKPOINT_NAME, run_refine  # noqa: E402
+from lowmem_crosslora.commands.refine import CHECKPOINT_NAME  # noqa: E402
 from lowmem_crosslora.commands.verify import run_verify  # noqa: E402
 from lowmem_crosslora.errors import InputError, Interrupted  # noqa: E402
 from lowmem_crosslora.io.runstate import state_dir_for  # noqa: E402
@@ -39,22 +39,16 @@ from lowmem_crosslora.services.probes import (  # noqa: E402
 from lowmem_crosslora.services.scoring import encode, token_logprobs  # noqa: E402
 from lowmem_crosslora.services.train_shape import choose_shape, smallest_room, train_bytes  # noqa: E402
 
-PROMPTS = ["The weather", "A story:"]
-FAST: dict[str, Any] = {"steps": 2, "batch": 2, "samples": 4, "contrast_samples": 2, "max_new_tokens": 12, "prompts": PROMPTS, "device": "cpu"}
+FAST = FAST_REFINE
 OUT_FILES = {"adapter_config.json", "adapter_model.safetensors", "crosslora_report.json", PROBES_NAME}
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("refine")
-    source = write_llama(root / "llama")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    return {"root": root, "source": source, "adapter": write_lora(source, root / "lora", seed=10), "target": write_qwen2(root / "qwen2"), "prompts": prompts}
+    return refine_pair(tmp_path_factory.mktemp("refine"))
 
 
-def refine(models: dict[str, Path], out: Path, **kw: Any) -> dict[str, Any]:
-    return run_refine(models["source"], models["adapter"], models["target"], out, **{**FAST, **kw})
+refine = fast_refine
 
 
 @pytest.fixture(scope="module")

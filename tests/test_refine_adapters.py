@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 from conftest import read_tensors, run_cli
-from helpers import write_llama, write_qwen2
+from helpers import FAST_REFINE, write_llama, write_qwen2
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -23,8 +23,7 @@ from lowmem_crosslora.errors import InputError  # noqa: E402
 from lowmem_crosslora.io.adapter import is_plain_lora, load_behaviour_adapter  # noqa: E402
 from lowmem_crosslora.io.safetensors_model import Checkpoint  # noqa: E402
 
-PROMPTS = ["The weather", "A story:"]
-FAST: dict[str, Any] = {"steps": 2, "batch": 2, "samples": 4, "contrast_samples": 2, "max_new_tokens": 12, "prompts": PROMPTS, "device": "cpu"}
+FAST = FAST_REFINE
 
 
 def peft_config(kind: str) -> Any:
