@@ -26,7 +26,7 @@ import torch
 from lowmem_crosslora import hooks
 from lowmem_crosslora.dtypes import TAG_BYTES, TAG_TORCH
 from lowmem_crosslora.errors import InputError
-from lowmem_crosslora.io.runstate import atomic_write, disk_error, fsync_dir, state_dir_for, write_json
+from lowmem_crosslora.io.runstate import atomic_write, disk_error, publish, state_dir_for, write_json
 
 PARTIAL_NAME = "adapter_model.safetensors.partial"
 
@@ -416,21 +416,6 @@ class PartialOutput:
             self.journal_path.unlink()
             for name in drop:
                 (self.dir / name).unlink(missing_ok=True)
-            fsync_dir(self.dir)
-            old = None
-            if self.out.exists():
-                if any(self.out.iterdir()):
-                    if not force:
-                        raise InputError(f"output folder {self.out} is not empty; use --force to replace it")
-                    old = self.out.parent / f".{self.out.name}.crosslora-old"
-                    if old.exists():
-                        shutil.rmtree(old)
-                    os.replace(self.out, old)
-                else:
-                    self.out.rmdir()
-            os.replace(self.dir, self.out)
-            fsync_dir(self.out.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            publish(self.dir, self.out, force)  # an old output is moved aside first, removed once this is in place
         except OSError as e:
             raise disk_error(e, self.out) from None

@@ -109,7 +109,7 @@ def _notice(warn: Callable[[str], None] | None, msg: str) -> None:
     if warn is not None:
         warn(msg)
     else:
-        warnings.warn(msg, UserWarning, stacklevel=4)
+        warnings.warn(msg, UserWarning, stacklevel=5)
 
 
 def _open_output(task: Task, opts: TransferOptions, say: Callable[[str], None], label: str) -> None:
@@ -157,11 +157,7 @@ def _plan_tasks(
         tasks.append(_prepare(ad, out_path, src, tgt, opts, batch, say))
     for t in tasks:  # skipped biases / modules_to_save, a rank vLLM needs --max-lora-rank for
         for msg in t.plan.warnings:
-            msg = f"{t.adapter.path}: {msg}" if batch else msg
-            if warn is not None:
-                warn(msg)
-            else:
-                warnings.warn(msg, UserWarning, stacklevel=4)
+            _notice(warn, f"{t.adapter.path}: {msg}" if batch else msg)
     return tasks
 
 
