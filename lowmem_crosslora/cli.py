@@ -264,8 +264,8 @@ def plan(as_json: bool, adapter: Path, source: Path, target: Path, **kw: Any) ->
     click.echo(
         f"{len(summary['units'])} units, {e['base_matrices']} base matrices to factor; "
         f"estimated {e['seconds']:.0f} s on {e['device']} ({e['gflops']:.0f} GFLOP/s measured here), "
-        f"working host memory ~{e['peak_working']} (+{e['baseline_host']} for Python and torch) under a budget of {e['host_budget']} "
-        f"(smallest workable budget {e['min_host_budget']})"
+        f"host memory ~{e['baseline_host']} for Python and torch + ~{e['peak_working']} working, under a budget of {e['host_budget']} "
+        f"for the whole process (smallest workable budget {e['min_host_budget']}, of which {e['min_working']} working)"
     )
 
 

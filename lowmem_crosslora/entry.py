@@ -8,8 +8,13 @@ import importlib
 import signal
 import sys
 
+from lowmem_crosslora.sysmem import tune_allocator
+
 
 def main() -> None:
+    # The allocator is tuned before anything is allocated, so every command's baseline (what
+    # --max-memory counts before any work) is measured alike: see services/memory.py.
+    tune_allocator()
     # While torch imports, SIGINT only sets a flag: raised inside torch's C++ start-up, a
     # KeyboardInterrupt aborts the process (pybind11 cannot carry it), and elsewhere it is a traceback.
     caught: list[int] = []

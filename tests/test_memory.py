@@ -3,12 +3,15 @@
 - The blocked (out-of-core) range finder gives the in-core result to float tolerance.
 - The budget picks in-core or blocked from the numbers, names the smallest working budget when
   nothing fits (exit 3), and stops cleanly, keeping finished units, when the real figure crosses it.
-- A transfer run under a --max-memory smaller than one float32 base matrix stays under it.
+- --max-memory bounds the whole process's private memory, Python and torch included: a transfer run
+  under the baseline plus less than one float32 base matrix stays under it, measured from outside
+  the process (bench/watch.py samples /proc); a budget the baseline alone fills is refused up front.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 from conftest import transfer_args
 from safetensors.torch import load_file
 
+from bench.watch import run_watched
 from lowmem_crosslora import transfer
 from lowmem_crosslora.errors import BudgetError
 from lowmem_crosslora.linalg.bases import BlockedMatrix, InCoreMatrix, randomized_svd
@@ -79,39 +83,48 @@ def test_blocked_matches_in_core(shape: tuple[int, int]) -> None:
 
 
 def test_budget_picks_in_core_then_blocked_then_refuses() -> None:
-    b = Budget(max_host=2 * 2**30, device="cpu")
+    baseline = Budget(device="cpu").baseline
+    b = Budget(max_host=baseline + 2 * 2**30, device="cpu")
     p = b.plan_matrix(4096, 2048, 330, 320, "BF16")
     assert p.mode == "in-core" and p.device == "cpu"
-    small = Budget(max_host=parse_size("40MiB"), device="cpu")
+    small = Budget(max_host=baseline + parse_size("40MiB"), device="cpu")
     p = small.plan_matrix(4096, 2048, 64, 54, "BF16")
     assert p.mode == "blocked" and 16 <= p.block_rows < 4096
     assert p.host_bytes <= small.host_room()
     tiny = Budget(max_host=parse_size("1MB"), device="cpu")
-    with pytest.raises(BudgetError, match="smallest budget that works is"):
+    with pytest.raises(BudgetError, match="smallest budget that works is .* for the whole process"):
         tiny.plan_matrix(4096, 2048, 330, 320, "BF16")
+    # The figure named counts the baseline, and a budget at it plans the matrix.
+    need = tiny.smallest_for([(4096, 2048, 330, 320, "BF16", 0)])
+    assert need > tiny.baseline
+    assert Budget(max_host=need, device="cpu").plan_matrix(4096, 2048, 330, 320, "BF16").mode == "blocked"
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "lowmem_crosslora", *args], capture_output=True, text=True, timeout=600)
 
 
-def test_budget_below_one_float32_matrix_is_kept(big_pair: dict[str, Path]) -> None:
-    budget = int(0.75 * LARGEST_F32)
+def test_budget_below_one_float32_matrix_holds_for_the_whole_process(big_pair: dict[str, Path]) -> None:
+    """--max-memory = the process's baseline + 3/4 of one float32 base matrix: the run blocks its SVDs,
+    and the process's private memory, sampled from outside every 2 ms, never goes above the budget."""
     out_small = big_pair["root"] / "out-small"
     out_ref = big_pair["root"] / "out-ref"
-    r = _run_cli(*transfer_args(big_pair, out_small, "--max-memory", str(budget)))
-    assert r.returncode == 0, r.stderr
-    report = json.loads((out_small / "crosslora_report.json").read_text())
-    s = report["summary"]
-    assert s["host_budget_bytes"] == budget
-    assert s["peak_working_bytes"] <= budget, (format_size(s["peak_working_bytes"]), format_size(budget))
-    modes = {u["mode"]["source"] for u in report["units"]} | {u["mode"]["target"] for u in report["units"]}
-    assert "blocked" in modes
-    # The reference computes in core (not from the bases the budgeted run left in the cache).
+    # The reference computes in core (no cache: not from bases a budgeted run left behind).
     r = _run_cli(*transfer_args(big_pair, out_ref, "--no-cache"))
     assert r.returncode == 0, r.stderr
     ref_report = json.loads((out_ref / "crosslora_report.json").read_text())
     assert {u["mode"]["target"] for u in ref_report["units"]} == {"in-core"}
+    budget = ref_report["summary"]["baseline_host_bytes"] + int(0.75 * LARGEST_F32)
+    w = run_watched([sys.executable, "-m", "lowmem_crosslora", *transfer_args(big_pair, out_small, "--no-cache", "--max-memory", str(budget))], timeout=600)
+    assert w.returncode == 0, w.stderr
+    assert w.samples > 10
+    assert w.peak_private <= budget, (format_size(w.peak_private), format_size(budget))
+    report = json.loads((out_small / "crosslora_report.json").read_text())
+    s = report["summary"]
+    assert s["host_budget_bytes"] == budget
+    assert s["peak_host_bytes"] <= budget and s["peak_working_bytes"] == s["peak_host_bytes"] - s["baseline_host_bytes"]
+    modes = {u["mode"]["source"] for u in report["units"]} | {u["mode"]["target"] for u in report["units"]}
+    assert "blocked" in modes
     a, b = load_file(str(out_small / "adapter_model.safetensors")), load_file(str(out_ref / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for name in a:
@@ -122,6 +135,19 @@ def test_budget_below_one_float32_matrix_is_kept(big_pair: dict[str, Path]) -> N
         B2 = b[name.replace("lora_A", "lora_B")].double()
         d1, d2 = B1 @ A1, B2 @ A2
         assert torch.linalg.norm(d1 - d2) <= 2e-3 * torch.linalg.norm(d2)
+
+
+def test_budget_below_the_baseline_is_refused_naming_the_whole(big_pair: dict[str, Path], tmp_path: Path) -> None:
+    """A budget that Python and torch alone fill: exit 3 before any work, naming a figure above the baseline."""
+    out = tmp_path / "out"
+    r = _run_cli(*transfer_args(big_pair, out, "--max-memory", "64MiB"))
+    assert r.returncode == 3, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "leaves no room" in lines[0] and "for the whole process" in lines[0], lines
+    named = parse_size(re.search(r"smallest budget that works is ([0-9.]+) ([KMG]iB)", lines[0]).expand(r"\1\2"))
+    held = parse_size(re.search(r"\(([0-9.]+) ([KMG]iB) of it held for Python and torch", lines[0]).expand(r"\1\2"))
+    assert named > held > 64 * 2**20
+    assert not out.exists()
 
 
 def test_budget_too_small_exits_3_naming_the_smallest(big_pair: dict[str, Path], tmp_path: Path) -> None:

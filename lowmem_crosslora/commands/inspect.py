@@ -103,9 +103,10 @@ def plan_summary(adapter: Path, source: Path, target: Path, **options: Any) -> d
             "peak_working": format_size(peak),
             "peak_working_bytes": peak,
             "baseline_host": format_size(budget.baseline),
-            "host_budget": format_size(budget.max_host),
+            "host_budget": format_size(budget.limit),
             "min_host_budget": size_at_least(need),
             "min_host_budget_bytes": need,
+            "min_working": size_at_least(budget.smallest_working(matrices)),
         },
     }
 

@@ -12,7 +12,6 @@ which this module follows step by step). On texts only, since token ids do not c
 4. the finished folder renamed into place in one step, its report saying plainly whether any step
    beat the control on the held-out texts."""
 
-
 from __future__ import annotations
 
 import json
@@ -30,7 +29,7 @@ from safetensors.torch import save_file
 from lowmem_crosslora import hooks
 from lowmem_crosslora.errors import BudgetError, InputError, Interrupted
 from lowmem_crosslora.io import runstate
-from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint
+from lowmem_crosslora.io.adapter import Adapter, adapter_fingerprint, require_folder
 from lowmem_crosslora.io.hub import model_name
 from lowmem_crosslora.io.partial import ADAPTER_NAME, CONFIG_NAME, REPORT_NAME
 from lowmem_crosslora.io.runstate import check_output_dir, write_json
@@ -48,7 +47,7 @@ from lowmem_crosslora.services.plan import Plan, build_plan
 from lowmem_crosslora.services.probe_set import Prepared, prepare_source, target_texts
 from lowmem_crosslora.services.probes import PROBES_NAME, Probe, read_texts, require_extras
 from lowmem_crosslora.services.report import build_report
-from lowmem_crosslora.services.scoring import Loader, budgeted_params, free, room_left
+from lowmem_crosslora.services.scoring import Loader, budgeted_params, free, raise_to, room_left
 from lowmem_crosslora.services.stop import StopFlag
 from lowmem_crosslora.services.target_lora import attach_lora, batch_indices, lora_config, lora_param_count, peft_tensors, source_adapter
 from lowmem_crosslora.services.train_shape import TrainShape, choose_shape, load_checkpoint, lora_state, save_checkpoint, smallest_room
@@ -146,6 +145,11 @@ def _refine(
     budget = Budget(opts.max_memory, opts.max_gpu_memory, run.dev)
     loader = Loader(budget, run.dev, "auto", say)
     src_tok, tgt_tok = loader.tokenizer(run.src), loader.tokenizer(run.tgt)  # both checked before the long work
+    # The training's least need, checked before the source is sampled (minutes) and named by every refusal.
+    loader.floor = _least_training(run)
+    room = room_left(budget, run.dev)
+    if room is not None and room < loader.floor:
+        raise _training_refused(run, budget, loader.floor)
     budget.start()
     try:
         # 1. probe texts and the source's per-token changes (kept: a resumed run never reloads the source)
@@ -167,6 +171,7 @@ def _open_run(
     """Check every input and the output folder, plan the target's modules, and claim (or resume) the state folder."""
     opts.check()
     src, tgt = Checkpoint(source, "source"), Checkpoint(target, "target")
+    require_folder(adapter, "refine")
     ad = source_adapter(adapter, src, opts.init)
     user = read_texts(texts) if isinstance(texts, (str, Path)) else list(texts or [])
     plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map)
@@ -303,12 +308,7 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
         # gradients in the same order (the same bytes), whatever the room measured now.
         shape = TrainShape.from_json(ck["shape"])
     if shape is None:
-        need = smallest_room(tgt.config, params, lora_params, longest, passes, "bfloat16", extra)
-        flag = "--max-memory" if dev == "cpu" else "--max-gpu-memory"
-        raise BudgetError(
-            f"training a LoRA on the target {tgt.path} needs at least {format_size(need)} of working memory "
-            f"(bfloat16 weights, one text at a time, gradient checkpointing); raise {flag} to at least {format_size(need)}"
-        )
+        raise _training_refused(run, budget, _least_training(run, longest))
     main = [truncate(t, shape.max_len) for t in main]
     contrast = [truncate(t, shape.max_len) for t in contrast]
     run.say(
@@ -320,6 +320,22 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
         + (f"; computing in {shape.compute_dtype}: {shape.compute}" if shape.compute else "")
     )
     return Training(main, contrast, shape, lora_params, ck)
+
+
+def _least_training(run: RefineRun, longest: int = 32) -> int:
+    """The least working memory training on the target needs: bfloat16 weights (computing in float32
+    where bfloat16 matmuls are slow), one text of up to min(longest, 32) tokens a pass, checkpointing."""
+    passes = 2 if run.opts.objective == "lm+kl" else 1
+    extra = 0 if bf16_speed(run.dev).fast else upcast_bytes(run.tgt.config)
+    params = budgeted_params(run.tgt, "bfloat16", run.dev)
+    return smallest_room(run.tgt.config, params, lora_param_count(run.plan, run.cfg), longest, passes, "bfloat16", extra)
+
+
+def _training_refused(run: RefineRun, budget: Budget, need: int) -> BudgetError:
+    return BudgetError(
+        f"training a LoRA on the target {run.tgt.path} needs at least {format_size(need)} of working memory "
+        f"(bfloat16 weights, one text at a time, gradient checkpointing); {raise_to(budget, run.dev, need)}"
+    )
 
 
 def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: Path | None) -> Any:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lowmem_crosslora.errors import InputError
-from lowmem_crosslora.io.adapter import Adapter, check_finite, load_adapter
+from lowmem_crosslora.io.adapter import Adapter, check_finite, load_adapter, require_folder
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.device import resolve_device
 from lowmem_crosslora.services.effects import Z_CUTOFF, adapter_norms, install_control, mean_se, ratio_se
@@ -30,7 +30,7 @@ from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.options import VerifyOptions
 from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, PROBES_NAME, Probe, read_texts, require_extras, sample_probes
 from lowmem_crosslora.services.report import build_report
-from lowmem_crosslora.services.scoring import Loader, encode, free, score, vocab_size
+from lowmem_crosslora.services.scoring import Loader, encode, free, longest_sequence, score, vocab_size
 from lowmem_crosslora.sysmem import tune_allocator
 from lowmem_crosslora.version import __version__
 
@@ -229,6 +229,8 @@ def load_inputs(source: str | Path, adapter: str | Path, target: str | Path, tra
     would grade a refined adapter on the texts it trained on)."""
     src = Checkpoint(source, "source")
     tgt = Checkpoint(target, "target")
+    require_folder(adapter, "verify")
+    require_folder(transferred, "verify")
     ad = load_adapter(adapter)
     tr = load_adapter(transferred)
     check_adapter_fits(ad, src, "adapter")
@@ -266,6 +268,7 @@ def score_source(inp: Inputs, opts: VerifyOptions, loader: Loader, tok: Any, dev
     from peft import PeftModel
 
     t = time.perf_counter()
+    loader.tokens = longest_sequence(tok, inp.prompts, opts.max_new_tokens, inp.user)
     base = loader.load(inp.src)
     model = PeftModel.from_pretrained(base, str(inp.adapter.path), adapter_name="adapter")
     model.to(dev)
@@ -303,6 +306,8 @@ def score_target(inp: Inputs, loader: Loader, tok: Any, dev: str, scores: Scores
     from peft import PeftModel
 
     t = time.perf_counter()
+    enc = [encode(tok, p) for p in scores.probes]
+    loader.tokens = max(len(e.ids) for e in enc)
     base = loader.load(inp.tgt)
     model = PeftModel.from_pretrained(base, str(inp.transferred.path), adapter_name="transferred")
     control_norms = install_control(model, inp.transferred.path, inp.seed)
@@ -310,7 +315,6 @@ def score_target(inp: Inputs, loader: Loader, tok: Any, dev: str, scores: Scores
     model.eval()
     scores.phases["load_target"] = time.perf_counter() - t
     t = time.perf_counter()
-    enc = [encode(tok, p) for p in scores.probes]
     with model.disable_adapter():
         scores.ll["target_base"] = score(model, enc, dev, vocab_size(inp.tgt))
     model.set_adapter("transferred")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import os
 import re
@@ -17,6 +18,8 @@ from safetensors import SafetensorError, safe_open
 from lowmem_crosslora.dtypes import TAG_TORCH, TORCH_TAG
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.config_fields import check_adapter_config, number
+from lowmem_crosslora.io.gguf_adapter import read_gguf_adapter, restore_rows
+from lowmem_crosslora.io.gguf_model import is_gguf
 from lowmem_crosslora.io.hub import resolve
 from lowmem_crosslora.io.reader import read_json
 from lowmem_crosslora.io.safetensors_model import read_safetensors_header
@@ -58,7 +61,10 @@ class Adapter:
     warnings: list[str] = field(default_factory=list)  # one line each, for the user
     # `<lora_B name>#<part>` -> (lora_B name, rows): one part's rows of a fused module's B
     views: dict[str, tuple[str, tuple[tuple[int, int], ...]]] = field(default_factory=dict)
-    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # a pickled adapter, loaded
+    state: dict[str, torch.Tensor] | None = field(default=None, repr=False)  # a pickled or GGUF adapter, loaded
+    # A LoRA GGUF's lora_B names whose rows are in llama.cpp's q/k order ("q"/"k"): put back by the
+    # plan once the source's head counts are known (restore_rows).
+    permuted_rows: dict[str, str] = field(default_factory=dict)
     _handle: Any = field(default=None, repr=False)
 
     def part(self, lora: LoraModule, part: str, rows: tuple[tuple[int, int], ...]) -> LoraModule:
@@ -103,8 +109,6 @@ class Adapter:
         self._handle = None
 
 
-
-
 def _load_pickled(file: Path, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """adapter_model.bin through torch.load(weights_only=True): tensors only, no code runs."""
     try:
@@ -145,7 +149,9 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
             raise InputError(f"{where}: a symbolic link that leads nowhere (dangling, or a loop)")
         raise InputError(f"{where}: no such file or directory")
     if not p.is_dir():
-        raise InputError(f"{where}: expected an adapter folder (adapter_config.json + adapter_model.safetensors)")
+        if is_gguf(p):
+            return _load_gguf(p, where)
+        raise InputError(f"{where}: expected an adapter folder (adapter_config.json + adapter_model.safetensors) or a llama.cpp LoRA GGUF")
     config = read_json(p / "adapter_config.json", "adapter")
     config_warnings = check_adapter_config(config, where)
     peft_type = str(config.get("peft_type", "LORA")).upper()
@@ -178,6 +184,31 @@ def load_adapter(path: str | os.PathLike[str], allow_pickle: bool = False) -> Ad
     if counts["lora_bias"]:
         adapter.warnings.append(f"adapter: {counts['lora_bias']} LoRA bias tensors (lora_bias) are not transferred; the report lists them")
     return adapter
+
+
+def require_folder(path: str | os.PathLike[str], command: str) -> None:
+    """verify and refine run adapters through PEFT, which reads folders: refuse a single file (a LoRA GGUF) plainly."""
+    p = resolve(path, "adapter")
+    if p.is_file():
+        raise InputError(
+            f"adapter {p}: {command} runs adapters with PEFT, which reads an adapter folder (adapter_config.json + "
+            "adapter_model.safetensors), not a single file; a LoRA GGUF can be moved with `transfer` (it writes a PEFT folder)"
+        )
+
+
+def _load_gguf(p: Path, where: str) -> Adapter:
+    """A llama.cpp LoRA GGUF as an adapter (io/gguf_adapter.py says how its terms map to PEFT's)."""
+    config, header, state, permuted = read_gguf_adapter(p)
+    adapter = Adapter(p, config, file=p, state=state, permuted_rows=permuted)
+    _add_modules(adapter, _lora_factors(adapter, header, where, [], "none", {"bias": 0, "save": 0, "lora_bias": 0}), where)
+    return adapter
+
+
+def restore_gguf_rows(adapter: Adapter, num_heads: int, num_kv_heads: int, source_arch: str | None) -> None:
+    """A GGUF adapter's q/k rows back in Hugging Face order, with the source's head counts (no-op otherwise)."""
+    if adapter.state is not None and (adapter.permuted_rows or adapter.config.get("llama_cpp_architecture")):
+        restore_rows(adapter.path, adapter.config, adapter.state, adapter.permuted_rows, (num_heads, num_kv_heads), source_arch)
+        adapter.permuted_rows = {}
 
 
 def _adapter_file(p: Path, where: str, allow_pickle: bool) -> tuple[Path, dict[str, Any], dict[str, torch.Tensor] | None]:
@@ -370,7 +401,10 @@ def adapter_fingerprint(adapter: Adapter) -> str:
     """Content hash of the adapter's config and weights (adapters are small: hash every byte)."""
 
     h = hashlib.sha256()
-    h.update((adapter.path / "adapter_config.json").read_bytes())
+    if adapter.path.is_file():  # a LoRA GGUF: its derived config, then every byte of the file
+        h.update(json.dumps(adapter.config, sort_keys=True).encode())
+    else:
+        h.update((adapter.path / "adapter_config.json").read_bytes())
     assert adapter.file is not None
     with open(adapter.file, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -162,7 +162,6 @@ def entries_for_file(tensors_file: Path, alpha: float | None = None) -> list[Lor
     """Entries for every q..down module of a finished PEFT adapter file (uniform scale alpha / rank,
     or 1.0 relative scale when alpha is None): for rewriting an output's GGUF by hand."""
 
-
     hf_to_canonical = {"q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o", "gate_proj": "gate", "up_proj": "up", "down_proj": "down"}
     pat = re.compile(r"^base_model\.model\..*\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_A\.weight$")
     out = []
@@ -198,6 +197,5 @@ def finish_hooks(out_format: str, plan: Any, adapter: Any, target: Any) -> tuple
 
         heads = {"num_heads": dims.num_heads, "num_kv_heads": dims.num_kv_heads}
         write_lora_gguf(folder / GGUF_NAME, folder / ADAPTER_NAME, entries, arch=arch, alpha=alpha, name=name, **heads)
-
 
     return write, ((ADAPTER_NAME, CONFIG_NAME) if out_format == "gguf" else ())

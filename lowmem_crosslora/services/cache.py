@@ -57,8 +57,6 @@ SUFFIX = ".safetensors"
 _DTYPES = {t: TAG_TORCH[t] for t in ("F32", "F64")}  # what cache entries are stored in
 
 
-
-
 def default_cache_dir() -> Path:
     """The platform's place for user caches: $XDG_CACHE_HOME or ~/.cache on Linux and other
     Unixes, ~/Library/Caches on macOS, %LOCALAPPDATA%\\lowmem-crosslora\\Cache on Windows."""

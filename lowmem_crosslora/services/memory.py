@@ -3,10 +3,12 @@
 Host memory means this process's *anonymous* (private) resident memory (Linux: RssAnon in
 /proc/self/status; elsewhere psutil's USS). Pages of the memory-mapped checkpoints are file-backed:
 the kernel can drop them at any time and re-read them from disk, so they are reported apart
-(RssFile) and do not count against --max-memory. --max-memory bounds the transfer's *working*
-memory: private memory above the baseline the process held when the transfer began (the Python
-interpreter and the torch libraries, about 150 MB, measured at start and reported beside it).
-GPU memory is torch's allocated peak.
+(RssFile) and do not count against --max-memory. --max-memory bounds the *whole process's* private
+memory, the figure a user compares with free memory or a cgroup limit: the baseline the process holds
+before any work (the Python interpreter and the torch libraries, about 160 MB with a CPU build of
+torch, more with a CUDA build; measured at start) plus the working memory above it, which the planner
+fits into what the baseline leaves. Reports give the split. GPU memory is the process's as the
+driver counts it, CUDA context included (gpumem.py), bounded the same way by --max-gpu-memory.
 
 Before each matrix the budget picks how to factor it (device, in-core or blocked, block size) from
 a memory model; while running, a sampler thread watches the real figure and the engine stops
@@ -24,10 +26,11 @@ import torch
 
 from lowmem_crosslora.dtypes import tag_bytes
 from lowmem_crosslora.errors import BudgetError
+from lowmem_crosslora.gpumem import process_gpu_bytes
 from lowmem_crosslora.linalg.bases import InCoreMatrix, finish, randomized_svd
 from lowmem_crosslora.linalg.projection import project_factors
 from lowmem_crosslora.sizes import format_size
-from lowmem_crosslora.sysmem import host_anon_bytes, host_file_bytes, host_resident, release_free_memory
+from lowmem_crosslora.sysmem import host_anon_bytes, host_file_bytes, host_resident, release_free_memory, tune_allocator
 
 F32 = 4
 
@@ -45,6 +48,12 @@ CREEP = 3 * 1024**2
 
 
 MIN_BLOCK_ROWS = 16
+
+
+# The smallest budget named adds this to the measured baseline: processes measure baselines a few
+# MiB apart (`plan`'s warm-up leaves about 3 MiB more than a transfer's), and the figure one names
+# must work in the other.
+BASELINE_MARGIN = 4 * 1024**2
 
 
 # GPU headroom for the solvers' own workspaces (cuSOLVER QR and SVD), which grow with the panels.
@@ -114,9 +123,28 @@ def warm_up_cuda(device: str) -> None:
     del w, W, U, S, V, b
 
 
+def gpu_fixed_bytes(device: str) -> int:
+    """GPU memory this process holds outside torch's allocator (CUDA context, library workspaces),
+    as the driver counts it; 0 where the driver cannot tell (the report then says so)."""
+    dev = torch.device(device)
+    try:
+        uuid = str(torch.cuda.get_device_properties(dev).uuid)
+    except (AttributeError, RuntimeError):
+        return 0
+    used = process_gpu_bytes(uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}")
+    if used is None:
+        return 0
+    return max(0, used - int(torch.cuda.memory_reserved(dev)))
+
+
 class Budget:
+    """The run's memory limits and peaks. `limit` is --max-memory: the whole process's private memory;
+    `max_host` is the working room the measured baseline leaves under it (negative when the
+    baseline alone does not fit: every plan is then refused, naming the smallest budget)."""
+
     def __init__(self, max_host: int | None = None, max_gpu: int | None = None, device: str = "cpu") -> None:
         self.device = device
+        tune_allocator()  # before the baseline, in every command alike, so that all measure the same figure
         warm_up_libraries()
         if device.startswith("cuda") and torch.cuda.is_available():
             try:
@@ -125,23 +153,28 @@ class Budget:
                 pass  # a failing CUDA solver shows again in the first unit, which then falls back to the CPU
         self.baseline = host_anon_bytes()
         self.file_baseline = host_file_bytes()
+        self.host_default = max_host is None
         if max_host is None:
-            max_host = int(0.5 * psutil.virtual_memory().available)
-            self.host_default = True
-        else:
-            self.host_default = False
-        self.max_host = int(max_host)
+            max_host = self.baseline + int(0.5 * psutil.virtual_memory().available)
+        self.limit = int(max_host)
+        self.max_host = self.limit - self.baseline
+        self.gpu_baseline = 0
+        self.gpu_context = 0
+        self.gpu_allocated0 = 0
         if device.startswith("cuda") and torch.cuda.is_available():
             free, _total = torch.cuda.mem_get_info()
-            self.max_gpu = int(max_gpu) if max_gpu is not None else int(0.8 * free)
             torch.cuda.reset_peak_memory_stats()
-            self.gpu_baseline = int(torch.cuda.memory_allocated())
+            # The process's GPU memory outside torch's allocator (the CUDA context, cuBLAS / cuSOLVER
+            # workspaces) as the driver counts it, where it can tell; plus torch's live blocks.
+            self.gpu_context = gpu_fixed_bytes(device)
+            self.gpu_allocated0 = int(torch.cuda.memory_allocated())
+            self.gpu_baseline = self.gpu_context + int(torch.cuda.memory_reserved())
+            self.max_gpu = int(max_gpu) if max_gpu is not None else self.gpu_baseline + int(0.8 * free)
         elif device == "mps":  # unified memory: the device shares the host's
-            self.max_gpu = int(max_gpu) if max_gpu is not None else self.max_host
+            self.max_gpu = int(max_gpu) if max_gpu is not None else self.limit
         else:
             self.max_gpu = int(max_gpu) if max_gpu is not None else 0
         self.peak_host = self.baseline
-        self.gpu_baseline = getattr(self, "gpu_baseline", 0)
         self.peak_file = 0
         self.peak_gpu = 0
         self.exceeded: str | None = None
@@ -150,6 +183,28 @@ class Budget:
         # The matrices of the run this budget plans, when known (the engine's or `plan`'s list):
         # a refusal names the smallest budget for all of them, not only for the matrix refused.
         self.run_matrices: list[RunMatrix] = []
+
+    def named_baseline(self) -> int:
+        """The baseline as the smallest-budget figures count it: the measured one plus a margin."""
+        return self.baseline + BASELINE_MARGIN
+
+    def whole_process(self, working: int) -> int:
+        """The --max-memory (whole process) that leaves `working` bytes above what the process holds now."""
+        return max(self.named_baseline(), host_anon_bytes() + BASELINE_MARGIN) + working
+
+    def gpu_used(self) -> int:
+        """The process's GPU memory now as the driver counts it: fixed cost plus torch's reserved blocks."""
+        return self.gpu_context + int(torch.cuda.memory_reserved()) if self.device.startswith("cuda") and torch.cuda.is_available() else 0
+
+    def gpu_room(self) -> int | None:
+        """GPU memory left under --max-gpu-memory (None: no GPU limit applies)."""
+        if not self.max_gpu:
+            return None
+        return self.max_gpu - self.gpu_used()
+
+    def gpu_whole_process(self, working: int) -> int:
+        """The --max-gpu-memory that leaves `working` bytes above what the process holds on the GPU now."""
+        return self.gpu_used() + working
 
     # ---- planning -------------------------------------------------------------------------
     def host_room(self) -> int:
@@ -174,6 +229,8 @@ class Budget:
         chosen = self._choose(m, n, q, r, dtype, self.host_room() - held, prefer_device or self.device)
         if chosen is None:
             raise BudgetError(self.refusal(m, n, q, r, dtype, retained))
+        if chosen.device.startswith("cuda") and self.gpu_context + torch.cuda.memory_reserved() + chosen.gpu_bytes > self.max_gpu:
+            torch.cuda.empty_cache()  # the allocator's cached blocks count in what the driver sees: hand them back first
         return chosen
 
     def _choose(self, m: int, n: int, q: int, r: int, dtype: str, room: int, device: str) -> MatrixPlan | None:
@@ -182,7 +239,7 @@ class Budget:
         native = stored_bytes(dtype)
         if device != "cpu":
             # What the GPU holds now (kept bases, the caching allocator's live blocks), measured.
-            gpu_held = max(0, int(torch.cuda.memory_allocated()) - self.gpu_baseline) if device.startswith("cuda") else 0
+            gpu_held = max(0, int(torch.cuda.memory_allocated()) - self.gpu_allocated0) if device.startswith("cuda") else 0
             gpu_room = self.max_gpu - self.gpu_baseline - gpu_held - GPU_SLACK
             # GPU: the stored-dtype matrix is copied straight from the memory map (file pages, not
             # private memory) and widened on the device; the host holds only the result copied back.
@@ -220,19 +277,26 @@ class Budget:
         one figure `plan`, `transfer` and every refusal name: the slack and the creep allowance the
         planner reserves are in it, so a run at this budget plans every matrix and one below it is
         refused."""
+        return self.named_baseline() + self.smallest_working(matrices, creep)
+
+    def smallest_working(self, matrices: list[RunMatrix], creep: int = 0) -> int:
+        """The working part of smallest_for: the same in every process, whatever its baseline."""
         worst = max((held + self._least_room(m, n, q, r, dtype) for m, n, q, r, dtype, held in matrices), default=0)
         return SLACK + CREEP + creep + worst
 
     def refusal(self, m: int, n: int, q: int, r: int, dtype: str, retained: int) -> str:
         """The message of a budget too small for the run (for the matrix alone when the run's list is unknown)."""
         run = self.run_matrices or [(m, n, q, r, dtype, retained)]
-        need = self.smallest_for(run)
-        if need <= self.max_host:  # the process crept past the allowance: name what the measured figure needs
-            need = self.smallest_for(run, max(0, host_anon_bytes() - self.baseline - CREEP - retained))
+        crept = 0
+        if self.smallest_for(run) <= self.limit:  # the process crept past the allowance: name what the measured figure needs
+            crept = max(0, host_anon_bytes() - self.baseline - CREEP - retained)
+        need, working = self.smallest_for(run, crept), self.smallest_working(run, crept)
+        what = "leaves no room for this transfer" if self.max_host <= SLACK + CREEP else "is too small for this transfer"
         return (
-            f"--max-memory {size_at_most(self.max_host)} is too small for this transfer (a {m} x {n} matrix at q={q} does not fit): "
-            f"the smallest budget that works is {size_at_least(need)} of working memory "
-            f"(on top of the {format_size(self.baseline)} the process holds for Python and torch)"
+            f"--max-memory {size_at_most(self.limit)} {what} (a {m} x {n} matrix at q={q} does not fit): "
+            f"the smallest budget that works is {size_at_least(need)} for the whole process "
+            f"({format_size(self.baseline)} held for Python and torch before any work, "
+            f"+ {format_size(BASELINE_MARGIN)} margin, + {size_at_least(working)} working)"
         )
 
     def fits_host(self, nbytes: int, retained: int = 0) -> bool:
@@ -260,10 +324,15 @@ class Budget:
             self.peak_file = mapped
         if now > self.peak_host:
             self.peak_host = now
-        if now - self.baseline > self.max_host and self.exceeded is None:
-            self.exceeded = f"working host memory reached {format_size(now - self.baseline)}, over the --max-memory budget of {format_size(self.max_host)}"
+        # A budget the baseline alone fills is not "crossed" by the work: the planner refuses it,
+        # naming the smallest budget, before any work is planned into it.
+        if now > self.limit and self.max_host > 0 and self.exceeded is None:
+            self.exceeded = (
+                f"the process's private memory reached {format_size(now)} ({format_size(self.baseline)} baseline + "
+                f"{format_size(now - self.baseline)} working), over the --max-memory budget of {format_size(self.limit)}"
+            )
         if self.device.startswith("cuda") and torch.cuda.is_available():
-            g = int(torch.cuda.max_memory_allocated())
+            g = self.gpu_context + int(torch.cuda.max_memory_reserved())
             self.peak_gpu = max(self.peak_gpu, g)
             if self.max_gpu and g > self.max_gpu and self.exceeded is None:
                 self.exceeded = f"GPU memory reached {format_size(g)}, over the --max-gpu-memory budget of {format_size(self.max_gpu)}"

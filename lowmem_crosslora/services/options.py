@@ -126,7 +126,7 @@ LIMIT_TEXT = f"{DEFAULT_LIMIT // 1000**3}GB"  # the basis cache's size limit as 
 
 
 def _host_budget(example: str) -> str:
-    return f"Host memory budget{example} [default: half of what is available]."
+    return f"Private memory of the whole process, Python and torch included{example} [default: what they hold plus half of what is available]."
 
 
 @dataclass
@@ -141,7 +141,9 @@ class TransferOptions:
     exact_ratio: float = 0.5
     compute_dtype: str = option("float32", "Precision of the SVD and projection.", choices=tuple(dtypes.COMPUTE))
     max_memory: int | None = option(None, _host_budget(", e.g. 2GB, 1.5GiB"), parse=parse_size)
-    max_gpu_memory: int | None = option(None, "GPU memory budget [default: 80% of free GPU memory].", parse=parse_size)
+    max_gpu_memory: int | None = option(
+        None, "GPU memory of the whole process, CUDA context included [default: what it holds plus 80% of free GPU memory].", parse=parse_size
+    )
     resume: bool = option(True, "Continue an interrupted transfer into the same --out.", name="--resume/--no-resume")
     restart: bool = option(False, "Discard an interrupted transfer's state and start over.")
     force: bool = option(False, "Replace a non-empty output folder.")

@@ -12,7 +12,8 @@ from typing import Any
 from lowmem_crosslora import dtypes
 from lowmem_crosslora.architectures import CANONICAL, Family, fused_rows, module_shape
 from lowmem_crosslora.errors import InputError
-from lowmem_crosslora.io.adapter import PEFT_PREFIX, Adapter, LoraModule
+from lowmem_crosslora.io.adapter import PEFT_PREFIX, Adapter, LoraModule, restore_gguf_rows
+from lowmem_crosslora.io.gguf_lora import LLAMA_CPP_ARCH
 from lowmem_crosslora.io.reader import CheckpointReader
 from lowmem_crosslora.linalg.fused import Placement, merge
 from lowmem_crosslora.services.vllm import uniform_rank_alpha
@@ -174,6 +175,8 @@ def build_plan(
         raise InputError(f"unknown layer map {layer_map!r}; choose one of {', '.join(LAYER_MAPS)}")
     if rank < 1:
         raise InputError(f"--rank must be at least 1 (got {rank})")
+    # A LoRA GGUF holds llama's q/k rows in llama.cpp's order: back to Hugging Face's with the source's heads.
+    restore_gguf_rows(adapter, source.dims.num_heads, source.dims.num_kv_heads, LLAMA_CPP_ARCH.get(source.family.name))
     skipped: list[dict[str, Any]] = list(adapter.skipped)
     sources = _source_units(adapter, source, skipped)
     if not sources:

@@ -14,7 +14,7 @@ from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.distill import TrainText, segments
 from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, Probe, sample_probes, stable_seed
-from lowmem_crosslora.services.scoring import Loader, Log, encode, free, token_logprobs, vocab_size
+from lowmem_crosslora.services.scoring import Loader, Log, encode, free, longest_sequence, token_logprobs, vocab_size
 
 
 @dataclass
@@ -87,6 +87,7 @@ def prepare_source(
     from peft import PeftModel
 
     t0 = time.perf_counter()
+    loader.tokens = longest_sequence(tok, prompts or list(DEFAULT_PROMPTS), max_new_tokens, user)
     base = loader.load(src)
     model = PeftModel.from_pretrained(base, str(adapter), adapter_name="adapter")
     model.to(dev)

@@ -141,12 +141,7 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         lines.append(f"energy retained: mean {e['mean']:.3f}, min {e['min']:.3f}, max {e['max']:.3f}")
         per = ", ".join(f"{k} {v:.3f}" for k, v in s["energy_retained_by_module"].items())
         lines.append(f"  by module: {per}")
-    lines.append(
-        f"peak host memory: {format_size(s['peak_working_bytes'])} working (budget {format_size(s['host_budget_bytes'])}) "
-        f"+ {format_size(s['baseline_host_bytes'])} for Python and torch = {format_size(s['peak_host_bytes'])} private; "
-        f"{format_size(s['peak_mapped_file_bytes'])} of mapped files (reclaimable)"
-        + (f"; peak GPU {format_size(s['peak_gpu_bytes'])}" if s.get("peak_gpu_bytes") else "")
-    )
+    lines.append(f"{host_memory_line(s)}; {format_size(s['peak_mapped_file_bytes'])} of mapped files (reclaimable)" + gpu_memory_text(s))
     if s["skipped"]:
         reasons: dict[str, int] = {}
         for item in report["skipped"]:
@@ -170,16 +165,35 @@ def _norm_summary(norms: dict[str, float]) -> dict[str, float | int]:
     return {"modules": len(norms), "total": round(sum(v * v for v in norms.values()) ** 0.5, 6)}
 
 
+def host_memory_line(s: dict[str, Any]) -> str:
+    """The peak private memory and its split, against the whole-process budget."""
+    return (
+        f"peak host memory: {format_size(s['peak_host_bytes'])} private = {format_size(s['baseline_host_bytes'])} for Python and the "
+        f"libraries + {format_size(s['peak_working_bytes'])} working (--max-memory {format_size(s['host_budget_bytes'])}, whole process)"
+    )
+
+
+def gpu_memory_text(s: dict[str, Any]) -> str:
+    """'; peak GPU ...' with what it counts, or nothing when no GPU was used."""
+    if not s.get("peak_gpu_bytes"):
+        return ""
+    ctx = s.get("gpu_context_bytes") or 0
+    counts = f"CUDA context and workspaces {format_size(ctx)} of it" if ctx else "torch's reserved blocks: the driver did not report the CUDA context"
+    return f"; peak GPU {format_size(s['peak_gpu_bytes'])} ({counts}; --max-gpu-memory {format_size(s.get('gpu_budget_bytes') or 0)})"
+
+
 def memory_summary(budget: Budget, phases: dict[str, float]) -> dict[str, Any]:
     """The peak-memory and phase-time fields every report's summary holds."""
     return {
         "peak_host_bytes": budget.peak_host,
         "baseline_host_bytes": budget.baseline,
         "peak_working_bytes": budget.peak_working,
-        "host_budget_bytes": budget.max_host,
+        "host_budget_bytes": budget.limit,
         "peak_mapped_file_bytes": budget.peak_file,
         "peak_gpu_bytes": budget.peak_gpu,
         "gpu_baseline_bytes": budget.gpu_baseline,
+        "gpu_context_bytes": budget.gpu_context,
+        "gpu_budget_bytes": budget.max_gpu,
         "phase_seconds": {k: round(v, 3) for k, v in phases.items()},
     }
 
@@ -236,11 +250,7 @@ def verify_lines(report: dict[str, Any]) -> list[str]:
     )
     for e in v["sets"].values():
         lines.append(e["verdict"])
-    lines.append(
-        f"peak host memory: {format_size(s['peak_working_bytes'])} working (budget {format_size(s['host_budget_bytes'])}) "
-        f"+ {format_size(s['baseline_host_bytes'])} for Python and the libraries = {format_size(s['peak_host_bytes'])} private"
-        + (f"; peak GPU {format_size(s['peak_gpu_bytes'])}" if s.get("peak_gpu_bytes") else "")
-    )
+    lines.append(host_memory_line(s) + gpu_memory_text(s))
     for w in s.get("warnings", []):
         lines.append(f"warning: {w}")
     return lines

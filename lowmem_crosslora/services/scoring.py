@@ -14,7 +14,7 @@ from lowmem_crosslora.dtypes import NAME_TAG
 from lowmem_crosslora.errors import BudgetError, InputError
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.compute import bf16_speed, upcast_bytes, upcast_model
-from lowmem_crosslora.services.memory import Budget
+from lowmem_crosslora.services.memory import Budget, size_at_least
 from lowmem_crosslora.services.probes import Probe, prefix_ids
 from lowmem_crosslora.sizes import format_size
 from lowmem_crosslora.sysmem import host_anon_bytes, release_free_memory
@@ -53,6 +53,12 @@ def encode(tokenizer: Any, probe: Probe) -> Encoded:
     nbytes = len(full[start:].encode("utf-8"))
     ends = tuple(int(e) for _s, e in offsets[first_tok:])
     return Encoded(pre + ids, len(pre) + first_tok, nbytes, int(start), ends)
+
+
+def longest_sequence(tokenizer: Any, prompts: list[str], new_tokens: int, texts: list[Probe] = ()) -> int:  # type: ignore[assignment]
+    """The longest sequence a model will see: a prompt and its sampled continuation, or a given text."""
+    longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0) + new_tokens + 1
+    return max([longest, *(len(encode(tokenizer, t).ids) for t in texts)])
 
 
 def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[list[float]]:
@@ -114,16 +120,46 @@ def model_bytes(ckpt: Checkpoint, dtype: str, device: str = "cpu") -> int:
 
 
 def room_left(budget: Budget, device: str) -> int | None:
-    """What the budget has left for a model: host working memory not yet used on the CPU, the GPU
-    budget (None: no limit) on a GPU."""
+    """What the budget has left for a model: the whole-process limit less what the process holds now
+    (host memory on the CPU; on a GPU, the CUDA context and torch's reserved blocks)."""
     if device == "cpu":
         return budget.max_host - max(0, host_anon_bytes() - budget.baseline)
-    return budget.max_gpu
+    return budget.gpu_room()
+
+
+# What the process keeps from one model to the next (texts, scores, tokenizers): the figure a refusal
+# names includes it, so that a run at that figure does not stop again at its next model.
+CARRIED = 8 * 1024**2
+
+
+def raise_to(budget: Budget, device: str, need: int) -> str:
+    """The advice for a model or training shape that needs `need` bytes more than the room left."""
+    if device == "cpu":
+        return f"raise --max-memory to at least {size_at_least(budget.whole_process(need + CARRIED))}"
+    return f"raise --max-gpu-memory to at least {size_at_least(budget.gpu_whole_process(need))}"
 
 
 def vocab_size(ckpt: Checkpoint) -> int:
     """The model's vocabulary (its config's, or its text model's), 32000 when the config says none."""
     return int(ckpt.config.get("vocab_size") or ckpt.config.get("text_config", {}).get("vocab_size") or 32000)
+
+
+def inference_bytes(config: dict[str, Any], tokens: int, rows: int = 48) -> int:
+    """Working memory of sampling and scoring with a model beside its weights, for sequences of up to
+    `tokens` tokens: the larger of the two phases, twice the tensors counted (the allocator's and the
+    libraries' transients), capped by the figure measured on Qwen2.5-0.5B in float32 (weights 1.98 GB,
+    peak working 2.9 GiB: logits and their log-softmax up to LOGITS_BYTES together, the layers'
+    activations and the loader's slack), which a large vocabulary reaches."""
+    cfg = config.get("text_config", config)
+    V, h = int(cfg.get("vocab_size") or config.get("vocab_size") or 32000), int(cfg.get("hidden_size", 4096))
+    inter, layers = int(cfg.get("intermediate_size", 4 * h)), int(cfg.get("num_hidden_layers", 32))
+    heads = int(cfg.get("num_attention_heads", 32))
+    kv = int(cfg.get("num_key_value_heads", heads)) * int(cfg.get("head_dim") or h // max(1, heads))
+    act = 4 * (4 * h + 3 * inter)  # one layer's transients per token, float32
+    sample = 4 * rows * tokens * V + 32 * rows * V + 4 * rows * tokens * (2 * layers * kv + act // 4)
+    batch = max(1, min(16, LOGITS_BYTES // max(1, 8 * tokens * V)))
+    scoring = 12 * batch * tokens * V + batch * tokens * act
+    return min(2 * LOGITS_BYTES + 64 * 1024**2, 2 * max(sample, scoring) + 16 * 1024**2)
 
 
 class Loader:
@@ -134,17 +170,17 @@ class Loader:
     def __init__(self, budget: Budget, device: str, dtype: str, log: Log) -> None:
         self.budget, self.device, self.dtype, self.log = budget, device, dtype, log
         self.used: dict[str, str] = {}  # role -> the dtype its model was loaded in (and "<role>_compute")
+        self.tokens = 1024  # the longest sequence (prompt + continuation, or scored text) a model will see
+        self.floor = 0  # working memory a later phase needs at the least (refine's training): refusals name it too
 
     def pick_dtype(self, ckpt: Checkpoint) -> str:
         """The dtype to score `ckpt` in: the one asked for, else float32 where it fits, else bfloat16."""
         if self.dtype != "auto":
             return self.dtype
         room = room_left(self.budget, self.device)
-        if self.device != "cpu" and not room:
+        if room is None:
             room = float("inf")  # no GPU budget
-        # Measured on Qwen2.5-0.5B in float32: weights 1.98 GB, peak working 2.9 GiB: the logits and their
-        # log-softmax (up to LOGITS_BYTES together), the layers' activations and the loader's slack.
-        work = 2 * LOGITS_BYTES + 64 * 1024**2
+        work = inference_bytes(ckpt.config, self.tokens)
         if int(1.15 * model_bytes(ckpt, "float32", self.device)) + work <= room:
             return "float32"
         # bfloat16 weights; where its matmuls are slow they compute in float32, one block widened at a time.
@@ -155,7 +191,7 @@ class Loader:
             return "bfloat16"
         raise BudgetError(
             f"{ckpt.role} model {ckpt.path} needs about {format_size(need)} of working memory to score texts in bfloat16, "
-            f"over the budget ({format_size(int(room))} left); raise --max-memory to at least {format_size(need)}"
+            f"over the budget ({format_size(max(0, int(room)))} left); {raise_to(self.budget, self.device, max(need, self.floor))}"
         )
 
     def tokenizer(self, ckpt: Checkpoint) -> Any:

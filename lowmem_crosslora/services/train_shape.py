@@ -126,7 +126,9 @@ def train_bytes(cfg: dict[str, Any], params: int, lora_params: int, weights_byte
     else:
         acts = tokens * L * per_layer_token
     acts *= passes
-    return int(params * weights_bytes + 16 * lora_params + acts + 2 * LOGIT_CHUNK_BYTES + 64 * 1024**2)
+    vocab = int(cfg.get("vocab_size") or 32000)
+    logits = min(LOGIT_CHUNK_BYTES, 4 * tokens * vocab * 2)  # a chunk of logits and its gradient, float32
+    return int(params * weights_bytes + 16 * lora_params + acts + 2 * logits + 64 * 1024**2)
 
 
 def choose_shape(

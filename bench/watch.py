@@ -1,0 +1,100 @@
+"""Peak private memory of a command's whole process tree, measured from outside it.
+
+What a user on a small box compares --max-memory with: the kernel's count of each process's
+private resident pages (RssAnon in /proc/PID/status; file-backed pages of memory-mapped checkpoints
+are reclaimable and not counted), summed over the process and its descendants, sampled every few
+milliseconds by this process, never by the process measured.
+
+    python -m bench.watch -- lowmem-crosslora transfer ...   # prints the peak, exits as the command did
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from bench.crash import child_env
+
+
+def rss_anon(pid: int) -> int:
+    """Private resident bytes of one process (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return 0
+    return 0
+
+
+def tree_private(pid: int) -> int:
+    """Private resident bytes of a process and all its descendants, now."""
+    try:
+        kids = [p.pid for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        kids = []
+    return rss_anon(pid) + sum(rss_anon(k) for k in kids)
+
+
+@dataclass
+class Watched:
+    returncode: int
+    stdout: str
+    stderr: str
+    peak_private: int  # bytes, whole tree
+    samples: int
+
+
+def run_watched(args: list[str], *, timeout: float = 600, interval: float = 0.002, env: dict[str, str] | None = None) -> Watched:
+    """Run ARGS (environment: bench.crash.child_env()), sampling its tree's private memory until it exits."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(args, stdout=out, stderr=err, text=True, env=env or child_env())
+        peak, samples = 0, 0
+        stop = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak, samples
+            while not stop.is_set() and proc.poll() is None:
+                peak = max(peak, tree_private(proc.pid))
+                samples += 1
+                time.sleep(interval)
+
+        t = threading.Thread(target=sample, daemon=True)
+        t.start()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise
+        finally:
+            stop.set()
+            t.join()
+        out.seek(0)
+        err.seek(0)
+        return Watched(proc.returncode, out.read(), err.read(), peak, samples)
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if args[:1] == ["--"]:
+        args = args[1:]
+    if not args:
+        print("usage: python -m bench.watch -- COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    w = run_watched(args)
+    sys.stdout.write(w.stdout)
+    sys.stderr.write(w.stderr)
+    print(f"peak private memory of the process tree: {w.peak_private / 2**20:.1f} MiB ({w.samples} samples)", file=sys.stderr)
+    return w.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
