@@ -330,7 +330,9 @@ def _run_refine_cli(source: Path, adapter: Path, target: Path, out: Path, quiet:
         report_path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if as_json:
         click.echo(json.dumps(report, indent=2, sort_keys=True))
-    elif not quiet:
+    elif quiet:  # as verify's --quiet: the verdict only, never a silent success
+        click.echo(f"held out: {report['summary']['holdout_verdict']}")
+    else:
         s = report["summary"]
         mib = 2**20
         click.echo(

@@ -78,7 +78,8 @@ def _check_figure(pair: dict[str, Path], extra: list[str], tmp_path: Path) -> No
     rc, out, err = run_module(["plan", *args, "--device", "cpu"])
     assert rc == 0, err
     m = PLANNED.search(out)
-    assert m and m.group(2) == working and m.group(1) == planned, (planned, working, out)
+    assert m and m.group(2) == working, (working, out)
+    assert abs(parse_size(m.group(1).replace(" ", "")) - parse_size(planned.replace(" ", ""))) <= MARGIN, (planned, out)
 
     # Just below the figure (not only far below it), the refusal names the same working part.
     need = parse_size(named.replace(" ", ""))

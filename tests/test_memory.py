@@ -145,7 +145,7 @@ def test_budget_below_the_baseline_is_refused_naming_the_whole(big_pair: dict[st
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and "leaves no room" in lines[0] and "for the whole process" in lines[0], lines
     named = parse_size(re.search(r"smallest budget that works is ([0-9.]+) ([KMG]iB)", lines[0]).expand(r"\1\2"))
-    held = parse_size(re.search(r"\(([0-9.]+) ([KMG]iB) of it held for Python and torch", lines[0]).expand(r"\1\2"))
+    held = parse_size(re.search(r"\(([0-9.]+) ([KMG]iB) held for Python and torch", lines[0]).expand(r"\1\2"))
     assert named > held > 64 * 2**20
     assert not out.exists()
 

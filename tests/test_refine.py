@@ -10,6 +10,7 @@ on one CPU thread.
 from __future__ import annotations
 
 import json
+import shutil
 import math
 import re
 from pathlib import Path
@@ -414,3 +415,26 @@ def test_transfer_refine_on_the_command_line(models: dict[str, Path], tmp_path: 
     assert [(t["prompt"], t["text"], t["seed"]) for t in user] == [("", "A text of my own about the weather.", None), ("", "Another one, a short story.", None)]
     refine(models, tmp_path / "lib", texts=texts)
     assert adapter_bytes(out) == adapter_bytes(tmp_path / "lib")
+
+
+def test_quiet_prints_the_verdict_only(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """refine --quiet, like verify --quiet: the held-out verdict and nothing else, never a silent result."""
+    code, out, err = run_cli(cli_args(models, tmp_path / "out", "--quiet"), capsys)
+    assert code == 0, err
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("held out: "), out
+    assert not [ln for ln in err.splitlines() if ln.strip() and "Warning" not in ln and "warnings.warn" not in ln], err
+
+
+def test_a_missing_tokenizer_leaves_nothing_behind(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 17, class 7: refused before any work (the target has no tokenizer): exit 2, one line, no
+    output and no state folder beside it."""
+    bare = tmp_path / "bare-target"
+    shutil.copytree(models["target"], bare)
+    for f in list(bare.iterdir()):
+        if "token" in f.name or f.name == "special_tokens_map.json":
+            f.unlink()
+    out = tmp_path / "out"
+    code, _out, err = run_cli(cli_args({**models, "target": bare}, out), capsys)
+    assert code == 2 and "no tokenizer" in one_error_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bare-target"]

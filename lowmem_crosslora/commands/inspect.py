@@ -103,6 +103,7 @@ def plan_summary(adapter: Path, source: Path, target: Path, **options: Any) -> d
             "peak_working": format_size(peak),
             "peak_working_bytes": peak,
             "baseline_host": format_size(budget.baseline),
+            "baseline_host_bytes": budget.baseline,
             "host_budget": format_size(budget.limit),
             "min_host_budget": size_at_least(need),
             "min_host_budget_bytes": need,

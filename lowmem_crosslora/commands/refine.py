@@ -118,6 +118,7 @@ class RefineRun:
     say: Log
     stop: StopFlag
     progress: Progress | None
+    resumed: bool = False  # the state folder held an interrupted run's work
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -144,12 +145,17 @@ def _refine(
     run = _open_run(source, adapter, target, out, texts, say, progress, stop, opts)
     budget = Budget(opts.max_memory, opts.max_gpu_memory, run.dev)
     loader = Loader(budget, run.dev, "auto", say)
-    src_tok, tgt_tok = loader.tokenizer(run.src), loader.tokenizer(run.tgt)  # both checked before the long work
-    # The training's least need, checked before the source is sampled (minutes) and named by every refusal.
-    loader.floor = _least_training(run)
-    room = room_left(budget, run.dev)
-    if room is not None and room < loader.floor:
-        raise _training_refused(run, budget, loader.floor)
+    try:
+        src_tok, tgt_tok = loader.tokenizer(run.src), loader.tokenizer(run.tgt)  # both checked before the long work
+        # The training's least need, checked before the source is sampled (minutes) and named by every refusal.
+        loader.floor = _least_training(run)
+        room = room_left(budget, run.dev)
+        if room is not None and room < loader.floor:
+            raise _training_refused(run, budget, loader.floor)
+    except (InputError, BudgetError):
+        if not run.resumed:  # a refusal before any work leaves nothing behind
+            shutil.rmtree(run.state, ignore_errors=True)
+        raise
     budget.start()
     try:
         # 1. probe texts and the source's per-token changes (kept: a resumed run never reloads the source)
@@ -182,11 +188,12 @@ def _open_run(
     tune_allocator()
     fp = fingerprint(ad, src, tgt, opts, user)
     state = runstate.state_dir_for(out, "refine")
-    if runstate.claim(state, fp, opts.restart, "refine", {"options": opts.result_key(), "version": __version__}, state_file=STATE_NAME):
+    resumed = runstate.claim(state, fp, opts.restart, "refine", {"options": opts.result_key(), "version": __version__}, state_file=STATE_NAME)
+    if resumed:
         say(f"resuming the refine in {state}")
     for line in plan.warnings:  # skipped tensors, and what a non-LoRA adapter becomes on the target
         say(line)
-    return RefineRun(opts, src, tgt, ad, user, plan, cfg, dev, out, fp, state, say, stop, progress)
+    return RefineRun(opts, src, tgt, ad, user, plan, cfg, dev, out, fp, state, say, stop, progress, resumed)
 
 
 def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:

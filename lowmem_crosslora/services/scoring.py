@@ -168,6 +168,10 @@ class Loader:
     upcast path of compute.py); `used` then says so under "<role>_compute"."""
 
     def __init__(self, budget: Budget, device: str, dtype: str, log: Log) -> None:
+        from transformers.utils import logging as transformers_logging
+
+        # Our own lines say what is loading; transformers' per-load bars would break --quiet and the log.
+        transformers_logging.disable_progress_bar()
         self.budget, self.device, self.dtype, self.log = budget, device, dtype, log
         self.used: dict[str, str] = {}  # role -> the dtype its model was loaded in (and "<role>_compute")
         self.tokens = 1024  # the longest sequence (prompt + continuation, or scored text) a model will see
