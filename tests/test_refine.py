@@ -10,9 +10,9 @@ on one CPU thread.
 from __future__ import annotations
 
 import json
-import shutil
 import math
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
