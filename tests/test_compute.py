@@ -17,6 +17,7 @@ pytest.importorskip("peft")
 
 from lowmem_crosslora.commands import refine as refine_mod  # noqa: E402
 from lowmem_crosslora.services import compute  # noqa: E402
+from lowmem_crosslora.services import train_shape as train_shape_mod  # noqa: E402
 from lowmem_crosslora.services.compute import UpcastMatmul, bf16_speed, upcast_model  # noqa: E402
 from lowmem_crosslora.services.train_shape import TrainShape  # noqa: E402
 
@@ -149,12 +150,12 @@ def test_refine_on_a_slow_bfloat16_cpu_trains_in_float32(models: dict[str, Path]
     assert "forced slow" in shape["compute"] and "float32 weights" in shape["compute"]
     _peft_check(tmp_path / "f32")
     # float32 weights do not fit: bfloat16 storage, float32 compute
-    real = refine_mod.choose_shape
+    real = train_shape_mod.choose_shape
 
     def no_float32(*a: Any, **kw: Any) -> Any:
         return None if a[7] == ("float32",) else real(*a, **kw)
 
-    monkeypatch.setattr(refine_mod, "choose_shape", no_float32)
+    monkeypatch.setattr(train_shape_mod, "choose_shape", no_float32)
     seen: list[int] = []
     real_upcast = refine_mod.upcast_model
     monkeypatch.setattr(refine_mod, "upcast_model", lambda m: seen.append(real_upcast(m)))

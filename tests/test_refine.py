@@ -30,6 +30,7 @@ from lowmem_crosslora.commands.refine import CHECKPOINT_NAME  # noqa: E402
 from lowmem_crosslora.commands.verify import run_verify  # noqa: E402
 from lowmem_crosslora.errors import InputError, Interrupted  # noqa: E402
 from lowmem_crosslora.io.runstate import state_dir_for  # noqa: E402
+from lowmem_crosslora.services import train_shape as train_shape_mod  # noqa: E402
 from lowmem_crosslora.services.distill import OBJECTIVES, TrainText  # noqa: E402
 from lowmem_crosslora.services.options import INITS  # noqa: E402
 from lowmem_crosslora.services.probes import (  # noqa: E402
@@ -344,18 +345,18 @@ def test_micro_batches_take_the_step_of_the_whole_batch(models: dict[str, Path],
     whole = refine(models, tmp_path / "whole", **kw)
     assert whole["summary"]["train_shape"]["micro_batch"] >= 4
 
-    real_shape, real_loss = refine_mod.choose_shape, refine_mod.batch_loss
+    real_shape, real_loss = train_shape_mod.choose_shape, refine_mod.batch_loss
 
-    def room_for_two(cfg: Any, params: int, lora: int, room: int, batch: int, longest: int, n_passes: int, dtypes: Any) -> Any:
-        room = train_bytes(cfg, params, lora, 2, 2, longest, True, n_passes)  # bfloat16 weights, two texts, checkpointing
-        shapes.append(real_shape(cfg, params, lora, room, batch, longest, n_passes, dtypes))
+    def room_for_two(cfg: Any, params: int, lora: int, room: int, batch: int, longest: int, n_passes: int, dtypes: Any, **kw: Any) -> Any:
+        room = train_bytes(cfg, params, lora, 2, 2, longest, True, n_passes) + kw.get("extra", 0)  # two texts, checkpointing
+        shapes.append(real_shape(cfg, params, lora, room, batch, longest, n_passes, dtypes, **kw))
         return shapes[-1]
 
     def counting(model: Any, obj: str, main: list[TrainText], contrast: list[TrainText], *a: Any) -> Any:
         passes.append(len(main) + len(contrast))
         return real_loss(model, obj, main, contrast, *a)
 
-    monkeypatch.setattr(refine_mod, "choose_shape", room_for_two)
+    monkeypatch.setattr(train_shape_mod, "choose_shape", room_for_two)
     monkeypatch.setattr(refine_mod, "batch_loss", counting)
     split = refine(models, tmp_path / "split", **kw)
     assert shapes[0].micro_batch == 2 == split["summary"]["train_shape"]["micro_batch"] and shapes[0].checkpointing
@@ -438,3 +439,17 @@ def test_a_missing_tokenizer_leaves_nothing_behind(models: dict[str, Path], tmp_
     code, _out, err = run_cli(cli_args({**models, "target": bare}, out), capsys)
     assert code == 2 and "no tokenizer" in one_error_line(err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bare-target"]
+
+
+def test_a_finished_refine_rerun_is_kept(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As a transfer's: the same command again keeps the finished output (same bytes), says so, and
+    does no work; other options still meet the non-empty folder."""
+    out = tmp_path / "out"
+    code, _out, err = run_cli(cli_args(models, out), capsys)
+    assert code == 0, err
+    before = adapter_bytes(out)
+    code, _out, err = run_cli(cli_args(models, out), capsys)
+    assert code == 0 and "already holds this refine; kept" in err and "sampling" not in err, err
+    assert adapter_bytes(out) == before
+    code, _out, err = run_cli(cli_args(models, out, "--lr", "0.01"), capsys)
+    assert code == 2 and "not empty" in one_error_line(err)

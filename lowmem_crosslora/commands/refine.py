@@ -19,7 +19,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from lowmem_crosslora.io.hub import model_name
 from lowmem_crosslora.io.partial import ADAPTER_NAME, CONFIG_NAME, REPORT_NAME
 from lowmem_crosslora.io.runstate import check_output_dir, write_json
 from lowmem_crosslora.io.safetensors_model import Checkpoint
-from lowmem_crosslora.services.compute import bf16_speed, upcast_bytes, upcast_model
+from lowmem_crosslora.services.compute import upcast_model
 from lowmem_crosslora.services.device import resolve_device
 from lowmem_crosslora.services.distill import TrainText, base_token_logprobs, batch_loss, batch_norms, loglik_per_byte, truncate
 from lowmem_crosslora.services.effects import ControlInPlace
@@ -42,15 +42,15 @@ from lowmem_crosslora.services.holdout import Holdout, target_held
 from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.options import RefineOptions
 from lowmem_crosslora.services.peft_config import adapter_config
-from lowmem_crosslora.services.pipeline import run_guarded
+from lowmem_crosslora.services.pipeline import finished_report, run_guarded
 from lowmem_crosslora.services.plan import Plan, build_plan
 from lowmem_crosslora.services.probe_set import Prepared, prepare_source, target_texts
 from lowmem_crosslora.services.probes import PROBES_NAME, Probe, read_texts, require_extras
 from lowmem_crosslora.services.report import build_report
-from lowmem_crosslora.services.scoring import Loader, budgeted_params, free, raise_to, room_left
+from lowmem_crosslora.services.scoring import Loader, free, room_left
 from lowmem_crosslora.services.stop import StopFlag
 from lowmem_crosslora.services.target_lora import attach_lora, batch_indices, lora_config, lora_param_count, peft_tensors, source_adapter
-from lowmem_crosslora.services.train_shape import TrainShape, choose_shape, load_checkpoint, lora_state, save_checkpoint, smallest_room
+from lowmem_crosslora.services.train_shape import TrainShape, least_training, load_checkpoint, lora_state, pick_shape, save_checkpoint, training_refused
 from lowmem_crosslora.sizes import format_size
 from lowmem_crosslora.sysmem import tune_allocator
 from lowmem_crosslora.version import __version__
@@ -119,6 +119,7 @@ class RefineRun:
     stop: StopFlag
     progress: Progress | None
     resumed: bool = False  # the state folder held an interrupted run's work
+    kept: dict[str, Any] | None = None  # the report of a finished refine of these very inputs already in `out`
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -143,15 +144,17 @@ def _refine(
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
     run = _open_run(source, adapter, target, out, texts, say, progress, stop, opts)
+    if run.kept is not None:
+        return run.kept
     budget = Budget(opts.max_memory, opts.max_gpu_memory, run.dev)
     loader = Loader(budget, run.dev, "auto", say)
     try:
         src_tok, tgt_tok = loader.tokenizer(run.src), loader.tokenizer(run.tgt)  # both checked before the long work
         # The training's least need, checked before the source is sampled (minutes) and named by every refusal.
-        loader.floor = _least_training(run)
+        loader.floor = least_training(run.tgt, lora_param_count(run.plan, run.cfg), run.opts.objective, run.dev)
         room = room_left(budget, run.dev)
         if room is not None and room < loader.floor:
-            raise _training_refused(run, budget, loader.floor)
+            raise training_refused(run.tgt.path, budget, run.dev, loader.floor)
     except (InputError, BudgetError):
         if not run.resumed:  # a refusal before any work leaves nothing behind
             shutil.rmtree(run.state, ignore_errors=True)
@@ -183,11 +186,15 @@ def _open_run(
     plan = build_plan(ad, src, tgt, rank=opts.rank, layer_map=opts.layer_map)
     cfg = lora_config(adapter_config(plan, ad, model_name(target)), opts)
     dev = resolve_device(opts.device)
+    fp = fingerprint(ad, src, tgt, opts, user)
+    state = runstate.state_dir_for(out, "refine")
+    kept = None if opts.force else finished_report(out, fp)
+    if kept is not None:  # a rerun of a finished refine keeps it, as a transfer's rerun does
+        say(f"{out}: already holds this refine; kept")
+        return RefineRun(opts, src, tgt, ad, user, plan, cfg, dev, out, fp, state, say, stop, progress, kept=kept)
     check_output_dir(out, [ad.path, src.path, tgt.path], opts.force)
     require_extras("refine")
     tune_allocator()
-    fp = fingerprint(ad, src, tgt, opts, user)
-    state = runstate.state_dir_for(out, "refine")
     resumed = runstate.claim(state, fp, opts.restart, "refine", {"options": opts.result_key(), "version": __version__}, state_file=STATE_NAME)
     if resumed:
         say(f"resuming the refine in {state}")
@@ -282,40 +289,18 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
     contrast = [t for t in train if t.origin == "base"] if opts.objective != "lm" else []
     longest = min(opts.max_len, max(len(t.ids) for t in main + contrast))
 
-    params = budgeted_params(tgt, "bfloat16", dev)
     lora_params = lora_param_count(run.plan, run.cfg)
     passes = 2 if opts.objective == "lm+kl" else 1
     per_step = opts.batch * (2 if contrast else 1)  # "delta" and "lm+kl" pass main and contrast texts together
     room = room_left(budget, dev)
     ck = load_checkpoint(run.state / CHECKPOINT_NAME, run.fp)
-    # The frozen weights' dtype and what they compute in (the LoRA itself trains in float32), from a
-    # timing at start-up (services/compute.py). Where bfloat16 matmuls are fast (AMX, AVX512-BF16,
-    # CUDA): bfloat16 weights, half the memory and about 3x float32's speed (Qwen2.5-0.5B, 8 x 64
-    # tokens: 3.0 s vs 9.8 s a step). Where they are slow (AVX2 only: 0.3 GFLOP/s against 35):
-    # float32 weights where they fit without a smaller step, else bfloat16 weights computing in
-    # float32 (each weight widened one block at a time: the upcast path, `extra` bytes more).
-    speed = bf16_speed(dev)
-    extra = 0
-    if speed.fast:
-        shape = choose_shape(tgt.config, params, lora_params, room, per_step, longest, passes, ("bfloat16",))
-        if shape is not None:
-            shape = replace(shape, compute_dtype="bfloat16", compute=speed.reason)
-    else:
-        extra = upcast_bytes(tgt.config)
-        p32 = budgeted_params(tgt, "float32", dev)
-        s32 = choose_shape(tgt.config, p32, lora_params, room, per_step, longest, passes, ("float32",))
-        s16 = choose_shape(tgt.config, params, lora_params, room, per_step, longest, passes, ("bfloat16",), extra=extra)
-        rank = lambda s: (s.max_len, s.micro_batch, not s.checkpointing)  # noqa: E731
-        if s32 is not None and (s16 is None or rank(s32) >= rank(s16)):
-            shape = replace(s32, compute_dtype="float32", compute=f"{speed.reason}: float32 weights")
-        else:
-            shape = s16 and replace(s16, compute_dtype="float32", compute=f"{speed.reason}: bfloat16 weights, float32 compute")
+    shape = pick_shape(tgt, lora_params, room, per_step, longest, passes, dev)
     if ck is not None and shape is not None:
         # A resumed run keeps the interrupted run's passes and lengths, so that it sums the same
         # gradients in the same order (the same bytes), whatever the room measured now.
         shape = TrainShape.from_json(ck["shape"])
     if shape is None:
-        raise _training_refused(run, budget, _least_training(run, longest))
+        raise training_refused(tgt.path, budget, dev, least_training(tgt, lora_params, opts.objective, dev, longest))
     main = [truncate(t, shape.max_len) for t in main]
     contrast = [truncate(t, shape.max_len) for t in contrast]
     run.say(
@@ -327,22 +312,6 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
         + (f"; computing in {shape.compute_dtype}: {shape.compute}" if shape.compute else "")
     )
     return Training(main, contrast, shape, lora_params, ck)
-
-
-def _least_training(run: RefineRun, longest: int = 32) -> int:
-    """The least working memory training on the target needs: bfloat16 weights (computing in float32
-    where bfloat16 matmuls are slow), one text of up to min(longest, 32) tokens a pass, checkpointing."""
-    passes = 2 if run.opts.objective == "lm+kl" else 1
-    extra = 0 if bf16_speed(run.dev).fast else upcast_bytes(run.tgt.config)
-    params = budgeted_params(run.tgt, "bfloat16", run.dev)
-    return smallest_room(run.tgt.config, params, lora_param_count(run.plan, run.cfg), longest, passes, "bfloat16", extra)
-
-
-def _training_refused(run: RefineRun, budget: Budget, need: int) -> BudgetError:
-    return BudgetError(
-        f"training a LoRA on the target {run.tgt.path} needs at least {format_size(need)} of working memory "
-        f"(bfloat16 weights, one text at a time, gradient checkpointing); {raise_to(budget, run.dev, need)}"
-    )
 
 
 def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: Path | None) -> Any:
