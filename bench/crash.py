@@ -53,6 +53,14 @@ def fault_handler(kill: str | None, delay: float | None) -> hooks.Handler:
     return handler
 
 
+def install_from_env() -> None:
+    """Install the fault the environment names (KILL_VAR, DELAY_VAR) in this process: the runner's
+    main does it for the CLI, and a Ray worker does it as its `worker_process_setup_hook` (the
+    migrate tests slow their jobs down this way, so that a worker can be killed mid-job)."""
+    delay = os.environ.get(DELAY_VAR)
+    hooks.install(fault_handler(os.environ.get(KILL_VAR), float(delay) if delay else None))
+
+
 # ---- the parent's side ---------------------------------------------------------------------------
 
 # The small synthetic pair: 4 layers x 7 modules = 28 units.
@@ -161,8 +169,7 @@ def watch_run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    delay = os.environ.get(DELAY_VAR)
-    hooks.install(fault_handler(os.environ.get(KILL_VAR), float(delay) if delay else None))
+    install_from_env()
     cli_main(sys.argv[1:] if argv is None else argv)
 
 

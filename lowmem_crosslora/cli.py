@@ -27,6 +27,7 @@ from lowmem_crosslora.console import PATH, Decorator, progress_printer, stack, w
 from lowmem_crosslora.demo import demo
 from lowmem_crosslora.errors import CrossLoraError, InputError, Interrupted
 from lowmem_crosslora.io.runstate import check_report_path
+from lowmem_crosslora.migrate.command import migrate_command
 from lowmem_crosslora.services.cache import BasisCache
 from lowmem_crosslora.services.options import BasesOptions, CacheOptions, RefineOptions, TransferOptions, VerifyOptions, click_options
 from lowmem_crosslora.services.probes import read_prompts
@@ -381,6 +382,7 @@ def inspect(path: Path, as_json: bool) -> None:
 
 
 cli.add_command(demo)
+cli.add_command(migrate_command)
 
 
 def main(argv: list[str] | None = None) -> None:

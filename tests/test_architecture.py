@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "lowmem_crosslora"
-OPTIONAL = {"transformers", "peft", "gguf", "tokenizers"}
+OPTIONAL = {"transformers", "peft", "gguf", "tokenizers", "ray"}
 
 
 def strongly_connected(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -90,3 +90,14 @@ def function_level_imports(path: Path) -> list[str]:
 def test_imports_inside_functions_are_only_for_the_optional_extras() -> None:
     found = [hit for path in sorted(PACKAGE.rglob("*.py")) for hit in function_level_imports(path)]
     assert not found, found
+
+
+def test_only_the_cluster_runner_imports_ray() -> None:
+    """Ray is the `[cluster]` extra: transfer and the core never import it, only migrate's Ray runner."""
+    found = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(n.split(".")[0] == "ray" for n in names):
+                found.append(str(path.relative_to(PACKAGE)))
+    assert set(found) == {"migrate/cluster.py"}, found

@@ -319,3 +319,42 @@ class CacheOptions:
 
     cache_dir: str | None = same(TransferOptions, "cache_dir", help="Basis cache folder [default: the platform's].")
     max_size: str = option(LIMIT_TEXT, "Evict least recently used entries until the cache is at most this size.", parse=parse_size)  # bytes once parsed
+
+
+@dataclass
+class MigrateOptions:
+    """What `migrate` applies to every job of a manifest, and where the jobs run."""
+
+    rank: int = same(TransferOptions, "rank")
+    layer_map: str = same(TransferOptions, "layer_map")
+    device: str = same(TransferOptions, "device")
+    seed: int = same(TransferOptions, "seed")
+    max_memory: int | None = same(TransferOptions, "max_memory", help="Private memory of each job's process, e.g. 2GB [default: each job's own default].")
+    cache_dir: str | None = same(
+        TransferOptions,
+        "cache_dir",
+        help="Basis cache folder the jobs share (with Ray: one every node sees; a node that does not see it computes what it misses).",
+    )
+    ray: str | None = option(
+        None,
+        "Run the jobs as Ray tasks: 'local' (a cluster on this machine of --workers CPUs), 'auto' (the running cluster) or its address. "
+        "Without it the jobs run here, one (source, target) pair at a time.",
+    )
+    workers: int = option(2, "With --ray local: CPUs of the cluster started here (one job per CPU).")
+
+    def check(self) -> None:
+        if self.rank < 1:
+            raise InputError(f"--rank must be at least 1 (got {self.rank})")
+        if self.workers < 1:
+            raise InputError(f"--workers must be at least 1 (got {self.workers})")
+
+    def job_kwargs(self) -> dict[str, Any]:
+        """The options every transfer and refine of the migration gets (the others keep their defaults)."""
+        return {
+            "rank": self.rank,
+            "layer_map": self.layer_map,
+            "device": self.device,
+            "seed": self.seed,
+            "max_memory": self.max_memory,
+            "cache_dir": self.cache_dir,
+        }
