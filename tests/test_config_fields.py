@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import copy_tree, refused, transfer_args
+from conftest import copy_tree, refused, run_cli, transfer_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -130,3 +130,16 @@ def test_a_source_whose_config_disagrees_with_its_weights_is_refused(good: dict[
     out.parent.mkdir()
     line = refused(transfer_args({**good, "source": model}, out), capsys, [model], out)
     assert line.startswith("error: source: weight") and "config.json implies" in line
+
+
+@pytest.mark.parametrize("alpha", [0, -8])
+def test_a_zero_or_negative_alpha_is_warned_about(good: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str], alpha: int) -> None:
+    """Friction: lora_alpha 0 or negative is valid JSON and a valid number, but scales the update to
+    nothing or flips it: the transfer runs and says so in a warning line."""
+    ad = copy_tree(good["adapter"], tmp_path / "ad")
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = alpha
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    rc, _out, err = run_cli(transfer_args({**good, "adapter": ad}, tmp_path / "out"), capsys)
+    assert rc == 0, err
+    assert "lora_alpha (or an alpha_pattern value) is zero or negative" in err

@@ -75,8 +75,9 @@ def connect(address: str, workers: int) -> Any:
 def run_ray(jobs: list[Job], opts: MigrateOptions, done: Callable[[Outcome], None], log: Callable[[str], None]) -> dict[str, Any]:
     """Fan the jobs out as Ray tasks; `done` receives each outcome as its task ends (in any order)."""
     ray = connect(opts.ray or "local", opts.workers)
-    pair_task = ray.remote(pair_bases).options(num_cpus=1, max_retries=RETRIES)
+    pair_task = ray.remote(pair_bases).options(num_cpus=1, num_gpus=1 if opts.device.startswith("cuda") else 0, max_retries=RETRIES)
     job_task = ray.remote(run_job)
+    gpus = 1 if opts.device.startswith("cuda") else 0  # a job on the GPU holds one (refine trains there)
     pending: dict[Any, Job] = {}
     pair_refs: dict[str, Any] = {}
     for (source, target), group in by_pair(jobs).items():
@@ -85,8 +86,8 @@ def run_ray(jobs: list[Job], opts: MigrateOptions, done: Callable[[Outcome], Non
         pair_refs[f"{source} -> {target}"] = ref
         log(f"pair {source} -> {target}: bases task, then {len(group)} job tasks")
         for j in group:
-            mem = job_memory(j, opts)
-            pending[job_task.options(num_cpus=1, memory=mem, max_retries=RETRIES, retry_exceptions=False).remote(j, opts, ref)] = j
+            task = job_task.options(num_cpus=1, num_gpus=gpus, memory=job_memory(j, opts), max_retries=RETRIES, retry_exceptions=False)
+            pending[task.remote(j, opts, ref)] = j
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1)
         job = pending.pop(ready[0])
