@@ -20,20 +20,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from lowmem_crosslora.architectures import LLAMA_MODULES
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.gguf_model import GGUF_MODULES, read_gguf_header
 
 PEFT_PREFIX = "base_model.model."
 
-HF_MODULE = {
-    "q": "self_attn.q_proj",
-    "k": "self_attn.k_proj",
-    "v": "self_attn.v_proj",
-    "o": "self_attn.o_proj",
-    "gate": "mlp.gate_proj",
-    "up": "mlp.up_proj",
-    "down": "mlp.down_proj",
-}
+HF_MODULE = LLAMA_MODULES  # llama.cpp converts llama-style layers: blk.N.attn_q <-> model.layers.N.self_attn.q_proj
 _CANONICAL = {g: c for c, g in GGUF_MODULES.items()}
 _DTYPES = {"F32": (np.float32, torch.float32), "F16": (np.float16, torch.float16), "BF16": (np.int16, torch.bfloat16)}
 PERMUTED_ARCHS = frozenset({"llama"})  # llama.cpp architectures whose q/k rows the converter permutes
