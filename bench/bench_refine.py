@@ -199,12 +199,13 @@ def run_candidates(args: argparse.Namespace, c: Case, env: dict[str, str]) -> di
 
 
 def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, str]) -> dict:
-    obj, init = cand.split("/")
-    out = c.work / f"refined-{c.s_key}-{c.t_key}-{obj.replace('+', '')}-{init}"
+    obj, init, *rest = cand.split("/")
+    selection = rest[0] if rest else "plain"  # which sampled texts are kept (services/probe_select.py)
+    out = c.work / (f"refined-{c.s_key}-{c.t_key}-{obj.replace('+', '')}-{init}" + (f"-{selection}" if rest else ""))
     # The losing objectives are not in the CLI: each candidate runs run_refine in a fresh process
     # (this module with --one), timed whole by /usr/bin/time (peak RSS of the process).
     one = {"source": str(c.source), "adapter": str(c.adapters["source"]), "target": str(c.target), "out": str(out), "objective": obj, "init": init}
-    one.update({"seed": args.seed, "max_memory": args.max_memory, "cache_dir": str(args.data / "refine-bench" / "basis-cache")})
+    one.update({"seed": args.seed, "max_memory": args.max_memory, "cache_dir": str(args.data / "refine-bench" / "basis-cache"), "probe_select": selection})
     rss_file = c.work / f"time-{out.name}.txt"
     cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, "-m", "bench.bench_refine", "--one", json.dumps(one)]
     print(f"[{c.name}] refine {cand}", flush=True)
@@ -365,7 +366,9 @@ def main() -> None:
     ap.add_argument("--data", type=Path, default=BENCH / "data" / "real")
     ap.add_argument("--cases", default="smol-qwen:caps,qwen-smol:caps,smol-qwen:bullets,qwen-smol:bullets")
     ap.add_argument(
-        "--candidates", default="lm/fresh,delta/fresh,lm+kl/fresh,lm/transfer", help="objective/init; the first is the shipped setting (verify runs on it)"
+        "--candidates",
+        default="lm/fresh,delta/fresh,lm+kl/fresh,lm/transfer",
+        help="objective/init[/plain|excess (the probe selection)]; the first is the shipped setting (verify runs on it)",
     )
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--train-lr", type=float, default=5e-4)

@@ -224,9 +224,10 @@ def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:
         max_new_tokens=opts.max_new_tokens,
         seed=opts.seed,
         user=run.user,
+        selection=opts.probe_select,
         holdout=opts.holdout,
     )
-    prep.extra = {"seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}
+    prep.extra = {**prep.extra, "seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}
     write_json(probes_file, prep.to_json())
     run.phases["source"] = prep.seconds
     # Train on the values as stored (rounded), as a resumed run reads them back: the same bytes either way.
@@ -479,6 +480,7 @@ def _report(run: RefineRun, prep: Prepared, training: Training, budget: Budget, 
             "texts": train_n,
             "trained_on": len(training.main),
             "contrast": len(training.contrast),
+            **({"selection": prep.extra["selection"]} if "selection" in prep.extra else {}),
         },
         losses=training.losses,
         holdout=None if training.holdout is None else training.holdout.report(opts.holdout, opts.eval_every, len(training.losses), opts.steps),

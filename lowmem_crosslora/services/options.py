@@ -18,6 +18,7 @@ from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.linalg.bases import SvdSettings
 from lowmem_crosslora.services.cache import DEFAULT_LIMIT
 from lowmem_crosslora.services.distill import OBJECTIVES
+from lowmem_crosslora.services.probe_select import SELECTIONS
 from lowmem_crosslora.sizes import parse_size
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -219,6 +220,9 @@ class RefineOptions:
     patience: int = option(3, "Stop once this many held-out evaluations in a row found no better step.")
     seed: int = same(TransferOptions, "seed", help="Seed of the probe texts, the initialisation and the batch order.")
     kl_weight: float = 1.0
+    # Which sampled texts are kept (services/probe_select.py): a candidate measured in bench/bench_refine.py,
+    # not a command-line option until it wins there.
+    probe_select: str = "plain"
     lora_rank: int | None = option(None, "Rank of the trained LoRA [default: the source adapter's].")
     lora_alpha: float | None = option(None, "lora_alpha of the trained LoRA [default: the source adapter's].")
     # SVD rank of the transfer that places the modules (and initialises, for init "transfer")
@@ -257,13 +261,18 @@ class RefineOptions:
             "layer_map",
             "prompts",
         )
-        return {k: getattr(self, k) for k in keep}
+        key = {k: getattr(self, k) for k in keep}
+        if self.probe_select != "plain":  # the shipped selection leaves earlier fingerprints as they were
+            key["probe_select"] = self.probe_select
+        return key
 
     def check(self) -> None:
         if self.objective not in OBJECTIVES:
             raise InputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.init not in INITS:
             raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.probe_select not in SELECTIONS:
+            raise InputError(f"unknown probe selection {self.probe_select!r}; choose one of {', '.join(SELECTIONS)}")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0 or not math.isfinite(self.lr):
             raise InputError("--steps and --batch must be at least 1 and --lr a positive number")
         if self.samples < 1 or self.contrast_samples < 0 or self.max_new_tokens < 1 or self.max_len < 8:

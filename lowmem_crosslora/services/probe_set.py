@@ -13,6 +13,7 @@ from typing import Any
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.distill import TrainText, segments
+from lowmem_crosslora.services.probe_select import drawn, excess, select
 from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, Probe, sample_probes, stable_seed
 from lowmem_crosslora.services.scoring import Loader, Log, encode, free, longest_sequence, token_logprobs, vocab_size
 
@@ -79,11 +80,14 @@ def prepare_source(
     seed: int,
     user: list[Probe],
     holdout: int = 0,
+    selection: str = "plain",
 ) -> Prepared:
     """Sample probe and contrast texts from the source (adapter on / off; `prompts` None: the built-in
     ones), score them token by token under both, free the source. `holdout` more texts of source +
     adapter are sampled with their own seed (holdout_seed(seed)) and scored as verify does (source
-    effect per byte); a held-out text that is also a training text is left out."""
+    effect per byte); a held-out text that is also a training text is left out. `selection`
+    "excess" samples twice the adapter's texts (training and held-out alike) and keeps the half that
+    shows the adapter most (services/probe_select.py); the report states the set's composition."""
     from peft import PeftModel
 
     t0 = time.perf_counter()
@@ -93,8 +97,9 @@ def prepare_source(
     model.to(dev)
     model.eval()
     prompts = prompts or list(DEFAULT_PROMPTS)
-    say(f"sampling {samples} texts from source + adapter and {contrast_samples} from the source base (seed {seed})")
-    probes = sample_probes(model, tok, prompts, samples, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
+    n_draw = drawn(selection, samples)
+    say(f"sampling {n_draw} texts from source + adapter and {contrast_samples} from the source base (seed {seed})")
+    probes = sample_probes(model, tok, prompts, n_draw, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
     with model.disable_adapter():
         probes += sample_probes(model, tok, prompts, contrast_samples, max_new_tokens=max_new_tokens, seed=seed, origin="base", device=dev)
     held: list[Probe] = []
@@ -102,8 +107,8 @@ def prepare_source(
         hs = holdout_seed(seed)
         say(f"sampling {holdout} held-out texts from source + adapter (seed {hs}; not trained on)")
         seen = {(p.prompt, p.text) for p in probes + user}
-        drawn = sample_probes(model, tok, prompts, holdout, max_new_tokens=max_new_tokens, seed=hs, origin="adapter", device=dev)
-        held = [p for p in drawn if (p.prompt, p.text) not in seen]
+        fresh = sample_probes(model, tok, prompts, drawn(selection, holdout), max_new_tokens=max_new_tokens, seed=hs, origin="adapter", device=dev)
+        held = [p for p in fresh if (p.prompt, p.text) not in seen]
     sample_s = time.perf_counter() - t0
     probes += user
     if not any(p.origin in ("adapter", "user") for p in probes):
@@ -112,11 +117,21 @@ def prepare_source(
     with model.disable_adapter():
         lp_base = token_logprobs(model, enc, dev, vocab_size(src))
     lp_ad = token_logprobs(model, enc, dev, vocab_size(src))
-    held, held_effect = _source_effects(model, tok, held, dev, vocab_size(src))
+    held, held_effect, held_excess = _source_effects(model, tok, held, dev, vocab_size(src))
     del model, base
     free()
     delta = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(lp_ad, lp_base, strict=True)]
-    prep = Prepared(probes, [e.start for e in enc], [list(e.ends) for e in enc], delta, time.perf_counter() - t0, sample_s)
+    starts, ends = [e.start for e in enc], [list(e.ends) for e in enc]
+    composition: dict[str, Any] = {"rule": selection}
+    if selection == "excess":
+        ad_ix = [i for i, p in enumerate(probes) if p.origin == "adapter"]
+        chosen, composition["train"] = select([probes[i].text for i in ad_ix], [excess(delta[i]) for i in ad_ix], samples)
+        keep = {ad_ix[k] for k in chosen} | {i for i, p in enumerate(probes) if p.origin != "adapter"}
+        probes, starts, ends, delta = ([x[i] for i in sorted(keep)] for x in (probes, starts, ends, delta))
+        if held:
+            chosen, composition["holdout"] = select([p.text for p in held], held_excess, holdout)
+            held, held_effect = [held[k] for k in chosen], [held_effect[k] for k in chosen]
+    prep = Prepared(probes, starts, ends, delta, time.perf_counter() - t0, sample_s, extra={"selection": composition} if selection != "plain" else {})
     if holdout:
         prep.holdout, prep.holdout_effect, prep.holdout_seed = held, held_effect, holdout_seed(seed)
     return prep
@@ -127,21 +142,23 @@ def holdout_seed(seed: int) -> int:
     return stable_seed(seed, "holdout")
 
 
-def _source_effects(model: Any, tok: Any, texts: list[Probe], dev: str, vocab: int) -> tuple[list[Probe], list[float]]:
+def _source_effects(model: Any, tok: Any, texts: list[Probe], dev: str, vocab: int) -> tuple[list[Probe], list[float], list[float]]:
     """The texts that have something to score, each with its source effect in nats per byte:
-    log-likelihood per byte with the adapter on minus off (verify's source_adapter - source_base)."""
+    log-likelihood per byte with the adapter on minus off (verify's source_adapter - source_base),
+    and its excess (mean |change| per token, probe_select.excess)."""
     if not texts:
-        return [], []
+        return [], [], []
     enc = [encode(tok, p) for p in texts]
     with model.disable_adapter():
         lp_base = token_logprobs(model, enc, dev, vocab)
     lp_ad = token_logprobs(model, enc, dev, vocab)
-    keep, eff = [], []
+    keep, eff, exc = [], [], []
     for p, e, a, b in zip(texts, enc, lp_ad, lp_base, strict=True):
         if e.nbytes:
             keep.append(p)
             eff.append(math.fsum(a) / e.nbytes - math.fsum(b) / e.nbytes)
-    return keep, eff
+            exc.append(excess([x - y for x, y in zip(a, b, strict=True)]))
+    return keep, eff, exc
 
 
 def target_texts(tok: Any, prep: Prepared) -> list[TrainText]:
