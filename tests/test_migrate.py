@@ -216,3 +216,24 @@ def test_a_killed_worker_is_retried_to_the_same_bytes(tmp_path: Path, ray_cluste
     assert job["status"] == "done" and job["pid"] != killed, job
     assert (out / ADAPTER_NAME).read_bytes() == (lone / ADAPTER_NAME).read_bytes()
     assert SOURCE_SPEC.layers * 7 == len(json.loads((out / "crosslora_report.json").read_text())["units"])
+
+
+def test_a_refine_job_runs_and_a_rerun_keeps_it(tmp_path: Path) -> None:
+    """A job with "refine": true distils the adapter onto the target (refine's defaults), after the
+    pair's transfers; a rerun keeps it."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from helpers import refine_pair
+
+    m = refine_pair(tmp_path / "pair")
+    jobs = [
+        {"adapter": str(m["adapter"]), "source": str(m["source"]), "target": str(m["target"]), "out": "moved/transferred"},
+        {"adapter": str(m["adapter"]), "source": str(m["source"]), "target": str(m["target"]), "out": "moved/refined", "refine": True},
+    ]
+    manifest = write_manifest(tmp_path, jobs)
+    s = migrate(manifest, cache_dir=str(tmp_path / "cache"), **OPTS)
+    assert [(j["kind"], j["status"]) for j in s["jobs"]] == [("transfer", "done"), ("refine", "done")], s["jobs"]
+    report = json.loads((tmp_path / "moved" / "refined" / "crosslora_report.json").read_text())
+    assert report["kind"] == "refine"
+    again = migrate(manifest, cache_dir=str(tmp_path / "cache"), **OPTS)
+    assert [j["status"] for j in again["jobs"]] == ["kept", "kept"]

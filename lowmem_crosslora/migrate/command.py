@@ -41,7 +41,7 @@ def migrate(manifest: str | Path, *, log: Callable[[str], None] | None = None, *
         outcomes[o["line"]] = o
         failed = sum(1 for x in outcomes.values() if x["status"] == "failed")
         what = o["status"] if o["status"] != "failed" else f"FAILED: {str(o['error']).splitlines()[0]}"
-        head = f"[{len(outcomes)}/{total} finished, {failed} failed, {total - len(outcomes)} to go, {time.perf_counter() - t0:.0f} s]"
+        head = f"[{len(outcomes)}/{total} finished, {failed} failed, {total - len(outcomes)} running or queued, {time.perf_counter() - t0:.0f} s]"
         say(f"{head} line {o['line']} {o['kind']} {o['out']}: {what}")
 
     where = f"Ray ({opts.ray})" if opts.ray else "this machine"
