@@ -143,3 +143,15 @@ def test_batch_indices_are_a_pure_function_and_visit_every_text_once_an_epoch() 
 
 
 # ---- end to end -----------------------------------------------------------------------------------
+
+
+def test_excess_weights_spread_each_segments_change_over_its_tokens() -> None:
+    """lm-excess: a segment's tokens share |its source change| evenly; tokens outside every segment weigh 0."""
+    from lowmem_crosslora.services.distill import TrainText, batch_norms, excess_weights
+
+    t = TrainText(list(range(9)), 2, [0, 0, 1, -1, 2, 2, 2], [0.6, -0.2, 0.03], "adapter", 20)
+    w = excess_weights(t)
+    assert w == pytest.approx([0.3, 0.3, 0.2, 0.0, 0.01, 0.01, 0.01])
+    for g, d in enumerate(t.delta_s):
+        assert sum(x for x, s in zip(w, t.seg, strict=True) if s == g) == pytest.approx(abs(d))
+    assert batch_norms("lm-excess", [t, t], [])["weight"] == pytest.approx(2 * 0.83)

@@ -287,7 +287,7 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
     opts, tgt, dev = run.opts, run.tgt, run.dev
     train = target_texts(tok, prep)
     main = [t for t in train if t.origin in ("adapter", "user")]
-    contrast = [t for t in train if t.origin == "base"] if opts.objective != "lm" else []
+    contrast = [t for t in train if t.origin == "base"] if opts.objective in ("delta", "lm+kl") else []
     longest = min(opts.max_len, max(len(t.ids) for t in main + contrast))
 
     lora_params = lora_param_count(run.plan, run.cfg)

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch.utils.checkpoint import checkpoint
 
-OBJECTIVES = ("lm", "delta", "lm+kl")
+OBJECTIVES = ("lm", "delta", "lm+kl", "lm-excess")
 
 
 # Rows of the vocabulary projection made at a time: their logits, log-softmax and gradients.
@@ -217,6 +217,17 @@ def loglik_per_byte(model: Any, texts: list[TrainText], device: str, batch: int)
     return out
 
 
+def excess_weights(t: TrainText) -> list[float]:
+    """The "lm-excess" weight of each scored token: the source adapter's change over the token's
+    segment, |delta|, spread evenly over the segment's target tokens; 0 outside every segment (where
+    the two tokenizations share no boundary). Tokens the adapter does not move barely count."""
+    counts: dict[int, int] = {}
+    for g in t.seg:
+        if g >= 0:
+            counts[g] = counts.get(g, 0) + 1
+    return [abs(t.delta_s[g]) / counts[g] if g >= 0 else 0.0 for g in t.seg]
+
+
 def batch_loss(
     model: Any, objective: str, main: list[TrainText], contrast: list[TrainText], norm: dict[str, float], device: str, kl_weight: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -231,6 +242,17 @@ def batch_loss(
         ri, ci, _spans = _scored(main, x)
         lp = token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1])
         nll = -lp.sum() / norm["tokens"]
+        loss = loss + nll
+        parts["nll"] = float(nll.detach())
+    if objective == "lm-excess" and main:
+        x, mask = _pad(main, device)
+        h = hidden(model, x, mask)
+        ri, ci, spans = _scored(main, x)
+        lp = token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1])
+        w = torch.zeros(len(lp), device=device)
+        for t, (a, b) in zip(main, spans, strict=True):
+            w[a:b] = torch.tensor(excess_weights(t)[: b - a], dtype=torch.float32, device=device)
+        nll = -(w * lp).sum() / norm["weight"]
         loss = loss + nll
         parts["nll"] = float(nll.detach())
     if objective == "lm+kl" and contrast:
@@ -271,4 +293,5 @@ def batch_norms(objective: str, main: list[TrainText], contrast: list[TrainText]
     tokens = sum(max(0, len(t.ids) - t.first) for t in main)
     ctokens = sum(max(0, len(t.ids) - t.first) for t in contrast)
     segs = sum(len(t.delta_s) for t in main + contrast)
-    return {"tokens": max(1, tokens), "contrast_tokens": max(1, ctokens), "segments": max(1, segs)}
+    weight = math.fsum(w for t in main for w in excess_weights(t)) if objective == "lm-excess" else 0.0
+    return {"tokens": max(1, tokens), "contrast_tokens": max(1, ctokens), "segments": max(1, segs), "weight": max(weight, 1e-9)}
