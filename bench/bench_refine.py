@@ -200,12 +200,21 @@ def run_candidates(args: argparse.Namespace, c: Case, env: dict[str, str]) -> di
 
 def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, str]) -> dict:
     obj, init, *rest = cand.split("/")
-    selection = rest[0] if rest else "plain"  # which sampled texts are kept (services/probe_select.py)
-    out = c.work / (f"refined-{c.s_key}-{c.t_key}-{obj.replace('+', '')}-{init}" + (f"-{selection}" if rest else ""))
+    probes = rest[0] if rest else "plain"  # plain | excess (services/probe_select.py) | amp<alpha> (amplified sampling)
+    selection, amplify = ("plain", float(probes[3:] or 0.75)) if probes.startswith("amp") else (probes, 0.0)
+    out = c.work / (f"refined-{c.s_key}-{c.t_key}-{obj.replace('+', '')}-{init}" + (f"-{probes}" if rest else ""))
     # The losing objectives are not in the CLI: each candidate runs run_refine in a fresh process
     # (this module with --one), timed whole by /usr/bin/time (peak RSS of the process).
     one = {"source": str(c.source), "adapter": str(c.adapters["source"]), "target": str(c.target), "out": str(out), "objective": obj, "init": init}
-    one.update({"seed": args.seed, "max_memory": args.max_memory, "cache_dir": str(args.data / "refine-bench" / "basis-cache"), "probe_select": selection})
+    one.update(
+        {
+            "seed": args.seed,
+            "max_memory": args.max_memory,
+            "cache_dir": str(args.data / "refine-bench" / "basis-cache"),
+            "probe_select": selection,
+            "amplify": amplify,
+        }
+    )
     rss_file = c.work / f"time-{out.name}.txt"
     cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_file), sys.executable, "-m", "bench.bench_refine", "--one", json.dumps(one)]
     print(f"[{c.name}] refine {cand}", flush=True)
@@ -368,7 +377,7 @@ def main() -> None:
     ap.add_argument(
         "--candidates",
         default="lm/fresh,delta/fresh,lm+kl/fresh,lm/transfer",
-        help="objective/init[/plain|excess (the probe selection)]; the first is the shipped setting (verify runs on it)",
+        help="objective/init[/plain|excess|amp<alpha> (the probe texts)]; the first is the shipped setting (verify runs on it)",
     )
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--train-lr", type=float, default=5e-4)

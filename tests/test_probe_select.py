@@ -55,3 +55,41 @@ def test_refine_with_the_excess_selection_reports_its_composition(tmp_path: Path
     kept = json.loads((tmp_path / "out" / PROBES_NAME).read_text())
     assert sum(1 for t in kept["texts"] if t["origin"] == "adapter") == sel["train"]["kept"]
     assert report["options"]["probe_select"] == "excess"
+
+
+def test_amplified_sampling_is_plain_sampling_when_the_adapter_changes_nothing(tmp_path: Path) -> None:
+    """logits_A + alpha (logits_A - logits_base) is logits_A when the adapter moves nothing (lora_B = 0):
+    the same rows, token for token, as plain sampling with the same seeds; with a real adapter the
+    amplified rows differ."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from helpers import refine_pair
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowmem_crosslora.services.probes import _eos_ids, _sample_rows
+
+    m = refine_pair(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(m["source"]))
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(m["source"])), str(m["adapter"]))
+    model.eval()
+    prompts = [tok("The weather", add_special_tokens=False)["input_ids"], tok("A story:", add_special_tokens=False)["input_ids"]]
+    eos = _eos_ids(model, tok)
+    plain = _sample_rows(model, prompts, [1, 2], eos, 12, 0.95, 1.0, "cpu")
+    amped = _sample_rows(model, prompts, [1, 2], eos, 12, 0.95, 1.0, "cpu", amplify=1.0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.zero_()
+    still = _sample_rows(model, prompts, [1, 2], eos, 12, 0.95, 1.0, "cpu")
+    assert _sample_rows(model, prompts, [1, 2], eos, 12, 0.95, 1.0, "cpu", amplify=1.0) == still
+    assert amped != plain
+
+
+def test_refine_with_amplified_probes_reports_them(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from helpers import fast_refine, refine_pair
+
+    models = refine_pair(tmp_path)
+    report = fast_refine(models, tmp_path / "out", amplify=0.75, samples=4)
+    sel = report["refine"]["probe_set"]["selection"]
+    assert sel["amplified"] == {"alpha": 0.75, "sampled": 2} and report["options"]["amplify"] == 0.75

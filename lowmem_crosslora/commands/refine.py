@@ -225,6 +225,7 @@ def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:
         seed=opts.seed,
         user=run.user,
         selection=opts.probe_select,
+        amplify=opts.amplify,
         holdout=opts.holdout,
     )
     prep.extra = {**prep.extra, "seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}

@@ -223,6 +223,7 @@ class RefineOptions:
     # Which sampled texts are kept (services/probe_select.py): a candidate measured in bench/bench_refine.py,
     # not a command-line option until it wins there.
     probe_select: str = "plain"
+    amplify: float = 0.0  # > 0: half the adapter's texts sampled with its effect magnified (a candidate, as probe_select)
     lora_rank: int | None = option(None, "Rank of the trained LoRA [default: the source adapter's].")
     lora_alpha: float | None = option(None, "lora_alpha of the trained LoRA [default: the source adapter's].")
     # SVD rank of the transfer that places the modules (and initialises, for init "transfer")
@@ -264,6 +265,8 @@ class RefineOptions:
         key = {k: getattr(self, k) for k in keep}
         if self.probe_select != "plain":  # the shipped selection leaves earlier fingerprints as they were
             key["probe_select"] = self.probe_select
+        if self.amplify:
+            key["amplify"] = self.amplify
         return key
 
     def check(self) -> None:
@@ -271,6 +274,8 @@ class RefineOptions:
             raise InputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.init not in INITS:
             raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        if not math.isfinite(self.amplify) or self.amplify < 0:
+            raise InputError(f"amplify must be a finite number >= 0 (got {self.amplify})")
         if self.probe_select not in SELECTIONS:
             raise InputError(f"unknown probe selection {self.probe_select!r}; choose one of {', '.join(SELECTIONS)}")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0 or not math.isfinite(self.lr):

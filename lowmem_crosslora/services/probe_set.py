@@ -81,6 +81,7 @@ def prepare_source(
     user: list[Probe],
     holdout: int = 0,
     selection: str = "plain",
+    amplify: float = 0.0,
 ) -> Prepared:
     """Sample probe and contrast texts from the source (adapter on / off; `prompts` None: the built-in
     ones), score them token by token under both, free the source. `holdout` more texts of source +
@@ -99,7 +100,12 @@ def prepare_source(
     prompts = prompts or list(DEFAULT_PROMPTS)
     n_draw = drawn(selection, samples)
     say(f"sampling {n_draw} texts from source + adapter and {contrast_samples} from the source base (seed {seed})")
-    probes = sample_probes(model, tok, prompts, n_draw, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
+    # `amplify` > 0: half of them sampled with the adapter's effect magnified (probes.sample_probes)
+    n_amp = n_draw // 2 if amplify else 0
+    probes = sample_probes(model, tok, prompts, n_draw - n_amp, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
+    if n_amp:
+        say(f"  {n_amp} of them with the adapter's effect amplified (alpha {amplify:g})")
+        probes += sample_probes(model, tok, prompts, n_amp, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev, amplify=amplify)
     with model.disable_adapter():
         probes += sample_probes(model, tok, prompts, contrast_samples, max_new_tokens=max_new_tokens, seed=seed, origin="base", device=dev)
     held: list[Probe] = []
@@ -122,7 +128,7 @@ def prepare_source(
     free()
     delta = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(lp_ad, lp_base, strict=True)]
     starts, ends = [e.start for e in enc], [list(e.ends) for e in enc]
-    composition: dict[str, Any] = {"rule": selection}
+    composition: dict[str, Any] = {"rule": selection, **({"amplified": {"alpha": amplify, "sampled": n_amp}} if amplify else {})}
     if selection == "excess":
         ad_ix = [i for i, p in enumerate(probes) if p.origin == "adapter"]
         chosen, composition["train"] = select([probes[i].text for i in ad_ix], [excess(delta[i]) for i in ad_ix], samples)
@@ -131,7 +137,9 @@ def prepare_source(
         if held:
             chosen, composition["holdout"] = select([p.text for p in held], held_excess, holdout)
             held, held_effect = [held[k] for k in chosen], [held_effect[k] for k in chosen]
-    prep = Prepared(probes, starts, ends, delta, time.perf_counter() - t0, sample_s, extra={"selection": composition} if selection != "plain" else {})
+    prep = Prepared(
+        probes, starts, ends, delta, time.perf_counter() - t0, sample_s, extra={"selection": composition} if selection != "plain" or amplify else {}
+    )
     if holdout:
         prep.holdout, prep.holdout_effect, prep.holdout_seed = held, held_effect, holdout_seed(seed)
     return prep

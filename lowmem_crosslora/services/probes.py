@@ -174,6 +174,7 @@ def sample_probes(
     temperature: float = 1.0,
     min_bytes: int = 4,
     rows: int = 48,
+    amplify: float = 0.0,
 ) -> list[Probe]:
     """n continuations sampled from `model` (a transformers or PEFT causal LM, as it is: toggle an adapter
     around the call) on `prompts` in turn (nucleus sampling, `top_p`, `temperature`).
@@ -183,7 +184,9 @@ def sample_probes(
     a pass per prompt. Each row draws its random numbers from its own generator, seeded by (seed,
     origin, prompt index, prompt, sample index), so a text does not depend on which other rows share
     its batch (up to the float rounding of the batch's matrix products). Continuations shorter than
-    `min_bytes` (an immediate end of text) are dropped."""
+    `min_bytes` (an immediate end of text) are dropped. `amplify` > 0 (a PEFT model with its adapter
+    on) samples from logits_A + amplify (logits_A - logits_base), the adapter's effect magnified, its
+    rows seeded apart from plain samples' (a candidate of issue 16's, measured in bench_refine.py)."""
     if n <= 0:
         return []
     if not prompts:
@@ -194,7 +197,8 @@ def sample_probes(
         ids = pre + list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
         if k and not ids:
             raise InputError("an empty prompt needs a tokenizer with a BOS or EOS token to start from")
-        jobs.extend((prompt, ids, stable_seed("probe", seed, origin, i, prompt, j)) for j in range(k))
+        label = f"{origin}*{amplify:g}" if amplify else origin
+        jobs.extend((prompt, ids, stable_seed("probe", seed, label, i, prompt, j)) for j in range(k))
     eos = _eos_ids(model, tokenizer)
     out: list[Probe] = []
     was_training = model.training
@@ -203,7 +207,7 @@ def sample_probes(
         for c in range(0, len(jobs), max(1, rows)):
             chunk = jobs[c : c + max(1, rows)]
             for (prompt, _ids, s), row in zip(
-                chunk, _sample_rows(model, [j[1] for j in chunk], [j[2] for j in chunk], eos, max_new_tokens, top_p, temperature, device), strict=True
+                chunk, _sample_rows(model, [j[1] for j in chunk], [j[2] for j in chunk], eos, max_new_tokens, top_p, temperature, device, amplify), strict=True
             ):
                 text = tokenizer.decode(row, skip_special_tokens=True)
                 if len(text.encode("utf-8")) >= min_bytes:
@@ -214,7 +218,7 @@ def sample_probes(
 
 
 def _sample_rows(
-    model: Any, prompts: list[list[int]], seeds: list[int], eos: set[int], steps: int, top_p: float, temperature: float, device: str
+    model: Any, prompts: list[list[int]], seeds: list[int], eos: set[int], steps: int, top_p: float, temperature: float, device: str, amplify: float = 0.0
 ) -> list[list[int]]:
     """Sample `steps` tokens after each prompt (token ids), a row each, with the KV cache; a row stops at
     an end-of-text token (not returned)."""
@@ -239,9 +243,16 @@ def _sample_rows(
         # them but, measured on a PEFT-wrapped bfloat16 Qwen2.5-0.5B, turns 0.5 s into 22 s and 5 GB.
         res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True)
         past = _cache_of(res)
+        res_b = past_b = None
+        if amplify:  # the base's logits beside, with a cache of their own
+            with model.disable_adapter():
+                res_b = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True)
+            past_b = _cache_of(res_b)
         nxt_pos = pos[:, -1:] + 1
         for _step in range(steps):
             logits = res.logits[:, -1].float().cpu()
+            if res_b is not None:
+                logits = logits + amplify * (logits - res_b.logits[:, -1].float().cpu())
             probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
             sp, idx = probs.sort(dim=-1, descending=True)
             cum = sp.cumsum(-1)
@@ -263,6 +274,10 @@ def _sample_rows(
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
             res = model(input_ids=tok.unsqueeze(1).to(device), attention_mask=mask, position_ids=nxt_pos, use_cache=True, **{cache_arg: past})
             past = _cache_of(res)
+            if res_b is not None:
+                with model.disable_adapter():
+                    res_b = model(input_ids=tok.unsqueeze(1).to(device), attention_mask=mask, position_ids=nxt_pos, use_cache=True, **{cache_arg: past_b})
+                past_b = _cache_of(res_b)
             nxt_pos = nxt_pos + 1
     return rows
 
