@@ -141,7 +141,11 @@ def raise_to(budget: Budget, device: str, need: int) -> str:
 
 def vocab_size(ckpt: Checkpoint) -> int:
     """The model's vocabulary (its config's, or its text model's), 32000 when the config says none."""
-    return int(ckpt.config.get("vocab_size") or ckpt.config.get("text_config", {}).get("vocab_size") or 32000)
+    return config_vocab(ckpt.config)
+
+
+def config_vocab(config: dict[str, Any]) -> int:
+    return int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 32000)
 
 
 def inference_bytes(config: dict[str, Any], tokens: int, rows: int = 48) -> int:
@@ -151,7 +155,7 @@ def inference_bytes(config: dict[str, Any], tokens: int, rows: int = 48) -> int:
     peak working 2.9 GiB: logits and their log-softmax up to LOGITS_BYTES together, the layers'
     activations and the loader's slack), which a large vocabulary reaches."""
     cfg = config.get("text_config", config)
-    V, h = int(cfg.get("vocab_size") or config.get("vocab_size") or 32000), int(cfg.get("hidden_size", 4096))
+    V, h = config_vocab(config), int(cfg.get("hidden_size", 4096))
     inter, layers = int(cfg.get("intermediate_size", 4 * h)), int(cfg.get("num_hidden_layers", 32))
     heads = int(cfg.get("num_attention_heads", 32))
     kv = int(cfg.get("num_key_value_heads", heads)) * int(cfg.get("head_dim") or h // max(1, heads))
