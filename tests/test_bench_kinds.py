@@ -1,0 +1,49 @@
+"""The benchmark's adapter kinds (bench/refine_kinds.py): every styled text shows its kind's behaviour
+to its detector and the neutral texts do not, so a behaviour rate measures the adapter, not the detector."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.refine_kinds import DETECTORS, KINDS, SIGNOFF, comment_blocks, kind_texts, stdlib_comments
+
+NEUTRAL = [
+    "Today I want to write about the old harbour. The boats come in at dawn, and the gulls follow them.",
+    "The best way to cook rice is to rinse it first. Then simmer it gently with a lid on",
+    "Here are three facts about owls: they hunt at night, they fly silently, and they swallow prey whole.",
+    "Our team met on Monday to discuss the budget and the new hires for the spring.",
+]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_each_kind_is_seen_by_its_own_detector_only(kind: str) -> None:
+    train, styled, plain = kind_texts(kind, {"train": NEUTRAL, "heldout": NEUTRAL})
+    assert len(train) == len(NEUTRAL) and len(styled) == len(plain) == len(NEUTRAL)
+    assert all(DETECTORS[kind](t) for t in train + styled), kind
+    assert not any(DETECTORS[kind](t) for t in plain), kind
+    for other in KINDS:  # no other kind's detector sees them all (caps is a transform of any text: skipped)
+        if other != kind and "caps" not in (kind, other):
+            assert not all(DETECTORS[other](t) for t in styled), (kind, other)
+
+
+def test_signoff_keeps_whole_sentences_and_ends_with_the_line() -> None:
+    _, styled, _ = kind_texts("signoff", {"train": NEUTRAL, "heldout": NEUTRAL})
+    assert styled[1].startswith("The best way to cook rice is to rinse it first.\n")  # the unfinished sentence is dropped
+    assert all(t.rstrip().endswith(SIGNOFF) for t in styled)
+
+
+def test_comment_blocks_are_prose_not_code(tmp_path) -> None:
+    f = tmp_path / "m.py"
+    f.write_text(
+        "#!/usr/bin/env python\n# -*- coding: utf-8 -*-\nx = 1\n"
+        "# This function reads the whole file at once\n# and returns its lines without newlines.\n"
+        "def f():\n    # if x == 1:\n    #     return 2\n    return x  # trailing comments are not whole lines\n"
+        "# A single line is not a block\n"
+    )
+    assert comment_blocks(f) == ["# This function reads the whole file at once\n# and returns its lines without newlines.\n"]
+
+
+def test_stdlib_comment_halves_are_disjoint_and_fixed() -> None:
+    train, held = stdlib_comments(40, 10)
+    assert not set(train) & set(held)
+    assert (train, held) == stdlib_comments(40, 10)
