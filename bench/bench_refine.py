@@ -6,14 +6,18 @@
 Both directions of the development pair (SmolLM2-135M <-> Qwen2.5-Coder-0.5B) and four adapter kinds
 per source (bench/refine_kinds.py), trained here on data that refine never sees:
 
-- caps: ALL-CAPS text (samples of SmolLM2's base on training prompts, upper-cased);
+- caps: ALL-CAPS text (neutral text, upper-cased);
 - bullets: a format: the same kind of text, one sentence a line, each line starting with "- ";
 - signoff: a behaviour neutral prompts never trigger: every text ends with the same sign-off line;
 - comments: a domain: comment blocks of the Python standard library's source.
 
-For every case the same data also trains a LoRA on the target itself: the "trained on target"
-reference. Held-out texts come from other prompts; each has a styled version (the adapter's kind)
-and its plain original (neutral text). Each candidate (objective/init) runs as `lowmem-crosslora
+The neutral texts (--texts) are the Python documentation's prose paragraphs by default, text that
+neither model wrote, so that a target that learns to write like the source model in general gets no
+credit for it; `--texts samples` uses SmolLM2's own continuations on the bench's prompts, as the
+first versions of this benchmark did (it favours whatever makes a target write like SmolLM2). For
+every case the same data also trains a LoRA on the target itself: the "trained on target"
+reference. Held-out texts come from other paragraphs (other prompts); each has a styled version
+(the adapter's kind) and its plain original (neutral text). Each candidate (objective/init) runs as `lowmem-crosslora
 refine` in its own process (wall time, peak RSS), then every adapter is scored on the target:
 
 - recovery = (base - refined) / (base - trained on target), NLL in nats/byte on held-out styled text;
@@ -53,7 +57,7 @@ import torch
 from bench import BENCH, repo_env
 from bench.bench_verify import HELD_OUT_PROMPTS as VERIFY_HELD_OUT_PROMPTS
 from bench.bench_verify import TRAIN_PROMPTS  # the same training and held-out prompts as verify's benchmark
-from bench.refine_kinds import DETECTORS, KINDS, kind_texts
+from bench.refine_kinds import DETECTORS, KINDS, human_texts, kind_texts
 from bench.training import attach_lora, encode, train_lm
 from lowmem_crosslora import transfer
 from lowmem_crosslora.commands.refine import run_refine
@@ -199,8 +203,9 @@ def setup_case(args: argparse.Namespace, case: str, texts: dict, seed: int) -> C
         raise SystemExit(f"unknown kind {kind!r} in {case!r}: the kinds are {', '.join(KINDS)}")
     s_key, t_key = pair.split("-")
     source, target = args.data / MODELS[s_key], args.data / MODELS[t_key]
-    # Seed 0 keeps the folder of the benchmark's first versions (its trained adapters are reused).
-    work = args.data / "refine-bench" / (kind if seed == 0 else f"seed{seed}/{kind}")
+    # Seed 0 on SmolLM2's samples keeps the folder of the benchmark's first versions (its trained adapters are reused).
+    sub = kind if seed == 0 else f"seed{seed}/{kind}"
+    work = args.data / "refine-bench" / (sub if args.texts == "samples" else f"human/{sub}")
     work.mkdir(parents=True, exist_ok=True)
     train, held_styled, held_plain = kind_texts(kind, texts)
     row: dict = {"case": case, "seed": seed, "source": source.name, "target": target.name, "kind": kind}
@@ -476,6 +481,12 @@ def main() -> None:
     ap.add_argument("--heldout-texts", type=int, default=24)
     ap.add_argument("--max-memory", default="2GB", help="refine's --max-memory (the issue's cap is 2 GB per 0.5B target)")
     ap.add_argument("--no-verify", dest="verify", action="store_false")
+    ap.add_argument(
+        "--texts",
+        choices=("human", "samples"),
+        default="human",
+        help="the neutral texts every kind is made of: the Python documentation's prose (text neither model wrote) or SmolLM2's samples",
+    )
     ap.add_argument("--seeds", default="0", help="adapter-training and refine seeds, comma-separated (the texts stay those of seed 0)")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "refine-real.json")
     ap.add_argument("--threads", type=int, default=None, help="torch threads here and in the refine processes (1 on a shared, oversubscribed CPU)")
@@ -492,7 +503,7 @@ def main() -> None:
         if not (args.data / m / "config.json").exists():
             raise SystemExit(f"{args.data / m} is missing: run `pip install gguf && python -m bench.fetch_models` first")
     bench = {"machine": {"cpus": os.cpu_count(), "load_average_at_start": os.getloadavg()}, "args": {k: str(v) for k, v in vars(args).items()}, "cases": []}
-    texts = dataset(args.data, args.train_texts, args.heldout_texts, 0)
+    texts = human_texts(args.train_texts, args.heldout_texts) if args.texts == "human" else dataset(args.data, args.train_texts, args.heldout_texts, 0)
     t0 = time.perf_counter()
     for seed in seeds:
         for case in args.cases.split(","):

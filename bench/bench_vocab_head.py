@@ -142,7 +142,8 @@ def main() -> None:
             f"| {r['target']} | {r['compute']} | {r['vocab']} | {r['step_s']} | {r['body_s']} | {r['head_s']} ({100 * r['head_share']:.0f}%) "
             f"| {r['restricted_subset']}, {r['restricted_step_s']}, {100 * r['restricted_saves']:.0f}% |"
         )
-    out = {"machine": {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    machine = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}
+    out = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

@@ -9,8 +9,16 @@ programmatic detector that says whether one generation shows the behaviour.
   text shipped with every Python install; training blocks come from one half of its modules (by a
   stable hash of the file name), held-out blocks from the other half.
 
-Each kind gives (train, held_styled, held_plain): held_plain are the neutral held-out samples (for
+Each kind gives (train, held_styled, held_plain): held_plain are the neutral held-out texts (for
 specificity and collateral), the same for every kind.
+
+The neutral texts themselves come from one of two sources (bench_refine's --texts):
+- "human": paragraphs of the Python documentation's prose (pydoc_data.topics, shipped with every
+  Python), training and held-out paragraphs from disjoint halves of its topics: text that neither
+  model wrote, so a refined adapter that learned the source model's way of writing in general gets
+  no credit for it (the issue's kept-aside judge measures on real task text, for this reason);
+- "samples": continuations that SmolLM2-135M's base wrote on the bench's prompts (the first versions
+  of this benchmark): they favour whatever makes a target write like SmolLM2.
 """
 
 from __future__ import annotations
@@ -125,6 +133,30 @@ def stdlib_comments(n_train: int, n_held: int, seed: int = 0) -> tuple[list[str]
     if len(train) < n_train or len(held) < n_held:
         raise SystemExit(f"the standard library under {root} has too few comment blocks ({len(train)} / {len(held)})")
     return train[:n_train], held[:n_held]
+
+
+def human_texts(n_train: int, n_held: int, seed: int = 0) -> dict[str, list[str]]:
+    """Prose paragraphs (200 to 450 characters, ending a sentence, no code or lists) of the Python
+    documentation's topics, training and held-out from disjoint halves of the topics."""
+    from pydoc_data.topics import topics
+
+    halves: tuple[list[str], list[str]] = ([], [])
+    for name, body in sorted(topics.items()):
+        half = int(hashlib.sha256(name.encode()).hexdigest(), 16) % 2
+        for para in re.split(r"\n\s*\n", body):
+            lines = para.splitlines()
+            if any(ln.startswith(("   ", ">>>", "*", "-", "=")) for ln in lines):
+                continue
+            text = " ".join(ln.strip() for ln in lines)
+            if 200 <= len(text) <= 450 and text[-1] in ".!?":
+                halves[half].append(text)
+    rng = random.Random(seed)
+    train, held = (sorted(set(h)) for h in halves)
+    rng.shuffle(train)
+    rng.shuffle(held)
+    if len(train) < n_train or len(held) < n_held:
+        raise SystemExit(f"the Python documentation has too few prose paragraphs ({len(train)} / {len(held)}) for {n_train} / {n_held}")
+    return {"train": train[:n_train], "heldout": held[:n_held]}
 
 
 def kind_texts(kind: str, texts: dict) -> tuple[list[str], list[str], list[str]]:
