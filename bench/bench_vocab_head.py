@@ -1,5 +1,6 @@
-"""What the output projection costs in one refine training step, and what a softmax restricted to a
-subset of the vocabulary would save (issue 16, item 5).
+"""What the output projection costs in one refine training step, the vocabulary-blocked log-probability
+against the row-chunked one it replaced, and what a softmax restricted to a subset of the vocabulary
+would save (issue 16, item 5).
 
     python -m bench.bench_vocab_head [--targets smollm2-135m,qwen2.5-coder-0.5b] [--compute bfloat16,float32]
 
@@ -8,7 +9,10 @@ the target's LoRA, gradient checkpointing, logits in recomputed chunks: services
 `batch_loss`) is timed whole, then its parts:
 
 - body: the decoder stack forward and backward, the hidden states' gradient a constant;
-- head: the whole step minus the body (the vocabulary projection, its log-softmax, their backward);
+- head: the whole step minus the body (the vocabulary projection, its log-softmax, their backward),
+  as refine computes it (services/head_logprob.py: the vocabulary in blocks, all rows at once);
+- head chunked: the same loss the way refine computed it before (a few rows at a time against the
+  whole vocabulary, recomputed in the backward pass: `chunked_logprobs` below, kept as the reference);
 - head restricted: the same loss with the softmax over a subset of the vocabulary (the batch's own
   tokens plus the K most frequent ids of the texts refine samples, a sampled-softmax bound), timed
   the same way, to show the most such a restriction could save.
@@ -27,10 +31,11 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from bench import BENCH
 from lowmem_crosslora.services.compute import upcast_model
-from lowmem_crosslora.services.distill import TrainText, _causal_parts, batch_loss, batch_norms, hidden
+from lowmem_crosslora.services.distill import LOGIT_CHUNK_BYTES, TrainText, _causal_parts, _logits, _pad, _scored, batch_loss, batch_norms, hidden
 
 
 def step_seconds(fn, reps: int) -> float:
@@ -43,10 +48,27 @@ def step_seconds(fn, reps: int) -> float:
     return best
 
 
+def chunked_logprobs(head, cap, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """refine's token log-probabilities before services/head_logprob.py: chunks of rows against the
+    whole vocabulary, each chunk's logits recomputed in the backward pass."""
+
+    def piece(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
+        return torch.log_softmax(_logits(head, hc, cap), dim=-1).gather(1, tc.unsqueeze(1)).squeeze(1)
+
+    rows = max(8, LOGIT_CHUNK_BYTES // (4 * 4 * head.weight.shape[0]))
+    return torch.cat([checkpoint(piece, h[i : i + rows], targets[i : i + rows], use_reentrant=False) for i in range(0, h.shape[0], rows)])
+
+
+def chunked_loss(model, texts: list[TrainText]) -> torch.Tensor:
+    _d, head, cap = _causal_parts(model)
+    x, mask = _pad(texts, "cpu")
+    h = hidden(model, x, mask)
+    ri, ci, _ = _scored(texts, x)
+    return -chunked_logprobs(head, cap, h[ri, ci], x[ri, ci + 1]).mean()
+
+
 def restricted_loss(model, texts: list[TrainText], subset: torch.Tensor) -> torch.Tensor:
     """The `lm` loss with the softmax over `subset` (sorted ids; every label inside it)."""
-    from lowmem_crosslora.services.distill import _pad, _scored
-
     _d, head, _cap = _causal_parts(model)
     x, mask = _pad(texts, "cpu")
     h = hidden(model, x, mask)
@@ -94,11 +116,15 @@ def measure(target: Path, compute: str, batch: int, tokens: int, keep: int, reps
 
     subset = torch.unique(torch.cat([ids.flatten(), torch.arange(min(keep, vocab))]))
 
+    def chunked() -> None:
+        chunked_loss(model, texts).backward()
+        model.zero_grad(set_to_none=True)
+
     def restricted() -> None:
         restricted_loss(model, texts, subset).backward()
         model.zero_grad(set_to_none=True)
 
-    t_full, t_body, t_restr = step_seconds(full, reps), step_seconds(body, reps), step_seconds(restricted, reps)
+    t_full, t_body, t_chunk, t_restr = (step_seconds(f, reps) for f in (full, body, chunked, restricted))
     return {
         "target": target.name,
         "compute": compute,
@@ -108,6 +134,9 @@ def measure(target: Path, compute: str, batch: int, tokens: int, keep: int, reps
         "body_s": round(t_body, 3),
         "head_s": round(t_full - t_body, 3),
         "head_share": round((t_full - t_body) / t_full, 3),
+        "chunked_step_s": round(t_chunk, 3),
+        "chunked_head_s": round(t_chunk - t_body, 3),
+        "blocked_speedup_of_step": round(t_chunk / t_full, 3),
         "restricted_subset": int(subset.numel()),
         "restricted_step_s": round(t_restr, 3),
         "restricted_saves": round(1 - t_restr / t_full, 3),
@@ -135,11 +164,12 @@ def main() -> None:
         for c in args.compute.split(","):
             rows.append(measure(args.data / t, c, args.batch, args.tokens, args.keep, args.reps))
             print(rows[-1], flush=True)
-    print("| target | compute | vocabulary | step s | body s | head s (share) | restricted softmax: ids, step s, saved |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+    print("| target | compute | vocabulary | step s | body s | head s (share) | before: step s, head s | restricted softmax: ids, step s, saved |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
             f"| {r['target']} | {r['compute']} | {r['vocab']} | {r['step_s']} | {r['body_s']} | {r['head_s']} ({100 * r['head_share']:.0f}%) "
+            f"| {r['chunked_step_s']}, {r['chunked_head_s']} "
             f"| {r['restricted_subset']}, {r['restricted_step_s']}, {100 * r['restricted_saves']:.0f}% |"
         )
     machine = {"cpus": os.cpu_count(), "threads": torch.get_num_threads(), "load_average": os.getloadavg()}

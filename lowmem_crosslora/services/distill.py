@@ -19,8 +19,10 @@ Objectives (the benchmark compares them; refine ships the one that measured best
   texts where the target base has them: KL(target base || target + LoRA), over the whole vocabulary.
 
 The vocabulary projection is the memory hog of a small model (Qwen2.5's 151,936 entries x 4 bytes
-a token): logits are made, used and dropped a few hundred rows at a time, recomputed for the
-backward pass (torch.utils.checkpoint), so no batch ever holds a (tokens x vocabulary) matrix.
+a token): no batch ever holds a (tokens x vocabulary) matrix. A token's log-probability walks the
+vocabulary in blocks with all rows at once (services/head_logprob.py); the KL term, which needs
+whole distributions, makes them a few rows at a time and recomputes them for the backward pass
+(torch.utils.checkpoint).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
+
+from lowmem_crosslora.services.head_logprob import head_logprob
 
 OBJECTIVES = ("lm", "delta", "lm+kl", "lm-excess")
 
@@ -116,16 +120,10 @@ def _chunk_rows(vocab: int) -> int:
 
 
 def token_logprobs_grad(head: Any, cap: float | None, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target token) for each row of hidden states `h` (N x H), with gradients, in chunks whose
-    logits are recomputed in the backward pass instead of kept."""
-
-    def piece(hc: torch.Tensor, tc: torch.Tensor) -> torch.Tensor:
-        logp = torch.log_softmax(_logits(head, hc, cap), dim=-1)
-        return logp.gather(1, tc.unsqueeze(1)).squeeze(1)
-
-    rows = _chunk_rows(head.weight.shape[0])
-    parts = [checkpoint(piece, h[i : i + rows], targets[i : i + rows], use_reentrant=False) for i in range(0, h.shape[0], rows)]
-    return torch.cat(parts) if parts else h.new_zeros(0, dtype=torch.float32)
+    """log p(target token) for each row of hidden states `h` (N x H), with gradients: the vocabulary
+    walked in blocks with all rows at once (services/head_logprob.py), so each block of the output
+    projection is read twice a step however many rows there are, and no (N x vocabulary) matrix is made."""
+    return head_logprob(head, cap, h, targets, LOGIT_CHUNK_BYTES)
 
 
 def kl_to_base(head: Any, cap: float | None, h: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
