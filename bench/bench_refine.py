@@ -62,7 +62,7 @@ from bench.training import attach_lora, encode, train_lm
 from lowmem_crosslora import transfer
 from lowmem_crosslora.commands.refine import run_refine
 from lowmem_crosslora.commands.verify import install_control, mean_se, ratio_se
-from lowmem_crosslora.services import scoring
+from lowmem_crosslora.services import compute, scoring
 from lowmem_crosslora.services.probes import Probe, sample_probes
 from lowmem_crosslora.sizes import parse_size
 
@@ -249,6 +249,7 @@ def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, s
             "cache_dir": str(args.data / "refine-bench" / "basis-cache"),
             "probe_select": selection,
             "amplify": amplify,
+            "compute": args.compute,
         }
     )
     rss_file = c.work / f"time-{out.name}.txt"
@@ -394,6 +395,9 @@ def run_case(args: argparse.Namespace, case: str, texts: dict, bench: dict, seed
 def run_one(spec: str) -> None:
     kw = json.loads(spec)
     kw["max_memory"] = parse_size(kw["max_memory"])
+    # "float32" takes the path of a CPU without bfloat16 instructions (bfloat16 weights computing in
+    # float32), "bfloat16" that of one with them; "auto" lets refine decide as it does for users.
+    compute.FORCE = {"auto": None, "float32": False, "bfloat16": True}[kw.pop("compute", "auto")]
     run_refine(kw.pop("source"), kw.pop("adapter"), kw.pop("target"), kw.pop("out"), device="cpu", force=True, **kw)
 
 
@@ -481,6 +485,12 @@ def main() -> None:
     ap.add_argument("--heldout-texts", type=int, default=24)
     ap.add_argument("--max-memory", default="2GB", help="refine's --max-memory (the issue's cap is 2 GB per 0.5B target)")
     ap.add_argument("--no-verify", dest="verify", action="store_false")
+    ap.add_argument(
+        "--compute",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="refine's compute dtype: as refine picks it, or forced (float32: the path of a CPU without bfloat16 instructions)",
+    )
     ap.add_argument(
         "--texts",
         choices=("human", "samples"),
