@@ -236,8 +236,11 @@ def run_candidates(args: argparse.Namespace, c: Case, env: dict[str, str]) -> di
 
 def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, str]) -> dict:
     obj, init, *rest = cand.split("/")
-    probes = rest[0] if rest else "plain"  # plain | excess (services/probe_select.py) | amp<alpha> (amplified sampling)
+    # plain | excess (services/probe_select.py) | amp<alpha> (amplified sampling) | chat (half through the chat template)
+    probes = rest[0] if rest else "plain"
     selection, amplify = ("plain", float(probes[3:] or 0.75)) if probes.startswith("amp") else (probes, 0.0)
+    chat = selection == "chat"
+    selection = "plain" if chat else selection
     out = c.work / (f"refined-{c.s_key}-{c.t_key}-{obj.replace('+', '')}-{init}" + (f"-{probes}" if rest else ""))
     # The losing objectives are not in the CLI: each candidate runs run_refine in a fresh process
     # (this module with --one), timed whole by /usr/bin/time (peak RSS of the process).
@@ -249,6 +252,7 @@ def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, s
             "cache_dir": str(args.data / "refine-bench" / "basis-cache"),
             "probe_select": selection,
             "amplify": amplify,
+            "chat": chat,
             "compute": args.compute,
         }
     )
@@ -477,7 +481,7 @@ def main() -> None:
     ap.add_argument(
         "--candidates",
         default="lm/fresh,delta/fresh,lm+kl/fresh,lm/transfer",
-        help="objective/init[/plain|excess|amp<alpha> (the probe texts)]; the first is the shipped setting (verify runs on it)",
+        help="objective/init[/plain|excess|amp<alpha>|chat (the probe texts)]; the first is the shipped setting (verify runs on it)",
     )
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--train-lr", type=float, default=5e-4)

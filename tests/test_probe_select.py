@@ -93,3 +93,52 @@ def test_refine_with_amplified_probes_reports_them(tmp_path: Path) -> None:
     report = fast_refine(models, tmp_path / "out", amplify=0.75, samples=4)
     sel = report["refine"]["probe_set"]["selection"]
     assert sel["amplified"] == {"alpha": 0.75, "sampled": 2} and report["options"]["amplify"] == 0.75
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}{% if add_generation_prompt %}<s>assistant: {% endif %}"
+
+
+def _with_chat_template(model_dir: Path) -> None:
+    cfg_file = model_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["chat_template"] = CHAT_TEMPLATE
+    cfg_file.write_text(json.dumps(cfg))
+
+
+def test_chat_probes_are_the_sources_own_user_turns_and_answers_as_plain_text(tmp_path: Path) -> None:
+    """The "Magpie" probes: the template's opening of a user turn, the source writes the turn, then
+    answers it inside the template; the probe keeps plain text only (no template tokens), seeded."""
+    pytest.importorskip("transformers")
+    from helpers import refine_pair
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowmem_crosslora.services.probes import chat_opening, sample_chat_probes
+
+    m = refine_pair(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(m["source"]))
+    assert chat_opening(tok) is None  # no template: no chat probes
+    _with_chat_template(m["source"])
+    tok = AutoTokenizer.from_pretrained(str(m["source"]))
+    assert chat_opening(tok) == ("<s>user: ", "</s><s>assistant: ")
+    model = AutoModelForCausalLM.from_pretrained(str(m["source"]))
+    probes = sample_chat_probes(model, tok, 12, max_new_tokens=10, seed=3)
+    assert probes and probes == sample_chat_probes(model, tok, 12, max_new_tokens=10, seed=3)
+    assert probes != sample_chat_probes(model, tok, 12, max_new_tokens=10, seed=4)
+    for p in probes:
+        assert p.prompt.endswith("\n") and "\n" not in p.prompt[:-1] and "<s>" not in p.prompt + p.text and "</s>" not in p.prompt + p.text
+        assert p.origin == "adapter" and len(p.text.encode()) >= 4
+
+
+def test_refine_with_chat_probes_reports_them_and_falls_back_without_a_template(tmp_path: Path) -> None:
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from helpers import fast_refine, refine_pair
+
+    models = refine_pair(tmp_path)
+    plain = fast_refine(models, tmp_path / "plain", chat=True, samples=4)
+    assert plain["refine"]["probe_set"]["selection"]["chat"] == {"sampled": 0}  # the tiny source has no template
+    _with_chat_template(models["source"])
+    report = fast_refine(models, tmp_path / "out", chat=True, samples=4)
+    assert 0 < report["refine"]["probe_set"]["selection"]["chat"]["sampled"] <= 2 and report["options"]["chat"] is True
+    kept = json.loads((tmp_path / "out" / PROBES_NAME).read_text())
+    assert not any("<s>" in t["prompt"] for t in kept["texts"])

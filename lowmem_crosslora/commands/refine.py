@@ -226,6 +226,7 @@ def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:
         user=run.user,
         selection=opts.probe_select,
         amplify=opts.amplify,
+        chat=opts.chat,
         holdout=opts.holdout,
     )
     prep.extra = {**prep.extra, "seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}

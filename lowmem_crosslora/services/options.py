@@ -224,6 +224,7 @@ class RefineOptions:
     # not a command-line option until it wins there.
     probe_select: str = "plain"
     amplify: float = 0.0  # > 0: half the adapter's texts sampled with its effect magnified (a candidate, as probe_select)
+    chat: bool = False  # half the adapter's texts written through the source's chat template (a candidate, as probe_select)
     lora_rank: int | None = option(None, "Rank of the trained LoRA [default: the source adapter's].")
     lora_alpha: float | None = option(None, "lora_alpha of the trained LoRA [default: the source adapter's].")
     # SVD rank of the transfer that places the modules (and initialises, for init "transfer")
@@ -267,6 +268,8 @@ class RefineOptions:
             key["probe_select"] = self.probe_select
         if self.amplify:
             key["amplify"] = self.amplify
+        if self.chat:
+            key["chat"] = True
         return key
 
     def check(self) -> None:

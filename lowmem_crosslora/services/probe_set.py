@@ -14,7 +14,7 @@ from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.distill import TrainText, segments
 from lowmem_crosslora.services.probe_select import drawn, excess, select
-from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, Probe, sample_probes, stable_seed
+from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, USER_TURN_TOKENS, Probe, chat_opening, sample_chat_probes, sample_probes, stable_seed
 from lowmem_crosslora.services.scoring import Loader, Log, encode, free, longest_sequence, token_logprobs, vocab_size
 
 
@@ -82,17 +82,23 @@ def prepare_source(
     holdout: int = 0,
     selection: str = "plain",
     amplify: float = 0.0,
+    chat: bool = False,
 ) -> Prepared:
     """Sample probe and contrast texts from the source (adapter on / off; `prompts` None: the built-in
     ones), score them token by token under both, free the source. `holdout` more texts of source +
     adapter are sampled with their own seed (holdout_seed(seed)) and scored as verify does (source
     effect per byte); a held-out text that is also a training text is left out. `selection`
     "excess" samples twice the adapter's texts (training and held-out alike) and keeps the half that
-    shows the adapter most (services/probe_select.py); the report states the set's composition."""
+    shows the adapter most (services/probe_select.py). `chat`: half the adapter's texts are written
+    through the source's chat template, its own user turn and its answer (probes.sample_chat_probes),
+    where it has one. The report states the set's composition."""
     from peft import PeftModel
 
     t0 = time.perf_counter()
     loader.tokens = longest_sequence(tok, prompts or list(DEFAULT_PROMPTS), max_new_tokens, user)
+    template = chat_opening(tok) if chat else None
+    if template is not None:  # the template's tokens, the user turn the source writes, its answer
+        loader.tokens = max(loader.tokens, len(tok("".join(template), add_special_tokens=False)["input_ids"]) + USER_TURN_TOKENS + max_new_tokens)
     base = loader.load(src)
     model = PeftModel.from_pretrained(base, str(adapter), adapter_name="adapter")
     model.to(dev)
@@ -102,7 +108,14 @@ def prepare_source(
     say(f"sampling {n_draw} texts from source + adapter and {contrast_samples} from the source base (seed {seed})")
     # `amplify` > 0: half of them sampled with the adapter's effect magnified (probes.sample_probes)
     n_amp = n_draw // 2 if amplify else 0
-    probes = sample_probes(model, tok, prompts, n_draw - n_amp, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
+    chats = sample_chat_probes(model, tok, n_draw // 2, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev) if chat else []
+    if chat:
+        say(
+            f"  {len(chats)} of them written through the source's chat template, user turn and answer"
+            if chats
+            else "  the source's tokenizer has no chat template: all from the prompts"
+        )
+    probes = chats + sample_probes(model, tok, prompts, n_draw - n_amp - len(chats), max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
     if n_amp:
         say(f"  {n_amp} of them with the adapter's effect amplified (alpha {amplify:g})")
         probes += sample_probes(model, tok, prompts, n_amp, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev, amplify=amplify)
@@ -129,6 +142,8 @@ def prepare_source(
     delta = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(lp_ad, lp_base, strict=True)]
     starts, ends = [e.start for e in enc], [list(e.ends) for e in enc]
     composition: dict[str, Any] = {"rule": selection, **({"amplified": {"alpha": amplify, "sampled": n_amp}} if amplify else {})}
+    if chat:
+        composition["chat"] = {"sampled": len(chats)}
     if selection == "excess":
         ad_ix = [i for i, p in enumerate(probes) if p.origin == "adapter"]
         chosen, composition["train"] = select([probes[i].text for i in ad_ix], [excess(delta[i]) for i in ad_ix], samples)
@@ -138,7 +153,7 @@ def prepare_source(
             chosen, composition["holdout"] = select([p.text for p in held], held_excess, holdout)
             held, held_effect = [held[k] for k in chosen], [held_effect[k] for k in chosen]
     prep = Prepared(
-        probes, starts, ends, delta, time.perf_counter() - t0, sample_s, extra={"selection": composition} if selection != "plain" or amplify else {}
+        probes, starts, ends, delta, time.perf_counter() - t0, sample_s, extra={"selection": composition} if selection != "plain" or amplify or chat else {}
     )
     if holdout:
         prep.holdout, prep.holdout_effect, prep.holdout_seed = held, held_effect, holdout_seed(seed)

@@ -217,6 +217,77 @@ def sample_probes(
     return out
 
 
+# A user turn the source writes itself (sample_chat_probes) is at most this many tokens.
+USER_TURN_TOKENS = 40
+_MARK = "\u2063\u2063user-turn\u2063\u2063"  # invisible separators: text no template writes itself
+
+
+def chat_opening(tokenizer: Any) -> tuple[str, str] | None:
+    """The tokenizer's chat template split around a user's message: (text before it, text after it up
+    to the assistant's turn), or None where it has no template (or one that does not show the message)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that needs more than one user message, or other roles
+        return None
+    if not isinstance(text, str) or text.count(_MARK) != 1:
+        return None
+    before, after = text.split(_MARK)
+    return before, after
+
+
+def sample_chat_probes(
+    model: Any,
+    tokenizer: Any,
+    n: int,
+    *,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    origin: str = "adapter",
+    device: str = "cpu",
+    top_p: float = 0.95,
+    temperature: float = 1.0,
+    min_bytes: int = 4,
+    rows: int = 48,
+) -> list[Probe]:
+    """n probes whose prompts the model writes itself (the "Magpie" trick): fed only its chat
+    template's opening of a user turn, it writes a user's message (up to USER_TURN_TOKENS, to its
+    end-of-turn token), then, the message wrapped in the template, answers it. Each probe is the plain
+    message (a line) and the plain answer, no template tokens, so the target reads them as any other
+    text. Empty where the tokenizer has no chat template. Rows are seeded as sample_probes seeds them."""
+    parts = chat_opening(tokenizer)
+    if n <= 0 or parts is None:
+        return []
+    before, after = parts
+    opening = tokenizer(before, add_special_tokens=False)["input_ids"]
+    eos = _eos_ids(model, tokenizer)
+    seeds = [stable_seed("chat", seed, origin, j) for j in range(n)]
+    was_training = model.training
+    model.eval()
+    out: list[Probe] = []
+    try:
+        step = max(1, rows)
+        for c in range(0, n, step):
+            chunk = seeds[c : c + step]
+            users = [
+                tokenizer.decode(r, skip_special_tokens=True).strip()
+                for r in _sample_rows(model, [opening] * len(chunk), chunk, eos, USER_TURN_TOKENS, top_p, temperature, device)
+            ]
+            kept = [(u, s) for u, s in zip(users, chunk, strict=True) if len(u.encode("utf-8")) >= min_bytes]
+            if not kept:
+                continue
+            asks = [tokenizer(before + u + after, add_special_tokens=False)["input_ids"] for u, _ in kept]
+            answers = _sample_rows(model, asks, [stable_seed("chat-answer", s) for _, s in kept], eos, max_new_tokens, top_p, temperature, device)
+            for (u, s), row in zip(kept, answers, strict=True):
+                text = tokenizer.decode(row, skip_special_tokens=True)
+                if len(text.encode("utf-8")) >= min_bytes:
+                    out.append(Probe(" ".join(u.split()) + "\n", text, s, origin))
+    finally:
+        model.train(was_training)
+    return out
+
+
 def _sample_rows(
     model: Any, prompts: list[list[int]], seeds: list[int], eos: set[int], steps: int, top_p: float, temperature: float, device: str, amplify: float = 0.0
 ) -> list[list[int]]:
