@@ -131,6 +131,13 @@ def ours(src: Path, tgt: Path, ad: Path, out: Path, device: str, extra: list[str
     return r
 
 
+def max_abs_diff(a: Path, b: Path) -> float:
+    from safetensors.torch import load_file
+
+    x, y = load_file(str(a / "adapter_model.safetensors")), load_file(str(b / "adapter_model.safetensors"))
+    return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
+
+
 def reference(mode: str, src: Path, tgt: Path, ad: Path, device: str, out: Path) -> dict:
     r = measure([sys.executable, "-m", "bench.reference", mode, *inputs(ad, src, tgt), "--device", device, "--out", str(out)])
     r.update(json.loads(r["stdout"].strip().splitlines()[-1]))
@@ -159,7 +166,12 @@ def main() -> None:
     p.add_argument("--pair", choices=sorted(PAIRS), default="small")
     p.add_argument("--device", default="cpu")
     p.add_argument("--data", type=Path, default=BENCH / "data")
-    p.add_argument("--cases", default="ours,floor,naive,lowmem", help="comma list of ours,floor,naive,lowmem,gpu8,gpu2")
+    p.add_argument(
+        "--cases",
+        default="ours,floor,naive,lowmem",
+        help="comma list of ours,floor,naive,lowmem,gpu8,gpu2,read (each weight read once onto the device),"
+        "stack (ours with --stack 64), stack2 (the same at --max-gpu-memory 2GB)",
+    )
     p.add_argument("--results", type=Path, default=BENCH / "results")
     args = p.parse_args()
     cases = args.cases.split(",")
@@ -185,7 +197,11 @@ def main() -> None:
             rows[case]["max_memory_bytes"] = budget
         elif case in ("gpu8", "gpu2"):
             rows[case] = ours(src, tgt, ad, work / case, args.device, ["--max-gpu-memory", "8GB" if case == "gpu8" else "2GB"])
-        elif case in ("floor", "naive"):
+        elif case in ("stack", "stack2"):
+            rows[case] = ours(src, tgt, ad, work / case, args.device, ["--stack", "64"] + (["--max-gpu-memory", "2GB"] if case == "stack2" else []))
+            if (work / "ours").exists():  # equal to the unstacked output up to rounding
+                rows[case]["max_abs_diff_vs_ours"] = max_abs_diff(work / "ours", work / case)
+        elif case in ("floor", "naive", "read"):
             rows[case] = reference(case, src, tgt, ad, args.device if case != "lowmem" else "cpu", work / f"{case}.safetensors")
         rows[case].pop("stdout", None)
         r = rows[case]
@@ -212,6 +228,9 @@ def main() -> None:
     }
     if "ours" in rows and "floor" in rows:
         result["ratios"]["ours_over_floor_time"] = rows["ours"]["wall_s"] / rows["floor"]["wall_s"]
+    for case in ("ours", "stack"):
+        if case in rows and "read" in rows:
+            result["ratios"][f"{case}_over_read_time"] = rows[case]["internal_s"] / rows["read"]["seconds"]
     if "ours" in rows and "naive" in rows:
         result["ratios"]["naive_over_ours_private_memory"] = rows["naive"]["peak_private_bytes"] / rows["ours"]["peak_private_bytes"]
         result["ratios"]["ours_over_naive_time"] = rows["ours"]["wall_s"] / rows["naive"]["wall_s"]

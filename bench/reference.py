@@ -1,12 +1,14 @@
 """The two yardsticks of bench.bench_transfer, each run in its own process.
 
-    python -m bench.reference naive|floor --adapter A --source S --target T [--device cuda] [--out DIR]
+    python -m bench.reference naive|floor|read --adapter A --source S --target T [--device cuda] [--out DIR]
 
 naive: what a research script does: both state dicts loaded whole with
        safetensors.torch.load_file, torch.svd_lowrank per module, dense dW, dense projection, then a
        rank-k SVD of the dense dW_t to get LoRA factors back.
 floor: nothing but the unavoidable work: read each needed base tensor once and run one
        torch.svd_lowrank per base matrix at the same settings as the tool.
+read:  reading each needed base tensor once onto the device, widened to float32, and nothing else:
+       the physical limit a transfer can approach (issue 18 aims at 3x it on a GPU).
 
 Prints one JSON line: {"seconds": ..., "svd_seconds": ..., "peak_gpu_bytes": ...}.
 """
@@ -40,6 +42,29 @@ def q_for(r: int, m: int, n: int, oversample: int) -> int:
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def needed(plan, src, tgt):
+    """(checkpoint, tensor name) of every base matrix the plan's units need, each once."""
+    seen: set[tuple[str, str]] = set()
+    for u in plan.units:
+        for role, ck, name in (("source", src, u.source_weight), ("target", tgt, u.target_weight)):
+            if (role, name) not in seen:  # both models use the same tensor names: key by model too
+                seen.add((role, name))
+                yield ck, name
+
+
+def read(args: argparse.Namespace) -> dict:
+    _ad, src, tgt, plan = units(args.adapter, args.source, args.target, args.rank)
+    t0 = time.perf_counter()
+    n = 0
+    for ck, name in needed(plan, src, tgt):
+        with safe_open(str(ck.info(name).file), framework="pt") as f:
+            W = f.get_tensor(name).to(args.device).float()
+        sync(args.device)
+        n += 1
+        del W
+    return {"seconds": time.perf_counter() - t0, "matrices": n}
 
 
 def floor(args: argparse.Namespace) -> dict:
@@ -100,7 +125,7 @@ def naive(args: argparse.Namespace) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("mode", choices=["naive", "floor"])
+    p.add_argument("mode", choices=["naive", "floor", "read"])
     p.add_argument("--adapter", required=True)
     p.add_argument("--source", required=True)
     p.add_argument("--target", required=True)
@@ -112,7 +137,7 @@ def main() -> None:
     args = p.parse_args()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    result = floor(args) if args.mode == "floor" else naive(args)
+    result = {"floor": floor, "naive": naive, "read": read}[args.mode](args)
     result["peak_gpu_bytes"] = int(torch.cuda.max_memory_allocated()) if args.device.startswith("cuda") else 0
     print(json.dumps(result))
 

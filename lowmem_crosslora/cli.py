@@ -96,7 +96,7 @@ def cli() -> None:
     type=PATH,
     help="Output adapter folder (created; must be empty unless --force). With several adapters: the folder that receives one output folder per adapter.",
 )
-@click_options(TransferOptions, only=("resume", "restart", "force", "out_format"))
+@click_options(TransferOptions, only=("resume", "restart", "force", "out_format", "stack"))
 @_report("Also write the report JSON here (a list of reports for several adapters).")
 @_quiet
 @_json("Print the report as JSON on stdout (a list of reports for several adapters).")

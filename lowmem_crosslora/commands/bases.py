@@ -130,7 +130,7 @@ def _factor_into_cache(
     budget = Budget(opts.max_memory, opts.max_gpu_memory, dev)
     cache = open_cache(opts.cache_dir, opts.cache_limit, warn)
     with StopFlag() as stop:
-        engine = Engine(None, settings, budget, dev, opts.seed, stop, prefetch=True, cache=cache)
+        engine = Engine(None, settings, budget, dev, opts.seed, stop, prefetch=True, cache=cache, stack=opts.stack)
         for job in jobs:
             m, n = job.shape
             engine.matrices.append((m, n, settings.q_for(job.r, m, n), job.r, job.ckpt.info(job.weight).dtype, 0))

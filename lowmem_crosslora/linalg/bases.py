@@ -201,6 +201,38 @@ def randomized_svd(
     return U, S[:r], Ub[:, :r]
 
 
+def randomized_svd_stack(
+    W: torch.Tensor, r: int, q: int, niter: int, seeds: list[int], device: torch.device, dtype: torch.dtype
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """randomized_svd of each matrix of a stack W (k x m x n, resident on `device` in `dtype`) at once:
+    batched products, batched QR, batched small SVD, so k same-shape factorisations cost one launch
+    sequence instead of k (on a GPU, where a small factorisation is bound by its launches). Matrix i
+    draws its test matrix from seeds[i] exactly as randomized_svd does, so each result equals the
+    unbatched one up to the rounding of the batched kernels."""
+    k, m, n = W.shape
+    if len(seeds) != k:
+        raise ValueError(f"{len(seeds)} seeds for a stack of {k} matrices")
+    if m < n:
+        return [(V, S, U) for U, S, V in randomized_svd_stack(W.transpose(1, 2), r, q, niter, seeds, device, dtype)]
+    if q >= n:
+        q, niter = n, 0
+    gen_device = device if device.type == "cuda" else torch.device("cpu")
+    omega = torch.empty(k, n, q, dtype=dtype, device=device)
+    for i, seed in enumerate(seeds):  # each matrix's own test matrix, drawn as randomized_svd draws it
+        gen = torch.Generator(device=gen_device).manual_seed(seed)
+        omega[i] = torch.randn(n, q, generator=gen, dtype=torch.float32, device=gen_device).to(device=device, dtype=dtype)
+    Q = _orth(torch.bmm(W, omega))  # k x m x q
+    del omega
+    Wt = W.transpose(1, 2)
+    for _ in range(niter):
+        Q = _orth(torch.bmm(Wt, Q))
+        Q = _orth(torch.bmm(W, Q))
+    Bt = torch.bmm(Wt, Q)  # k x n x q
+    Ub, S, Vh = torch.linalg.svd(Bt, full_matrices=False)
+    U = torch.bmm(Q, Vh.transpose(1, 2)[:, :, :r])
+    return [(U[i], S[i, :r], Ub[i, :, :r]) for i in range(k)]
+
+
 def exact_svd(W: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exact SVD, truncated. LAPACK's divide and conquer is several times faster on a tall matrix
     than on its wide transpose, so a wide W is factored as W^T."""

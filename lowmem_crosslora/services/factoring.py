@@ -16,7 +16,18 @@ import torch
 from lowmem_crosslora.errors import BudgetError, CrossLoraError, InputError
 from lowmem_crosslora.io.hashing import HashMemo
 from lowmem_crosslora.io.reader import CheckpointReader
-from lowmem_crosslora.linalg.bases import Basis, BlockedMatrix, InCoreMatrix, SvdSettings, exact_svd, finish, randomized_svd, scipy_svd, seed_for
+from lowmem_crosslora.linalg.bases import (
+    Basis,
+    BlockedMatrix,
+    InCoreMatrix,
+    SvdSettings,
+    exact_svd,
+    finish,
+    randomized_svd,
+    randomized_svd_stack,
+    scipy_svd,
+    seed_for,
+)
 from lowmem_crosslora.services.cache import BasisCache, CacheKey
 from lowmem_crosslora.services.memory import Budget, MatrixPlan, stored_bytes
 from lowmem_crosslora.services.plan import Plan
@@ -30,6 +41,10 @@ FILE_PAGES_KEPT = 256 * 1024**2
 
 # Cache entries read and verified ahead of the projection, on as many threads.
 ENTRIES_AHEAD = 2
+
+
+# How far ahead in the job list a stack looks for matrices of the head's shape (Engine.stack).
+STACK_WINDOW = 64
 
 
 Progress = Callable[[int, int, str], None]
@@ -55,6 +70,9 @@ class Engine:
     stop: StopFlag
     prefetch: bool = True
     cache: BasisCache | None = None
+    # Most same-shape matrices factored together in one batched range finder (randomized_svd_stack);
+    # 1: one at a time. The bases equal the unstacked ones to rounding.
+    stack: int = 1
     retained: int = 0  # bytes of bases held for later units
     # (m, n, q, r, stored dtype, bytes of bases held) of every matrix the run factors, in order
     matrices: list[tuple[int, int, int, int, str, int]] = field(default_factory=list)
@@ -72,6 +90,10 @@ class Engine:
     # the host bytes it holds (the basis and its serialized copy), counted as retained meanwhile.
     _writer: ThreadPoolExecutor | None = None
     _pending: tuple[Future[None], int] | None = None
+    # Bases factored in a stack ahead of their turn: job index -> (basis, plan), counted in `retained`
+    # (host bases) or in the GPU's own figures (device bases) until yielded.
+    _stacked: dict[int, tuple[Basis, MatrixPlan]] = field(default_factory=dict)
+    stacks: list[int] = field(default_factory=list)  # the size of every stack factored
 
     def checks(self) -> None:
         self.stop.check()
@@ -82,12 +104,17 @@ class Engine:
         if not all_finite(t):
             raise InputError(f"{job.role} model: weight {job.weight} contains NaN or Inf")
 
-    def load(self, job: MatrixJob, device: str) -> torch.Tensor:
-        """The whole matrix widened to the compute dtype on `device`, widened one block at a time."""
+    def load(self, job: MatrixJob, device: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole matrix widened to the compute dtype on `device` (into `out` when given), widened
+        one block at a time."""
         m, n = job.shape
         dtype = self.settings.compute_dtype
+        if out is not None and device != "cpu":
+            out.copy_(job.ckpt.read(job.weight).to(device=device))
+            self._finite(job, out)
+            return out
         if device == "cpu":
-            W = torch.empty(m, n, dtype=dtype)
+            W = torch.empty(m, n, dtype=dtype) if out is None else out
             # Row blocks as the planner counts them (native * min(m, 1024) * n): a block read is
             # private memory when the reader copies (safetensors slices) or dequantizes (GGUF).
             step = max(1, min(1024, (16 << 20) // (2 * n)))
@@ -174,6 +201,80 @@ class Engine:
             W64 = self.load(job, "cpu").numpy()
             U, S, V = scipy_svd(W64, r)
             return finish(U.to(s.compute_dtype), S.to(s.compute_dtype), V.to(s.compute_dtype), "scipy-exact", "cpu", t0), MatrixPlan("cpu", "in-core", m, 0, 0)
+
+    # ---- stacks of same-shape matrices -----------------------------------------------------
+    def _stackable(self, job: MatrixJob, mplan: MatrixPlan) -> bool:
+        m, n = job.shape
+        return self.stack > 1 and mplan.mode == "in-core" and not self.settings.uses_exact(job.r, m, n, mplan.device)
+
+    def _stack_peers(self, jobs: list[MatrixJob], i: int, mplan: MatrixPlan) -> list[int]:
+        """Later jobs (within STACK_WINDOW) of job i's shape, rank and stored dtype, not cached and not
+        yet factored, as many as Engine.stack and the budget allow beside job i."""
+        head = jobs[i]
+        m, n = head.shape
+        dtype = head.ckpt.info(head.weight).dtype
+        key = (head.shape, head.r, dtype)
+        peers: list[int] = []
+        for j in range(i + 1, min(len(jobs), i + 1 + STACK_WINDOW)):
+            if len(peers) + 1 >= self.stack:
+                break
+            o = jobs[j]
+            if j in self._stacked or (o.shape, o.r, o.ckpt.info(o.weight).dtype) != key or self._is_cached(o):
+                continue
+            if not self.budget.stack_fits(m, n, self.settings.q_for(head.r, m, n), head.r, dtype, len(peers) + 2, self.retained, mplan.device):
+                break
+            peers.append(j)
+        return peers
+
+    def factor_stack(self, jobs: list[MatrixJob], mplan: MatrixPlan, preloaded: torch.Tensor | None = None) -> list[Basis]:
+        """Bases of same-shape jobs factored together (randomized_svd_stack), each with its own seed;
+        `preloaded` is the first job's matrix, already read."""
+        m, n = jobs[0].shape
+        s = self.settings
+        r, q = jobs[0].r, s.q_for(jobs[0].r, m, n)
+        t0 = time.perf_counter()
+        dev = torch.device(mplan.device)
+        t_read = time.perf_counter()
+        W = torch.empty(len(jobs), m, n, dtype=s.compute_dtype, device=dev)
+        for k, job in enumerate(jobs):
+            self.checks()
+            if k == 0 and preloaded is not None:
+                W[0].copy_(preloaded)
+            else:
+                self.load(job, mplan.device, out=W[k])
+        self.phases["read"] += time.perf_counter() - t_read
+        t_svd = time.perf_counter()
+        seeds = [seed_for(job.identity, job.weight, r, self.seed) for job in jobs]
+        factors = randomized_svd_stack(W, r, q, s.niter, seeds, dev, s.compute_dtype)
+        del W
+        method = "full-width" if q >= min(m, n) else "randomized"
+        bases = [finish(U, S, V, method, mplan.device, t0) for U, S, V in factors]
+        self.phases["svd"] += time.perf_counter() - t_svd
+        self.stacks.append(len(jobs))
+        return bases
+
+    def _factor_with_peers(self, jobs: list[MatrixJob], i: int, mplan: MatrixPlan, preloaded: torch.Tensor | None) -> tuple[Basis, MatrixPlan] | None:
+        """Job i factored in a stack with its peers, theirs kept for their turn; None where it has no
+        peers or the stack failed (job i is then factored alone, its peers in their turn)."""
+        if not self._stackable(jobs[i], mplan):
+            return None
+        peers = self._stack_peers(jobs, i, mplan)
+        if not peers:
+            return None
+        try:
+            bases = self.factor_stack([jobs[i]] + [jobs[j] for j in peers], mplan, preloaded)
+        except (CrossLoraError, KeyboardInterrupt):
+            raise
+        except (RuntimeError, NotImplementedError, MemoryError) as e:
+            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            self.fallbacks.append(f"{jobs[i].weight}: a stack of {len(peers) + 1} failed ({first_line[:120]}); factored one at a time")
+            if mplan.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            return None
+        for j, b in zip(peers, bases[1:], strict=True):
+            self._stacked[j] = (b, mplan)
+            self.retained += basis_bytes(b)
+        return bases[0], mplan
 
     # ---- the basis cache -------------------------------------------------------------------
     def _content(self, job: MatrixJob) -> str:
@@ -325,6 +426,19 @@ class Engine:
             for i, job in enumerate(jobs):
                 self.checks()
                 self.prehash(jobs[i + 1 : i + 3])
+                if i in self._stacked:  # factored in an earlier job's stack
+                    if ahead is not None and ahead[0] == i:
+                        ahead[2].result()
+                        ahead = None
+                    basis, used = self._stacked.pop(i)
+                    self.retained -= basis_bytes(basis)
+                    if self.cache is not None:
+                        self.cache.misses += 1
+                    self.store(job, basis)
+                    release_free_memory()
+                    yield job, basis, used
+                    del basis, used
+                    continue
                 loading, loading_bytes = entries.pop(i, (None, 0))
                 hit = self.cached(job, loading)
                 self.retained -= loading_bytes
@@ -344,8 +458,21 @@ class Engine:
                 else:
                     mplan = self.matrix_plan(job, self.retained)
                 ahead = None
+                if self._stackable(job, mplan):
+                    if preloaded is not None:
+                        preloaded = preloaded.to(device=mplan.device).to(self.settings.compute_dtype)
+                        self._finite(job, preloaded)
+                    got = self._factor_with_peers(jobs, i, mplan, preloaded)
+                    if got is not None:
+                        del preloaded
+                        self.store(job, got[0])
+                        release_free_memory()
+                        job.ckpt.release_pages(self.budget.file_baseline + FILE_PAGES_KEPT)
+                        yield job, got[0], got[1]
+                        del got
+                        continue
                 nxt = jobs[i + 1] if i + 1 < len(jobs) else None
-                if self.prefetch and nxt is not None and mplan.mode == "in-core" and not self._is_cached(nxt):
+                if self.prefetch and nxt is not None and mplan.mode == "in-core" and (i + 1) not in self._stacked and not self._is_cached(nxt):
                     try:
                         nplan: MatrixPlan | None = self._plan(nxt, self.retained + mplan.host_bytes)
                     except BudgetError:  # no room to read ahead: the next matrix is planned on its own
@@ -371,6 +498,9 @@ class Engine:
         finally:
             for fut, _ in entries.values():  # a stopped run: let the reads in flight end
                 fut.cancel()
+            for b, _ in self._stacked.values():
+                self.retained -= basis_bytes(b)
+            self._stacked.clear()
 
     def _read_entries_ahead(self, jobs: list[MatrixJob], i: int, held: int, entries: dict[int, tuple[Future[Any], int]]) -> None:
         """Start reading the cache entries of the next ENTRIES_AHEAD jobs while they are cached

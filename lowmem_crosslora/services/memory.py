@@ -261,6 +261,20 @@ class Budget:
             return MatrixPlan("cpu", "blocked", rows, per_row * rows + panels, 0)
         return None
 
+    def stack_fits(self, m: int, n: int, q: int, r: int, dtype: str, k: int, retained: int, device: str) -> bool:
+        """Whether k matrices of one shape fit, factored together in core on `device`: the widened
+        stack, one stored-dtype matrix read at a time, the batched panels, and the k - 1 bases kept for
+        their turn (on the device where they are computed there, and their host copies)."""
+        panels = panel_bytes(m, n, q, r)
+        native = stored_bytes(dtype)
+        basis = F32 * (m + n) * r
+        room = self.host_room() - self.held_now(retained)
+        if device != "cpu":
+            gpu_held = max(0, int(torch.cuda.memory_allocated()) - self.gpu_allocated0) if device.startswith("cuda") else 0
+            gpu_room = self.max_gpu - self.gpu_baseline - gpu_held - GPU_SLACK
+            return k * (F32 * m * n + panels) + native * m * n + (k - 1) * basis <= gpu_room and k * basis <= room
+        return k * (F32 * m * n + panels) + native * min(m, 1024) * n + (k - 1) * basis <= room
+
     def _least_room(self, m: int, n: int, q: int, r: int, dtype: str) -> int:
         """The smallest room in which _choose finds a plan for this matrix (on the budget's device)."""
         panels = panel_bytes(m, n, q, r)

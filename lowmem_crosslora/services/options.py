@@ -141,6 +141,11 @@ class TransferOptions:
     niter: int = option(2, "Power iterations of the randomized SVD.")
     exact_ratio: float = 0.5
     compute_dtype: str = option("float32", "Precision of the SVD and projection.", choices=tuple(dtypes.COMPUTE))
+    stack: int = option(
+        1,
+        "Factor up to N base matrices of one shape together in one batched randomized SVD (for GPUs, where a small "
+        "factorisation is bound by kernel launches); the bases equal one-at-a-time's up to rounding.",
+    )
     max_memory: int | None = option(None, _host_budget(", e.g. 2GB, 1.5GiB"), parse=parse_size)
     max_gpu_memory: int | None = option(
         None, "GPU memory of the whole process, CUDA context included [default: what it holds plus 80% of free GPU memory].", parse=parse_size
@@ -187,6 +192,8 @@ class TransferOptions:
             raise InputError(f"unknown compute dtype {self.compute_dtype!r}; choose float32 or float64")
         if self.oversample < 0 or self.niter < 0:
             raise InputError("--oversample and --niter must not be negative")
+        if self.stack < 1:
+            raise InputError("--stack must be at least 1")
         return SvdSettings(self.rank, self.oversample, self.niter, self.exact_ratio, dtypes.COMPUTE[self.compute_dtype])
 
 
@@ -322,6 +329,7 @@ class BasesOptions:
     niter: int = same(TransferOptions, "niter")
     exact_ratio: float = same(TransferOptions, "exact_ratio")
     compute_dtype: str = same(TransferOptions, "compute_dtype", help="Precision of the SVD.")
+    stack: int = same(TransferOptions, "stack")
     cache_dir: str | Path | None = same(TransferOptions, "cache_dir")
     cache_limit: int | None = same(TransferOptions, "cache_limit")
 

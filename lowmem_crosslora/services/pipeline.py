@@ -180,7 +180,7 @@ def _run(
         progress(done_count, total, "")
     with stop:
         cache = open_cache(opts.cache_dir, opts.cache_limit, warn) if opts.use_cache else None
-        engine = Engine(todo[0].plan, settings, budget, device, opts.seed, stop, prefetch=opts.prefetch, cache=cache)
+        engine = Engine(todo[0].plan, settings, budget, device, opts.seed, stop, prefetch=opts.prefetch, cache=cache, stack=opts.stack)
         budget.start()
         try:
             run_units(engine, todo, src, tgt, progress, done_count, total)
@@ -271,6 +271,8 @@ def _finish(
         )
         report["run_fingerprint"] = t.fingerprint
         report["summary"]["cache"] = engine.cache.stats() if engine.cache is not None else None
+        if opts.stack > 1:  # how many matrices were factored in stacks, and in how many
+            report["summary"]["stacks"] = {"limit": opts.stack, "stacks": len(engine.stacks), "matrices": sum(engine.stacks)}
         if batch:
             report["summary"]["batch"] = {"adapters": len(tasks), "transferred_in_this_run": len(todo)}
         extra, drop = finish_hooks(opts.out_format, t.plan, t.adapter, tgt)
