@@ -138,6 +138,12 @@ def max_abs_diff(a: Path, b: Path) -> float:
     return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
 
 
+def max_energy_diff(a: Path, b: Path) -> float:
+    """The largest difference in a unit's energy_retained between two transfers of the same units."""
+    ea, eb = ({u["uid"]: u["energy_retained"] for u in json.loads((d / "crosslora_report.json").read_text())["units"]} for d in (a, b))
+    return max(abs(ea[k] - eb[k]) for k in ea if ea[k] is not None)
+
+
 def reference(mode: str, src: Path, tgt: Path, ad: Path, device: str, out: Path) -> dict:
     r = measure([sys.executable, "-m", "bench.reference", mode, *inputs(ad, src, tgt), "--device", device, "--out", str(out)])
     r.update(json.loads(r["stdout"].strip().splitlines()[-1]))
@@ -199,8 +205,9 @@ def main() -> None:
             rows[case] = ours(src, tgt, ad, work / case, args.device, ["--max-gpu-memory", "8GB" if case == "gpu8" else "2GB"])
         elif case in ("stack", "stack2"):
             rows[case] = ours(src, tgt, ad, work / case, args.device, ["--stack", "64"] + (["--max-gpu-memory", "2GB"] if case == "stack2" else []))
-            if (work / "ours").exists():  # equal to the unstacked output up to rounding
+            if (work / "ours").exists():  # against the unstacked output: bytes, and the energy each unit keeps
                 rows[case]["max_abs_diff_vs_ours"] = max_abs_diff(work / "ours", work / case)
+                rows[case]["max_energy_diff_vs_ours"] = max_energy_diff(work / "ours", work / case)
         elif case in ("floor", "naive", "read"):
             rows[case] = reference(case, src, tgt, ad, args.device if case != "lowmem" else "cpu", work / f"{case}.safetensors")
         rows[case].pop("stdout", None)
