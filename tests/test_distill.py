@@ -155,3 +155,40 @@ def test_excess_weights_spread_each_segments_change_over_its_tokens() -> None:
     for g, d in enumerate(t.delta_s):
         assert sum(x for x, s in zip(w, t.seg, strict=True) if s == g) == pytest.approx(abs(d))
     assert batch_norms("lm-excess", [t, t], [])["weight"] == pytest.approx(2 * 0.83)
+
+
+def test_the_pair_loss_is_dpo_on_whole_text_log_ratios_against_the_target_base() -> None:
+    """ "pair": -log sigmoid(beta [(log q_L(a) - log q_0(a)) - (log q_L(c) - log q_0(c))]) per (adapter
+    text, contrast text) pair, averaged over pairs; computed here by hand from whole-text log-likelihoods."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowmem_crosslora.services.distill import PAIR_BETA, base_token_logprobs, batch_loss, loglik_per_byte
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    model = peft.get_peft_model(LlamaForCausalLM(cfg), peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    g = torch.Generator().manual_seed(1)
+
+    def text(n: int, origin: str) -> TrainText:
+        ids = torch.randint(0, 50, (n,), generator=g).tolist()
+        return TrainText(ids, 2, [-1] * (n - 2), [], origin, 1)  # nbytes 1: loglik_per_byte is the whole-text sum
+
+    main, contrast = [text(7, "adapter"), text(5, "adapter")], [text(6, "base"), text(9, "base")]
+    base_token_logprobs(model, main + contrast, "cpu", 4)
+    on = loglik_per_byte(model, main + contrast, "cpu", 4)
+    with model.disable_adapter():
+        off = loglik_per_byte(model, main + contrast, "cpu", 4)
+    ratio = [a - b for a, b in zip(on, off, strict=True)]
+    want = sum(-torch.nn.functional.logsigmoid(torch.tensor(PAIR_BETA * (ratio[i] - ratio[2 + i]))).item() for i in range(2)) / 2
+    loss, parts = batch_loss(model, "pair", main, contrast, batch_norms("pair", main, contrast), "cpu", 1.0)
+    assert loss.item() == pytest.approx(want, rel=1e-4, abs=1e-6) and parts["pair"] == pytest.approx(want, rel=1e-4, abs=1e-6)
+    assert parts["margin"] == pytest.approx(((ratio[0] - ratio[2]) + (ratio[1] - ratio[3])) / 2, rel=1e-4, abs=1e-5)
+    loss.backward()  # a step along the gradient widens the margin
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.grad is not None:
+                p -= 1e-2 * p.grad
+    after, _ = batch_loss(model, "pair", main, contrast, batch_norms("pair", main, contrast), "cpu", 1.0)
+    assert after.item() < loss.item()

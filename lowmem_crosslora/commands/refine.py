@@ -289,12 +289,12 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
     opts, tgt, dev = run.opts, run.tgt, run.dev
     train = target_texts(tok, prep)
     main = [t for t in train if t.origin in ("adapter", "user")]
-    contrast = [t for t in train if t.origin == "base"] if opts.objective in ("delta", "lm+kl") else []
+    contrast = [t for t in train if t.origin == "base"] if opts.objective in ("delta", "lm+kl", "pair") else []
     longest = min(opts.max_len, max(len(t.ids) for t in main + contrast))
 
     lora_params = lora_param_count(run.plan, run.cfg)
     passes = 2 if opts.objective == "lm+kl" else 1
-    per_step = opts.batch * (2 if contrast else 1)  # "delta" and "lm+kl" pass main and contrast texts together
+    per_step = opts.batch * (2 if contrast else 1)  # "delta", "lm+kl" and "pair" pass main and contrast texts together
     room = room_left(budget, dev)
     ck = load_checkpoint(run.state / CHECKPOINT_NAME, run.fp)
     shape = pick_shape(tgt, lora_params, room, per_step, longest, passes, dev)
@@ -332,7 +332,7 @@ def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: P
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = attach_lora(base, run.cfg, init_dir, run.opts.seed)
     model.to(run.dev)
-    if run.opts.objective == "delta":
+    if run.opts.objective in ("delta", "pair"):
         base_token_logprobs(model, training.main + training.contrast, run.dev, shape.micro_batch)
     return model
 

@@ -17,6 +17,12 @@ Objectives (the benchmark compares them; refine ships the one that measured best
   change (LoRA on minus off) and the source's.
 - "lm+kl": "lm" plus a KL term that keeps the target's next-token distributions on the contrast
   texts where the target base has them: KL(target base || target + LoRA), over the whole vocabulary.
+- "pair": a preference between an adapter text (sampled from source + adapter) and a contrast text
+  (from the source base), both the source's writing, so what they share (the source's surface)
+  cancels: -log sigmoid(beta [(log q_L(a) - log q_0(a)) - (log q_L(c) - log q_0(c))]) with q_0 the
+  target base, q_L the target with its LoRA, whole-text log-likelihoods in the target's own tokens
+  (DPO's loss; no token alignment needed). Bounded: the LoRA gains nothing by pushing either text
+  to extremes once the pair is ordered.
 
 The vocabulary projection is the memory hog of a small model (Qwen2.5's 151,936 entries x 4 bytes
 a token): no batch ever holds a (tokens x vocabulary) matrix. A token's log-probability walks the
@@ -37,7 +43,10 @@ from torch.utils.checkpoint import checkpoint
 
 from lowmem_crosslora.services.head_logprob import head_logprob
 
-OBJECTIVES = ("lm", "delta", "lm+kl", "lm-excess")
+OBJECTIVES = ("lm", "delta", "lm+kl", "lm-excess", "pair")
+
+# "pair": the inverse temperature of its log-sigmoid (DPO's beta), per nat of a text's log-ratio.
+PAIR_BETA = 0.1
 
 
 # Rows of the vocabulary projection made at a time: their logits, log-softmax and gradients.
@@ -262,6 +271,22 @@ def batch_loss(
         kl = kl_to_base(head, cap, h[ri, ci], hb[ri, ci]) / norm["contrast_tokens"]
         loss = loss + kl_weight * kl
         parts["kl"] = float(kl.detach())
+    if objective == "pair" and main and contrast:
+        n = min(len(main), len(contrast))
+        texts = main[:n] + contrast[:n]
+        x, mask = _pad(texts, device)
+        h = hidden(model, x, mask)
+        ri, ci, spans = _scored(texts, x)
+        lp = token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1])
+        ratio = []
+        for t, (a, b) in zip(texts, spans, strict=True):
+            assert t.base_lp is not None, "base_token_logprobs must run before the pair objective"
+            ratio.append(lp[a:b].sum() - math.fsum(t.base_lp[: b - a]))
+        margin = torch.stack(ratio[:n]) - torch.stack(ratio[n:])
+        pl = -torch.nn.functional.logsigmoid(PAIR_BETA * margin).sum() / norm["pairs"]
+        loss = loss + pl
+        parts["pair"] = float(pl.detach())
+        parts["margin"] = float(margin.detach().mean()) * n / norm["pairs"]
     if objective == "delta":
         texts = main + contrast
         if texts:
@@ -292,4 +317,5 @@ def batch_norms(objective: str, main: list[TrainText], contrast: list[TrainText]
     ctokens = sum(max(0, len(t.ids) - t.first) for t in contrast)
     segs = sum(len(t.delta_s) for t in main + contrast)
     weight = math.fsum(w for t in main for w in excess_weights(t)) if objective == "lm-excess" else 0.0
-    return {"tokens": max(1, tokens), "contrast_tokens": max(1, ctokens), "segments": max(1, segs), "weight": max(weight, 1e-9)}
+    pairs = min(len(main), len(contrast))
+    return {"tokens": max(1, tokens), "contrast_tokens": max(1, ctokens), "segments": max(1, segs), "weight": max(weight, 1e-9), "pairs": max(1, pairs)}

@@ -290,6 +290,8 @@ class RefineOptions:
             raise InputError(f"unknown probe selection {self.probe_select!r}; choose one of {', '.join(SELECTIONS)}")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0 or not math.isfinite(self.lr):
             raise InputError("--steps and --batch must be at least 1 and --lr a positive number")
+        if self.objective == "pair" and self.contrast_samples < 1:
+            raise InputError("the pair objective compares adapter texts with contrast texts: --contrast-samples must be at least 1")
         if self.samples < 1 or self.contrast_samples < 0 or self.max_new_tokens < 1 or self.max_len < 8:
             raise InputError("--samples must be at least 1, --contrast-samples not negative, --max-new-tokens at least 1")
         if (self.lora_rank is not None or self.lora_alpha is not None) and self.init == "transfer":
