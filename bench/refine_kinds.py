@@ -119,6 +119,17 @@ def comment_blocks(path: Path, min_lines: int = 2, max_lines: int = 6) -> list[s
     return ["\n".join(b[:max_lines]) + "\n" for b in blocks if len(b) >= min_lines]
 
 
+def _draw(halves: tuple[list[str], list[str]], n_train: int, n_held: int, seed: int, what: str) -> tuple[list[str], list[str]]:
+    """n_train texts of the first half and n_held of the second, each half deduplicated and shuffled by `seed`."""
+    rng = random.Random(seed)
+    train, held = (sorted(set(h)) for h in halves)
+    rng.shuffle(train)
+    rng.shuffle(held)
+    if len(train) < n_train or len(held) < n_held:
+        raise SystemExit(f"too few {what} ({len(train)} / {len(held)}) for {n_train} / {n_held}")
+    return train[:n_train], held[:n_held]
+
+
 def stdlib_comments(n_train: int, n_held: int, seed: int = 0) -> tuple[list[str], list[str]]:
     """Training and held-out comment blocks of the standard library (disjoint halves of its modules)."""
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -126,13 +137,7 @@ def stdlib_comments(n_train: int, n_held: int, seed: int = 0) -> tuple[list[str]
     for f in sorted(root.glob("*.py")):
         half = int(hashlib.sha256(f.name.encode()).hexdigest(), 16) % 2
         halves[half].extend(comment_blocks(f))
-    rng = random.Random(seed)
-    train, held = (sorted(set(h)) for h in halves)
-    rng.shuffle(train)
-    rng.shuffle(held)
-    if len(train) < n_train or len(held) < n_held:
-        raise SystemExit(f"the standard library under {root} has too few comment blocks ({len(train)} / {len(held)})")
-    return train[:n_train], held[:n_held]
+    return _draw(halves, n_train, n_held, seed, f"comment blocks of the standard library under {root}")
 
 
 def human_texts(n_train: int, n_held: int, seed: int = 0) -> dict[str, list[str]]:
@@ -150,13 +155,8 @@ def human_texts(n_train: int, n_held: int, seed: int = 0) -> dict[str, list[str]
             text = " ".join(ln.strip() for ln in lines)
             if 200 <= len(text) <= 450 and text[-1] in ".!?":
                 halves[half].append(text)
-    rng = random.Random(seed)
-    train, held = (sorted(set(h)) for h in halves)
-    rng.shuffle(train)
-    rng.shuffle(held)
-    if len(train) < n_train or len(held) < n_held:
-        raise SystemExit(f"the Python documentation has too few prose paragraphs ({len(train)} / {len(held)}) for {n_train} / {n_held}")
-    return {"train": train[:n_train], "heldout": held[:n_held]}
+    train, held = _draw(halves, n_train, n_held, seed, "prose paragraphs of the Python documentation")
+    return {"train": train, "heldout": held}
 
 
 def kind_texts(kind: str, texts: dict) -> tuple[list[str], list[str], list[str]]:
