@@ -1,0 +1,94 @@
+"""What one `refine` costs, alone, on both compute paths (issue 16: <= 5 minutes and <= 2 GB per 0.5B
+target on a 2-core machine, on every CPU).
+
+    python -m bench.refine_cost [--source smollm2-135m] [--target qwen2.5-coder-0.5b] [--adapter DIR] [--compute auto,float32]
+
+Each run is `run_refine` at the shipped settings and `--max-memory 2GB` in a process of its own
+(bench_refine's `--one`), timed by /usr/bin/time (wall seconds, maximum RSS); the report gives the
+phases (source sampling and scoring, training) and the peak private memory that --max-memory bounds.
+"float32" forces the path of a CPU without bfloat16 instructions (bfloat16 weights computing in
+float32), so one machine measures both; "auto" is what refine picks here. Run it on a quiet machine:
+it measures seconds. Prints a table and writes bench/results/refine-cost.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import BENCH, repo_env
+
+
+def one(args: argparse.Namespace, compute: str) -> dict:
+    out = args.work / f"cost-{args.source}-{args.target}-{compute}"
+    spec = {
+        "source": str(args.data / args.source),
+        "adapter": str(args.adapter),
+        "target": str(args.data / args.target),
+        "out": str(out),
+        "objective": "lm",
+        "init": "fresh",
+        "seed": 0,
+        "max_memory": args.max_memory,
+        "cache_dir": str(args.work / "basis-cache"),
+        "compute": compute,
+    }
+    rss = args.work / f"time-{out.name}.txt"
+    cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss), sys.executable, "-m", "bench.bench_refine", "--one", json.dumps(spec)]
+    env = repo_env(args.threads)
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"refine ({compute}) failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+    s = json.loads((out / "crosslora_report.json").read_text())["summary"]
+    return {
+        "compute": compute,
+        "compute_dtype": s["train_shape"]["compute_dtype"],
+        "wall_seconds": round(wall, 1),
+        "phase_seconds": s["phase_seconds"],
+        "steps_run": len(json.loads((out / "crosslora_report.json").read_text())["refine"]["losses"]),
+        "max_rss_bytes": int(rss.read_text().split()[-1]) * 1024,
+        "peak_private_bytes": s["peak_host_bytes"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", type=Path, default=BENCH / "data" / "real")
+    ap.add_argument("--source", default="smollm2-135m")
+    ap.add_argument("--target", default="qwen2.5-coder-0.5b")
+    ap.add_argument("--adapter", type=Path, default=None, help="[default: bench_refine's caps LoRA on the source, human texts]")
+    ap.add_argument("--compute", default="auto,float32")
+    ap.add_argument("--max-memory", default="2GB")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", type=Path, default=BENCH / "results" / "refine-cost.json")
+    args = ap.parse_args()
+    args.work = args.data / "refine-bench" / "cost"
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.adapter is None:
+        args.adapter = args.data / "refine-bench" / "human" / "caps" / f"caps-lora-{args.source}"
+    if not (args.adapter / "adapter_config.json").exists():
+        raise SystemExit(f"{args.adapter} is missing: run `python -m bench.bench_refine --cases smol-qwen:caps` first, or pass --adapter")
+    rows = [one(args, c) for c in args.compute.split(",")]
+    print("| compute | dtype | wall s | source s | train s | steps | max RSS | peak private |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        ph = r["phase_seconds"]
+        print(
+            f"| {r['compute']} | {r['compute_dtype']} | {r['wall_seconds']} | {ph.get('source', 0):.0f} | {ph.get('train', 0):.0f} | {r['steps_run']} "
+            f"| {r['max_rss_bytes'] / 1e9:.2f} GB | {r['peak_private_bytes'] / 1e9:.2f} GB |"
+        )
+    out = {"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()}, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
