@@ -202,6 +202,13 @@ class Engine:
             U, S, V = scipy_svd(W64, r)
             return finish(U.to(s.compute_dtype), S.to(s.compute_dtype), V.to(s.compute_dtype), "scipy-exact", "cpu", t0), MatrixPlan("cpu", "in-core", m, 0, 0)
 
+    def _factored(self, job: MatrixJob, basis: Basis) -> None:
+        """After a basis is computed, before it is handed on: into the cache, freed memory returned,
+        mapped pages past the allowance dropped."""
+        self.store(job, basis)
+        release_free_memory()
+        job.ckpt.release_pages(self.budget.file_baseline + FILE_PAGES_KEPT)
+
     # ---- stacks of same-shape matrices -----------------------------------------------------
     def _stackable(self, job: MatrixJob, mplan: MatrixPlan) -> bool:
         m, n = job.shape
@@ -254,10 +261,8 @@ class Engine:
         return bases
 
     def _factor_with_peers(self, jobs: list[MatrixJob], i: int, mplan: MatrixPlan, preloaded: torch.Tensor | None) -> tuple[Basis, MatrixPlan] | None:
-        """Job i factored in a stack with its peers, theirs kept for their turn; None where it has no
-        peers or the stack failed (job i is then factored alone, its peers in their turn)."""
-        if not self._stackable(jobs[i], mplan):
-            return None
+        """Job i (stackable) factored in a stack with its peers, theirs kept for their turn; None where
+        it has no peers or the stack failed (job i is then factored alone, its peers in their turn)."""
         peers = self._stack_peers(jobs, i, mplan)
         if not peers:
             return None
@@ -434,8 +439,7 @@ class Engine:
                     self.retained -= basis_bytes(basis)
                     if self.cache is not None:
                         self.cache.misses += 1
-                    self.store(job, basis)
-                    release_free_memory()
+                    self._factored(job, basis)
                     yield job, basis, used
                     del basis, used
                     continue
@@ -465,9 +469,7 @@ class Engine:
                     got = self._factor_with_peers(jobs, i, mplan, preloaded)
                     if got is not None:
                         del preloaded
-                        self.store(job, got[0])
-                        release_free_memory()
-                        job.ckpt.release_pages(self.budget.file_baseline + FILE_PAGES_KEPT)
+                        self._factored(job, got[0])
                         yield job, got[0], got[1]
                         del got
                         continue
@@ -490,9 +492,7 @@ class Engine:
                     self.phases["read"] += time.perf_counter() - t_read
                 basis, used = self.factor(job, mplan, preloaded)
                 del preloaded
-                self.store(job, basis)
-                release_free_memory()
-                job.ckpt.release_pages(self.budget.file_baseline + FILE_PAGES_KEPT)
+                self._factored(job, basis)
                 yield job, basis, used
                 del basis, used  # held from here on only as the caller holds it (and counts it)
         finally:

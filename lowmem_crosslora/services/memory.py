@@ -238,9 +238,7 @@ class Budget:
         panels = panel_bytes(m, n, q, r)
         native = stored_bytes(dtype)
         if device != "cpu":
-            # What the GPU holds now (kept bases, the caching allocator's live blocks), measured.
-            gpu_held = max(0, int(torch.cuda.memory_allocated()) - self.gpu_allocated0) if device.startswith("cuda") else 0
-            gpu_room = self.max_gpu - self.gpu_baseline - gpu_held - GPU_SLACK
+            gpu_room = self._gpu_room(device)
             # GPU: the stored-dtype matrix is copied straight from the memory map (file pages, not
             # private memory) and widened on the device; the host holds only the result copied back.
             host_gpu = F32 * (m + n) * r
@@ -261,6 +259,12 @@ class Budget:
             return MatrixPlan("cpu", "blocked", rows, per_row * rows + panels, 0)
         return None
 
+    def _gpu_room(self, device: str) -> int:
+        """Room on the device for a plan: the GPU budget less the baseline, what the GPU holds now
+        (kept bases, the caching allocator's live blocks, measured) and the slack."""
+        gpu_held = max(0, int(torch.cuda.memory_allocated()) - self.gpu_allocated0) if device.startswith("cuda") else 0
+        return self.max_gpu - self.gpu_baseline - gpu_held - GPU_SLACK
+
     def stack_fits(self, m: int, n: int, q: int, r: int, dtype: str, k: int, retained: int, device: str) -> bool:
         """Whether k matrices of one shape fit, factored together in core on `device`: the widened
         stack, one stored-dtype matrix read at a time, the batched panels, and the k - 1 bases kept for
@@ -270,8 +274,7 @@ class Budget:
         basis = F32 * (m + n) * r
         room = self.host_room() - self.held_now(retained)
         if device != "cpu":
-            gpu_held = max(0, int(torch.cuda.memory_allocated()) - self.gpu_allocated0) if device.startswith("cuda") else 0
-            gpu_room = self.max_gpu - self.gpu_baseline - gpu_held - GPU_SLACK
+            gpu_room = self._gpu_room(device)
             return k * (F32 * m * n + panels) + native * m * n + (k - 1) * basis <= gpu_room and k * basis <= room
         return k * (F32 * m * n + panels) + native * min(m, 1024) * n + (k - 1) * basis <= room
 
