@@ -236,12 +236,17 @@ def run_candidates(args: argparse.Namespace, c: Case, env: dict[str, str]) -> di
 
 def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, str]) -> dict:
     obj, init, *rest = cand.split("/")
+    # key=value parts set one of refine's numeric options for this candidate (e.g. steps=40); the rest:
     # plain | excess (services/probe_select.py) | amp<alpha> (amplified sampling) | chat (half through the chat template)
+    overrides = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (r.split("=", 1) for r in rest if "=" in r)}
+    rest = [r for r in rest if "=" not in r]
     probes = rest[0] if rest else "plain"
     selection, amplify = ("plain", float(probes[3:] or 0.75)) if probes.startswith("amp") else (probes, 0.0)
     chat = selection == "chat"
     selection = "plain" if chat else selection
-    out = c.work / (f"refined-{c.s_key}-{c.t_key}-{obj.replace('+', '')}-{init}" + (f"-{probes}" if rest else ""))
+    out = c.work / (
+        f"refined-{c.s_key}-{c.t_key}-{obj.replace('+', '')}-{init}" + (f"-{probes}" if rest else "") + "".join(f"-{k}{v}" for k, v in overrides.items())
+    )
     # The losing objectives are not in the CLI: each candidate runs run_refine in a fresh process
     # (this module with --one), timed whole by /usr/bin/time (peak RSS of the process).
     one = {"source": str(c.source), "adapter": str(c.adapters["source"]), "target": str(c.target), "out": str(out), "objective": obj, "init": init}
@@ -254,6 +259,7 @@ def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, s
             "amplify": amplify,
             "chat": chat,
             "compute": args.compute,
+            **overrides,
         }
     )
     rss_file = c.work / f"time-{out.name}.txt"
@@ -481,7 +487,10 @@ def main() -> None:
     ap.add_argument(
         "--candidates",
         default="lm/fresh,delta/fresh,lm+kl/fresh,lm/transfer",
-        help="objective/init[/plain|excess|amp<alpha>|chat (the probe texts)]; the first is the shipped setting (verify runs on it)",
+        help=(
+            "objective/init[/plain|excess|amp<alpha>|chat (the probe texts)][/option=value ...] (e.g. lm/fresh/steps=40); "
+            "the first is the shipped setting (verify runs on it)"
+        ),
     )
     ap.add_argument("--train-steps", type=int, default=40)
     ap.add_argument("--train-lr", type=float, default=5e-4)

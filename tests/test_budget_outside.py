@@ -87,3 +87,41 @@ def test_verify_refusal_names_a_figure_for_both_models(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "lowmem_crosslora", "verify", "--source", str(model), "--adapter", str(adapter), "--target", str(model)]
     args += ["--transferred", str(tmp_path / "self"), "--device", "cpu", "--samples", "8", "--neutral-samples", "4", "--max-new-tokens", "12"]
     _named_then_held([*args, "--report", str(report)], tmp_path / "none", report)
+
+
+def test_a_forked_child_is_not_counted_twice() -> None:
+    """The watcher's tree sum: a process holding 200 MB that forks a child (which maps the same pages
+    copy-on-write, as before an exec) still reads about 200 MB, not 400; a child that writes its own
+    copy of them reads 400."""
+    import subprocess
+    import time
+
+    import psutil
+
+    from bench.watch import tree_private
+
+    code = (
+        "import os, sys, time\n"
+        "b = bytearray(200 * 2**20)\n"
+        "for i in range(0, len(b), 4096): b[i] = 1\n"
+        "if os.fork() == 0:\n"
+        "    if sys.argv[1] == 'copy':\n"
+        "        for i in range(0, len(b), 4096): b[i] = 2\n"
+        "    time.sleep(30); os._exit(0)\n"
+        "print('ready', flush=True); time.sleep(30)\n"
+    )
+    for mode, low, high in (("share", 190, 260), ("copy", 390, 460)):
+        p = subprocess.Popen([sys.executable, "-c", code, mode], stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            deadline = time.monotonic() + 20
+            mib = tree_private(p.pid) / 2**20
+            while time.monotonic() < deadline and not (low <= mib <= high):  # the child may still be writing its copy
+                time.sleep(0.2)
+                mib = tree_private(p.pid) / 2**20
+            assert low <= mib <= high, (mode, mib)
+        finally:
+            for k in psutil.Process(p.pid).children(recursive=True):
+                k.kill()
+            p.kill()
+            p.wait()

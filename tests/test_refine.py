@@ -134,14 +134,14 @@ def test_refined_output_is_a_peft_adapter_that_changes_the_target(models: dict[s
     steps = report["refine"]["losses"]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in steps)
     assert s["first_loss"] == steps[0]["loss"] and s["final_loss"] == steps[1]["loss"]
-    assert "sampling 4 texts from source + adapter and 2 from the source base (seed 0)" in refined["logs"]
+    assert "sampling 4 texts from source + adapter (seed 0)" in refined["logs"]  # "lm" samples no contrast texts
     ps = report["refine"]["probe_set"]
     assert ps["seed"] == 0 and ps["file"] == PROBES_NAME and ps["prompts"] == PROMPTS
 
     probes = json.loads((out / PROBES_NAME).read_text())
     assert probes["seed"] == 0 and probes["prompts"] == PROMPTS and probes["max_new_tokens"] == 12
     texts = probes["texts"]
-    assert {t["origin"] for t in texts} == {"adapter", "base"}
+    assert {t["origin"] for t in texts} == {"adapter"}  # "lm" trains on no contrast texts, so samples none
     assert sum(t["origin"] == "adapter" for t in texts) == ps["texts"]["adapter"] == ps["trained_on"] > 0
     for t in texts:
         # Each text with the seed its own random draws came from: (run seed 0, origin, prompt, sample index).
@@ -287,6 +287,8 @@ def test_every_objective_and_init_trains(models: dict[str, Path], tmp_path: Path
     part = {"lm": "nll", "delta": "mse", "lm+kl": "kl", "lm-excess": "nll", "pair": "pair"}[objective]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and math.isfinite(r[part]) for r in steps)
     assert (report["refine"]["probe_set"]["contrast"] > 0) == (objective in ("delta", "lm+kl", "pair"))
+    # the source base's texts are sampled only for the objectives that train on them
+    assert (report["refine"]["probe_set"]["texts"]["base"] > 0) == (objective in ("delta", "lm+kl", "pair"))
     assert ("transfer" in report["summary"]["phase_seconds"]) == (init == "transfer")
     assert all(torch.isfinite(v).all() for v in read_tensors(tmp_path / "out" / "adapter_model.safetensors").values())
 
@@ -394,7 +396,9 @@ def test_verify_grades_a_refined_adapter_on_fresh_samples(models: dict[str, Path
     more = {**common, "samples": 6, "neutral_samples": 3}
     r = run_verify(models["source"], models["adapter"], models["target"], out, prompts=[*PROMPTS, "Notes:"], seed=0, **more)
     assert r["options"]["refined_on"] == {**on, "dropped_overlaps": len(trained)}
-    assert {t["prompt"] for t in r["texts"]} == {"Notes:"}
+    assert {t["prompt"] for t in r["texts"] if t["origin"] == "adapter"} == {"Notes:"}
+    # "lm" samples no texts from the source base, so verify's neutral samples are none of refine's: all kept
+    assert sum(t["origin"] == "base" for t in r["texts"]) == 3
 
 
 def test_transfer_refine_on_the_command_line(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -57,7 +57,7 @@ def test_holdout_texts_have_their_own_seed_and_are_not_trained_on(models: dict[s
     assert not {t["seed"] for t in held["texts"]} & {t["seed"] for t in train}
 
     h = report["refine"]["holdout"]
-    assert (h["size"], h["seed"], h["eval_every"], h["patience"]) == (8, hs, 4, 3)
+    assert (h["size"], h["seed"], h["eval_every"], h["patience"]) == (8, hs, 4, 2)
     assert [e["step"] for e in h["evaluations"]] == [0, 2]  # the initialiser, then the last step
     for e in h["evaluations"]:
         assert {"recovery", "recovery_se", "control_recovery", "control_recovery_se", "above_control_se", "z", "beats_control"} <= set(e)
@@ -100,6 +100,17 @@ def test_early_stopping_after_patience_evaluations_without_a_better_step() -> No
         hold.record(step, _fake_scores(6, f), [0.0] * 6, lambda: calls.append(1) or {})
         assert hold.stopped == (k == 4), k  # 8, 12 (a tie is no better) and 16: three without a better step
     assert hold.best_step == 4 and len(calls) == 1
+    # The controls of the steps that could not be the best are not needed: left unscored, the same
+    # evaluations choose the same step and stop at the same one.
+    lean = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=3, base=[0.0] * 6)
+    for step, f in [(0, 0.0), (4, 0.8), (8, 0.7), (12, 0.8), (16, 0.6)]:
+        scores = _fake_scores(6, f)
+        lean.record(step, scores, [0.0] * 6 if lean.needs_control(scores) else None, lambda: {})
+    assert [e["z"] is None for e in lean.history] == [False, False, True, True, True]
+    assert (lean.best_step, lean.stopped) == (hold.best_step, hold.stopped)
+    assert [e["recovery"] for e in lean.history] == [e["recovery"] for e in hold.history]
+    with pytest.raises(AssertionError, match="score its control"):
+        lean.record(20, _fake_scores(6, 0.9), None, lambda: {})
     # No step beats the control: the held-out texts cannot judge the run yet, so it never stops early.
     none = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=2, base=[0.0] * 6)
     for step in (0, 4, 8, 12, 16):
@@ -167,6 +178,9 @@ def test_the_best_step_is_written_and_the_run_stops_early(models: dict[str, Path
     assert h["best_step"] == h["written_step"] == 4 and h["carries_behaviour"] is True
     assert h["stopped_early"] is True and h["steps_run"] == 12 and len(report["refine"]["losses"]) == 12
     assert h["evaluations"][1]["recovery"] == pytest.approx(0.8, abs=0.01) and h["evaluations"][1]["z"] > 2
+    # steps 8 and 12 recover less than step 4: their controls are not scored (they could not be the best)
+    assert [e["control_recovery"] is None for e in h["evaluations"]] == [False, False, True, True]
+    assert "held out, step 8: recovery 50% (control not scored: below the best)" in logs
     assert "stopping at step 12 of 24: no better held-out step in 2 evaluations (best: step 4)" in logs
     assert "step 4 keeps 80%" in report["summary"]["holdout_verdict"]
     # The adapter written is step 4's: what a run of 4 steps (same batches) ends with.
@@ -203,3 +217,28 @@ def test_no_step_beats_the_control_says_so(models: dict[str, Path], tmp_path: Pa
     assert report["refine"]["holdout"]["best_step"] is None and report["summary"]["written_step"] == 2
     assert "does NOT carry the behaviour" in report["refine"]["holdout"]["verdict"]
     assert (out / "adapter_model.safetensors").exists()
+
+
+def test_a_fresh_lora_scores_as_the_base_exactly(models: dict[str, Path]) -> None:
+    """Step 0 of a fresh LoRA (B = 0) is not scored: it and its control add exactly nothing, so the
+    target base's scores stand for both. Checked here against scoring it, bit for bit."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_crosslora.services.distill import TrainText, loglik_per_byte
+    from lowmem_crosslora.services.effects import ControlInPlace, lora_is_nil
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(models["target"]), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    model.eval()
+    g = torch.Generator().manual_seed(0)
+    texts = [TrainText(torch.randint(5, 100, (n,), generator=g).tolist(), 2, [], [], "holdout", 3 * n) for n in (7, 11, 5)]
+    with model.disable_adapter():
+        base = loglik_per_byte(model, texts, "cpu", 2)
+    assert lora_is_nil(model)
+    assert loglik_per_byte(model, texts, "cpu", 2) == base
+    with ControlInPlace(model, 7):
+        assert loglik_per_byte(model, texts, "cpu", 2) == base
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).add_(0.5)
+    assert not lora_is_nil(model)
+    assert loglik_per_byte(model, texts, "cpu", 2) != base

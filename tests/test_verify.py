@@ -146,6 +146,26 @@ def _sample_without_cache(model, tok, probe) -> str:  # type: ignore[no-untyped-
     return tok.decode(out, skip_special_tokens=True)
 
 
+def test_nucleus_pick_draws_what_sorting_the_whole_row_draws() -> None:
+    """Sorting only the top tokens (falling back to the whole row where they hold less than top_p) draws
+    the very token the full sort draws: peaked rows, flat rows (the fallback) and rows on the edge."""
+    from lowmem_crosslora.services.probes import nucleus_pick
+
+    g = torch.Generator().manual_seed(0)
+    V = 5000
+    logits = torch.randn(64, V, generator=g) * torch.tensor([0.1, 1.0, 3.0, 8.0]).repeat(16).unsqueeze(1)
+    probs = torch.softmax(logits, dim=-1)
+    for top_p in (0.5, 0.9, 0.95, 1.0):
+        for _ in range(8):
+            u = torch.rand(64, 1, generator=g)
+            sp, idx = probs.sort(dim=-1, descending=True)
+            sp = sp.masked_fill(sp.cumsum(-1) - sp >= top_p, 0.0)
+            cdf = (sp / sp.sum(-1, keepdim=True)).cumsum(-1)
+            ref = idx.gather(1, torch.searchsorted(cdf, u).clamp(max=V - 1)).squeeze(1)
+            for top in (16, 256, V):
+                assert torch.equal(nucleus_pick(probs, top_p, u, top=top), ref), (top_p, top)
+
+
 def test_cli_json_and_report_file(pair: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     texts = tmp_path / "mine.txt"
     texts.write_text("Héllo wörld, a text of my own.\n\nAnother one, about 你好.\n\nAnd a third.\n")

@@ -36,8 +36,8 @@ from lowmem_crosslora.io.runstate import check_output_dir, write_json
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.compute import upcast_model
 from lowmem_crosslora.services.device import resolve_device
-from lowmem_crosslora.services.distill import TrainText, base_token_logprobs, batch_loss, batch_norms, loglik_per_byte, truncate
-from lowmem_crosslora.services.effects import ControlInPlace
+from lowmem_crosslora.services.distill import TrainText, base_token_logprobs, batch_loss, batch_norms, loglik_per_byte, truncate, uses_contrast
+from lowmem_crosslora.services.effects import ControlInPlace, lora_is_nil
 from lowmem_crosslora.services.holdout import Holdout, target_held
 from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.options import RefineOptions
@@ -220,7 +220,7 @@ def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:
         run.say,
         prompts=opts.prompts,
         samples=opts.samples,
-        contrast_samples=opts.contrast_samples,
+        contrast_samples=opts.contrast_samples if uses_contrast(opts.objective) else 0,
         max_new_tokens=opts.max_new_tokens,
         seed=opts.seed,
         user=run.user,
@@ -289,7 +289,7 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
     opts, tgt, dev = run.opts, run.tgt, run.dev
     train = target_texts(tok, prep)
     main = [t for t in train if t.origin in ("adapter", "user")]
-    contrast = [t for t in train if t.origin == "base"] if opts.objective in ("delta", "lm+kl", "pair") else []
+    contrast = [t for t in train if t.origin == "base"] if uses_contrast(opts.objective) else []
     longest = min(opts.max_len, max(len(t.ids) for t in main + contrast))
 
     lora_params = lora_param_count(run.plan, run.cfg)
@@ -399,15 +399,23 @@ def _evaluate(run: RefineRun, model: Any, hold: Holdout, step: int, batch: int) 
     if hold.base is None:
         with model.disable_adapter():
             hold.base = loglik_per_byte(model, hold.texts, run.dev, batch)
-    lora = loglik_per_byte(model, hold.texts, run.dev, batch)
-    with ControlInPlace(model, hold.seed):
-        control = loglik_per_byte(model, hold.texts, run.dev, batch)
+    control: list[float] | None
+    if lora_is_nil(model):  # a fresh LoRA (B = 0) and its control (the same norms) add exactly nothing
+        lora = control = list(hold.base)
+    else:
+        lora = loglik_per_byte(model, hold.texts, run.dev, batch)
+        control = None
+        if hold.needs_control(lora):
+            with ControlInPlace(model, hold.seed):
+                control = loglik_per_byte(model, hold.texts, run.dev, batch)
     model.train()
     rec = hold.record(step, lora, control, lambda: lora_state(model))
     r, c, z = rec["recovery"], rec["control_recovery"], rec["z"]
+    vs = "control not scored: below the best"
+    if control is not None:
+        vs = f"control {'n/a' if c is None else f'{100 * c:.0f}%'}, z {'n/a' if z is None else f'{z:+.1f}'}"
     run.say(
-        f"held out, step {step}: recovery {'n/a' if r is None else f'{100 * r:.0f}%'} "
-        f"(control {'n/a' if c is None else f'{100 * c:.0f}%'}, z {'n/a' if z is None else f'{z:+.1f}'})"
+        f"held out, step {step}: recovery {'n/a' if r is None else f'{100 * r:.0f}%'} ({vs})"
         + (" best so far" if hold.best is not None and hold.history[hold.best] is rec else "")
     )
 

@@ -44,6 +44,15 @@ from torch.utils.checkpoint import checkpoint
 from lowmem_crosslora.services.head_logprob import head_logprob
 
 OBJECTIVES = ("lm", "delta", "lm+kl", "lm-excess", "pair")
+# The objectives that train on the source base's texts too (contrast texts); the others never read
+# them, so refine does not sample them for those (a third of the source phase at the defaults).
+CONTRAST_OBJECTIVES = ("delta", "lm+kl", "pair")
+
+
+def uses_contrast(objective: str) -> bool:
+    """Whether `objective` trains on contrast texts (sampled from the source base)."""
+    return objective in CONTRAST_OBJECTIVES
+
 
 # "pair": the inverse temperature of its log-sigmoid (DPO's beta), per nat of a text's log-ratio.
 PAIR_BETA = 0.1

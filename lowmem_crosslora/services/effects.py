@@ -110,6 +110,13 @@ def install_control(peft_model: Any, transferred: str | Path, seed: int, name: s
     return norms
 
 
+def lora_is_nil(peft_model: Any, name: str = "default") -> bool:
+    """Whether adapter `name` adds exactly nothing: every module's B (or A) factor all zeros, as a fresh
+    LoRA starts. Its control (random factors of the same, zero, norms) is then zero as well."""
+    mods = lora_modules(peft_model, name)
+    return bool(mods) and all(not bool(m.lora_B[name].weight.any()) or not bool(m.lora_A[name].weight.any()) for _short, m in mods)
+
+
 class ControlInPlace:
     """Within `with`: adapter `name`'s factors replaced by the random control of the same per-module
     norms (seeded by `seed` and the module), as install_control makes it; on exit the adapter's own

@@ -55,9 +55,13 @@ def _r(v: float) -> float | None:
     return None if math.isnan(v) else round(v, 6)
 
 
-def assess(step: int, source: list[float], base: list[float], lora: list[float], control: list[float]) -> dict[str, Any]:
+def assess(step: int, source: list[float], base: list[float], lora: list[float], control: list[float] | None) -> dict[str, Any]:
     """One evaluation from per-text log-likelihoods per byte (target base, + LoRA, + control) and the
-    source effects: recovery, the control's, the difference and its z (rounded, as reported)."""
+    source effects: recovery, the control's, the difference and its z (rounded, as reported). `control`
+    None: not scored (a step that could not be the best), its fields None."""
+    if control is None:
+        rec = assess(step, source, base, lora, lora)
+        return {**rec, **dict.fromkeys(("control_recovery", "control_recovery_se", "above_control", "above_control_se", "z", "beats_control"))}
     keep = [i for i in range(len(source)) if not any(math.isnan(x[i]) for x in (source, base, lora, control))]
     d_s = [source[i] for i in keep]
     d_t = [lora[i] - base[i] for i in keep]
@@ -99,11 +103,24 @@ class Holdout:
     stale: int = 0
     stopped: bool = False
 
-    def record(self, step: int, lora: list[float], control: list[float], state: Callable[[], dict[str, torch.Tensor]]) -> dict[str, Any]:
-        """Add the evaluation of `step` (the target base must be scored); `state` is called for the
-        LoRA's state when this step is the best so far. Returns the evaluation. The initialiser's
-        evaluation (step 0) can be the best but does not count towards the patience."""
+    def needs_control(self, lora: list[float]) -> bool:
+        """Whether an evaluation with these LoRA scores could be the best, so that its control decides:
+        there is no best yet, or its recovery is higher than the best's. Any other step is not the best
+        whatever its control scores, so refine does not score the control for it (the same choice of
+        step, a pass over the held-out texts fewer)."""
+        if self.best is None:
+            return True
         assert self.base is not None, "score the target base before the first evaluation"
+        r = assess(0, self.source, self.base, lora, None)["recovery"]
+        return r is not None and r > self.history[self.best]["recovery"]
+
+    def record(self, step: int, lora: list[float], control: list[float] | None, state: Callable[[], dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """Add the evaluation of `step` (the target base must be scored; `control` None only where
+        needs_control said no); `state` is called for the LoRA's state when this step is the best so
+        far. Returns the evaluation. The initialiser's evaluation (step 0) can be the best but does not
+        count towards the patience."""
+        assert self.base is not None, "score the target base before the first evaluation"
+        assert control is not None or not self.needs_control(lora), "this step could be the best: score its control"
         rec = assess(step, self.source, self.base, lora, control)
         self.history.append(rec)
         if rec["beats_control"] and (self.best is None or rec["recovery"] > self.history[self.best]["recovery"]):
@@ -171,7 +188,7 @@ class Holdout:
                 f"{where}: step {b['step']} keeps {pct(b['recovery'], b['recovery_se'])} of the source effect, "
                 f"{b['z']:.1f} standard errors above a random adapter of the same size ({pct(b['control_recovery'])}); the adapter is that step"
             )
-        top = max(self.history, key=lambda r: -math.inf if r["z"] is None else r["z"])
+        top = max(self.history, key=lambda r: -math.inf if r["z"] is None else r["z"])  # every control is scored while no step beat one
         src_m, src_se = mean_se(self.source)
         weak = "" if src_se > 0 and abs(src_m / src_se) >= Z_CUTOFF else " (the source adapter itself changes them by no more than noise)"
         return (

@@ -217,14 +217,14 @@ class RefineOptions:
     lr: float = option(1e-3, "AdamW learning rate.")
     batch: int = option(8, "Probe texts per step (split into passes that fit the budget).")
     samples: int = option(96, "Probe texts sampled from source + adapter.")
-    contrast_samples: int = option(48, "Contrast texts sampled from the source base.")
+    contrast_samples: int = option(48, "Contrast texts sampled from the source base, for the objectives that train on them (delta, lm+kl, pair).")
     max_new_tokens: int = option(48, "Length of each sampled text, in source tokens.")
     max_len: int = 128
     holdout: int = option(16, "Held-out texts sampled from source + adapter with their own seed (never trained on) to pick the step and stop on; 0: none.")
     # An evaluation scores the held-out texts twice (LoRA, control) without gradients: about a step's cost
     # at the defaults (16 texts against 8 forward and backward), so every 4th step keeps it near a quarter.
     eval_every: int = 4
-    patience: int = option(3, "Stop once this many held-out evaluations in a row found no better step.")
+    patience: int = option(2, "Stop once this many held-out evaluations in a row found no better step.")
     seed: int = same(TransferOptions, "seed", help="Seed of the probe texts, the initialisation and the batch order.")
     kl_weight: float = 1.0
     # Which sampled texts are kept (services/probe_select.py): a candidate measured in bench/bench_refine.py,

@@ -105,7 +105,7 @@ def prepare_source(
     model.eval()
     prompts = prompts or list(DEFAULT_PROMPTS)
     n_draw = drawn(selection, samples)
-    say(f"sampling {n_draw} texts from source + adapter and {contrast_samples} from the source base (seed {seed})")
+    say(f"sampling {n_draw} texts from source + adapter" + (f" and {contrast_samples} from the source base" if contrast_samples else "") + f" (seed {seed})")
     # `amplify` > 0: half of them sampled with the adapter's effect magnified (probes.sample_probes)
     n_amp = n_draw // 2 if amplify else 0
     chats = sample_chat_probes(model, tok, n_draw // 2, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev) if chat else []
