@@ -1,14 +1,15 @@
 """What one `refine` costs, alone, on both compute paths (issue 16: <= 5 minutes and <= 2 GB per 0.5B
 target on a 2-core machine, on every CPU).
 
-    python -m bench.refine_cost [--source smollm2-135m] [--target qwen2.5-coder-0.5b] [--adapter DIR] [--compute auto,float32]
+    python -m bench.refine_cost [--source smollm2-135m] [--target qwen2.5-coder-0.5b] [--adapter DIR] [--compute auto,float32] [--patience 24]
 
 Each run is `run_refine` at the shipped settings and `--max-memory 2GB` in a process of its own
 (bench_refine's `--one`), timed by /usr/bin/time (wall seconds, maximum RSS); the report gives the
 phases (source sampling and scoring, training) and the peak private memory that --max-memory bounds.
 "float32" forces the path of a CPU without bfloat16 instructions (bfloat16 weights computing in
 float32), so one machine measures both; "auto" is what refine picks here. Run it on a quiet machine:
-it measures seconds. Prints a table and writes bench/results/refine-cost.json.
+it measures seconds. `--patience 24` makes every run train all its steps: the worst case, where the
+held-out recovery still rises at the last step. Prints a table and writes bench/results/refine-cost.json.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from bench import BENCH, repo_env
 
 
 def one(args: argparse.Namespace, compute: str) -> dict:
-    out = args.work / f"cost-{args.source}-{args.target}-{compute}"
+    out = args.work / (f"cost-{args.source}-{args.target}-{compute}" + (f"-patience{args.patience}" if args.patience else ""))
     spec = {
         "source": str(args.data / args.source),
         "adapter": str(args.adapter),
@@ -37,6 +38,7 @@ def one(args: argparse.Namespace, compute: str) -> dict:
         "max_memory": args.max_memory,
         "cache_dir": str(args.work / "basis-cache"),
         "compute": compute,
+        **({"patience": args.patience} if args.patience else {}),
     }
     rss = args.work / f"time-{out.name}.txt"
     cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss), sys.executable, "-m", "bench.bench_refine", "--one", json.dumps(spec)]
@@ -49,6 +51,7 @@ def one(args: argparse.Namespace, compute: str) -> dict:
     s = json.loads((out / "crosslora_report.json").read_text())["summary"]
     return {
         "compute": compute,
+        "patience": args.patience,
         "compute_dtype": s["train_shape"]["compute_dtype"],
         "wall_seconds": round(wall, 1),
         "phase_seconds": s["phase_seconds"],
@@ -67,6 +70,7 @@ def main() -> None:
     ap.add_argument("--compute", default="auto,float32")
     ap.add_argument("--max-memory", default="2GB")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--patience", type=int, default=None, help="refine's --patience [default: refine's]; 24 runs every step (the worst case)")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "refine-cost.json")
     args = ap.parse_args()
     args.work = args.data / "refine-bench" / "cost"
@@ -76,12 +80,13 @@ def main() -> None:
     if not (args.adapter / "adapter_config.json").exists():
         raise SystemExit(f"{args.adapter} is missing: run `python -m bench.bench_refine --cases smol-qwen:caps` first, or pass --adapter")
     rows = [one(args, c) for c in args.compute.split(",")]
-    print("| compute | dtype | wall s | source s | train s | steps | max RSS | peak private |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    print("| compute | dtype | patience | wall s | source s | train s | steps | max RSS | peak private |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ph = r["phase_seconds"]
         print(
-            f"| {r['compute']} | {r['compute_dtype']} | {r['wall_seconds']} | {ph.get('source', 0):.0f} | {ph.get('train', 0):.0f} | {r['steps_run']} "
+            f"| {r['compute']} | {r['compute_dtype']} | {r['patience'] or 'default'} | {r['wall_seconds']} "
+            f"| {ph.get('source', 0):.0f} | {ph.get('train', 0):.0f} | {r['steps_run']} "
             f"| {r['max_rss_bytes'] / 1e9:.2f} GB | {r['peak_private_bytes'] / 1e9:.2f} GB |"
         )
     out = {"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()}, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
