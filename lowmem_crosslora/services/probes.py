@@ -304,26 +304,39 @@ def _pick_sorted(sp: torch.Tensor, idx: torch.Tensor, top_p: float, u: torch.Ten
     return idx.gather(1, pick).squeeze(1)
 
 
+def _by_probability(values: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`values` and their `ids` ordered by value, descending, equal values by id, ascending (a total
+    order: the same whatever order they came in)."""
+    by_id = ids.argsort(dim=-1)
+    values, ids = values.gather(1, by_id), ids.gather(1, by_id)
+    order = values.sort(dim=-1, descending=True, stable=True).indices
+    return values.gather(1, order), ids.gather(1, order)
+
+
 def nucleus_pick(probs: torch.Tensor, top_p: float, u: torch.Tensor, top: int = NUCLEUS_TOP) -> torch.Tensor:
-    """Nucleus (top-p) sampling of one token per row of `probs` at uniforms `u` (rows x 1): the same
-    draw as sorting the whole row, from its `top` most probable tokens where they hold top_p of its
-    mass (no token further down could be in the nucleus then), from the whole sorted row elsewhere.
-    Where most rows need the whole sort (a flat model), it sorts them all in place of copies: no more
+    """Nucleus (top-p) sampling of one token per row of `probs` at uniforms `u` (rows x 1), over the row
+    ordered by probability, equal probabilities by token id (bfloat16 logits tie often; an unstable
+    sort would break ties as it happens to). From the row's `top` most probable tokens where the
+    nucleus ends strictly above the least of them (no other token can be in it, nor change its order),
+    from the whole row elsewhere: the same draw either way, up to the rounding of the normalising sum.
+    Where most rows need the whole row (a flat model), it sorts them all in place of copies: no more
     memory than sorting every row, which the sampling memory model (scoring.inference_bytes) counts."""
     rows, k = probs.shape[0], min(top, probs.shape[-1])
     if k < probs.shape[-1]:
-        sp, idx = probs.topk(k, dim=-1)
+        sp, idx = _by_probability(*probs.topk(k, dim=-1))
+        cum = sp.cumsum(-1)
+        last = (cum - sp < top_p).sum(-1, keepdim=True).clamp(max=k) - 1  # the nucleus's last position
         # a margin over top_p: a row near the edge takes the whole sort rather than trust a rounding
-        wide = (sp.cumsum(-1)[:, -1] < top_p + 1e-4).nonzero().flatten()
+        wide = ((cum[:, -1] < top_p + 1e-4) | (sp.gather(1, last).squeeze(1) <= sp[:, -1])).nonzero().flatten()
         if 2 * len(wide) <= rows:
             tok = _pick_sorted(sp, idx, top_p, u)
-            del sp, idx
+            del sp, idx, cum
             if len(wide):
-                sw, iw = probs[wide].sort(dim=-1, descending=True)
+                sw, iw = probs[wide].sort(dim=-1, descending=True, stable=True)
                 tok[wide] = _pick_sorted(sw, iw, top_p, u[wide])
             return tok
-        del sp, idx
-    sp, idx = probs.sort(dim=-1, descending=True)
+        del sp, idx, cum
+    sp, idx = probs.sort(dim=-1, descending=True, stable=True)
     return _pick_sorted(sp, idx, top_p, u)
 
 
