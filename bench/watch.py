@@ -22,30 +22,29 @@ import psutil
 from bench.crash import child_env
 
 
-def rss_anon(pid: int) -> int:
-    """Private resident bytes of one process (0 once it is gone)."""
+def _proc_kib(path: str, key: str) -> int | None:
+    """The `key:` line of a /proc file, in bytes (it counts kB); None where the file or the line is missing."""
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
-        return 0
-    return 0
+        return None
+    return None
+
+
+def rss_anon(pid: int) -> int:
+    """Private resident bytes of one process (0 once it is gone)."""
+    return _proc_kib(f"/proc/{pid}/status", "RssAnon") or 0
 
 
 def pss_anon(pid: int) -> int:
     """A process's share of the anonymous pages it maps (Pss_Anon in /proc/PID/smaps_rollup): a page
     shared copy-on-write with a forked child counts half in each; RssAnon where the kernel has no
     Pss_Anon (0 once the process is gone)."""
-    try:
-        with open(f"/proc/{pid}/smaps_rollup") as f:
-            for line in f:
-                if line.startswith("Pss_Anon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return rss_anon(pid)
-    return rss_anon(pid)
+    v = _proc_kib(f"/proc/{pid}/smaps_rollup", "Pss_Anon")
+    return rss_anon(pid) if v is None else v
 
 
 def tree_private(pid: int) -> int:
