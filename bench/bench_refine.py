@@ -234,11 +234,22 @@ def run_candidates(args: argparse.Namespace, c: Case, env: dict[str, str]) -> di
     return outs
 
 
+def parse_overrides(parts: list[str]) -> dict[str, Any]:
+    """refine options from `key=value` parts: a number (int, or float where it has a point or an
+    exponent), or true / false."""
+    out: dict[str, Any] = {}
+    for part in parts:
+        k, v = part.split("=", 1)
+        low = v.lower()
+        out[k] = low == "true" if low in ("true", "false") else float(v) if "." in v or "e" in low else int(v)
+    return out
+
+
 def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, str]) -> dict:
     obj, init, *rest = cand.split("/")
     # key=value parts set one of refine's numeric options for this candidate (e.g. steps=40); the rest:
     # plain | excess (services/probe_select.py) | amp<alpha> (amplified sampling) | chat (half through the chat template)
-    overrides = {k: float(v) if "." in v or "e" in v else int(v) for k, v in (r.split("=", 1) for r in rest if "=" in r)}
+    overrides = parse_overrides([r for r in rest if "=" in r])
     rest = [r for r in rest if "=" not in r]
     probes = rest[0] if rest else "plain"
     selection, amplify = ("plain", float(probes[3:] or 0.75)) if probes.startswith("amp") else (probes, 0.0)

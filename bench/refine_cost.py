@@ -1,7 +1,7 @@
 """What one `refine` costs, alone, on both compute paths (issue 16: <= 5 minutes and <= 2 GB per 0.5B
 target on a 2-core machine, on every CPU).
 
-    python -m bench.refine_cost [--source smollm2-135m] [--target qwen2.5-coder-0.5b] [--adapter DIR] [--compute auto,float32] [--patience 24]
+    python -m bench.refine_cost [--source smollm2-135m] [--target qwen2.5-coder-0.5b] [--adapter DIR] [--compute auto,float32] [--patience 24] [--set chat=true]
 
 Each run is `run_refine` at the shipped settings and `--max-memory 2GB` in a process of its own
 (bench_refine's `--one`), timed by /usr/bin/time (wall seconds, maximum RSS); the report gives the
@@ -23,10 +23,14 @@ import time
 from pathlib import Path
 
 from bench import BENCH, repo_env
+from bench.bench_refine import parse_overrides
 
 
 def one(args: argparse.Namespace, compute: str) -> dict:
-    out = args.work / (f"cost-{args.source}-{args.target}-{compute}" + (f"-patience{args.patience}" if args.patience else ""))
+    extra = parse_overrides(args.set)
+    out = args.work / (
+        f"cost-{args.source}-{args.target}-{compute}" + (f"-patience{args.patience}" if args.patience else "") + "".join(f"-{k}{v}" for k, v in extra.items())
+    )
     spec = {
         "source": str(args.data / args.source),
         "adapter": str(args.adapter),
@@ -39,6 +43,7 @@ def one(args: argparse.Namespace, compute: str) -> dict:
         "cache_dir": str(args.work / "basis-cache"),
         "compute": compute,
         **({"patience": args.patience} if args.patience else {}),
+        **extra,
     }
     rss = args.work / f"time-{out.name}.txt"
     cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss), sys.executable, "-m", "bench.bench_refine", "--one", json.dumps(spec)]
@@ -52,6 +57,7 @@ def one(args: argparse.Namespace, compute: str) -> dict:
     return {
         "compute": compute,
         "patience": args.patience,
+        "options": extra,
         "compute_dtype": s["train_shape"]["compute_dtype"],
         "wall_seconds": round(wall, 1),
         "phase_seconds": s["phase_seconds"],
@@ -71,6 +77,7 @@ def main() -> None:
     ap.add_argument("--max-memory", default="2GB")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--patience", type=int, default=None, help="refine's --patience [default: refine's]; 24 runs every step (the worst case)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a refine option for every run, e.g. chat=true (a benchmark candidate's)")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "refine-cost.json")
     args = ap.parse_args()
     args.work = args.data / "refine-bench" / "cost"
@@ -84,8 +91,9 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ph = r["phase_seconds"]
+        opts = "".join(f" {k}={v}" for k, v in r["options"].items())
         print(
-            f"| {r['compute']} | {r['compute_dtype']} | {r['patience'] or 'default'} | {r['wall_seconds']} "
+            f"| {r['compute']}{opts} | {r['compute_dtype']} | {r['patience'] or 'default'} | {r['wall_seconds']} "
             f"| {ph.get('source', 0):.0f} | {ph.get('train', 0):.0f} | {r['steps_run']} "
             f"| {r['max_rss_bytes'] / 1e9:.2f} GB | {r['peak_private_bytes'] / 1e9:.2f} GB |"
         )
