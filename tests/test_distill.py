@@ -192,3 +192,53 @@ def test_the_pair_loss_is_dpo_on_whole_text_log_ratios_against_the_target_base()
                 p -= 1e-2 * p.grad
     after, _ = batch_loss(model, "pair", main, contrast, batch_norms("pair", main, contrast), "cpu", 1.0)
     assert after.item() < loss.item()
+
+
+# ---- the "alm" loss: bounded chunk matching ---------------------------------------------------------
+
+
+@given(st.data())
+@settings(max_examples=60, deadline=None)
+def test_alm_loss_matches_a_float64_reference_segment_by_segment(data: Any) -> None:
+    """The "alm" loss of one text against a plain float64 sum over segments: the teacher's chunk
+    probability exp(min(0, base + delta)), the student's exp(sum of its log-probabilities), their
+    binary cross-entropy."""
+    from lowmem_crosslora.services.distill import alm_loss
+
+    n = data.draw(st.integers(1, 12))
+    nseg = data.draw(st.integers(1, n))
+    seg = sorted(data.draw(st.lists(st.integers(-1, nseg - 1), min_size=n, max_size=n)))
+    used = sorted({s for s in seg if s >= 0})
+    if not used:
+        return
+    remap = {s: i for i, s in enumerate(used)}  # segments are numbered 0.. in the order they occur
+    seg = [remap.get(s, -1) for s in seg]
+    lp = data.draw(st.lists(st.floats(-6, -0.01), min_size=n, max_size=n))
+    base = data.draw(st.lists(st.floats(-6, -0.01), min_size=n, max_size=n))
+    delta = data.draw(st.lists(st.floats(-3, 3), min_size=len(used), max_size=len(used)))
+    want = 0.0
+    for j, d in enumerate(delta):
+        s = math.fsum(v for v, g in zip(lp, seg, strict=True) if g == j)
+        b = math.fsum(v for v, g in zip(base, seg, strict=True) if g == j)
+        t = math.exp(min(0.0, b + d))
+        s = min(s, -1e-6)
+        want -= t * s + (1 - t) * math.log(1 - math.exp(s))
+    got = alm_loss(torch.tensor(lp, dtype=torch.float64), torch.tensor(base), seg, delta).item()
+    assert got == pytest.approx(want, rel=1e-4, abs=1e-5)
+
+
+def test_alm_loss_is_least_where_the_student_matches_the_shifted_teacher() -> None:
+    """Whatever the segment, its loss is least where the student's chunk log-probability is the
+    teacher's (the base's plus the source's change, at most 0), and has no gradient there."""
+    from lowmem_crosslora.services.distill import alm_loss
+
+    for base, d in ((-2.0, 1.0), (-0.5, -1.5), (-4.0, 3.0), (-1.0, 2.5)):
+        want = min(0.0, base + d)
+        grid = torch.linspace(-8, -1e-3, 4001, dtype=torch.float64)
+        losses = torch.stack([alm_loss(g.reshape(1), torch.tensor([base]), [0], [d]) for g in grid])
+        best = grid[int(losses.argmin())].item()
+        assert best == pytest.approx(min(want, -1e-3), abs=5e-3), (base, d, best)
+        if want < -0.01:
+            x = torch.tensor([want], dtype=torch.float64, requires_grad=True)
+            alm_loss(x, torch.tensor([base]), [0], [d]).backward()
+            assert abs(x.grad.item()) < 1e-6

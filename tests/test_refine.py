@@ -284,11 +284,11 @@ def test_every_objective_and_init_trains(models: dict[str, Path], tmp_path: Path
     report = refine(models, tmp_path / "out", objective=objective, init=init)
     assert (report["summary"]["objective"], report["summary"]["init"]) == (objective, init)
     steps = report["refine"]["losses"]
-    part = {"lm": "nll", "delta": "mse", "lm+kl": "kl", "lm-excess": "nll", "pair": "pair"}[objective]
+    part = {"lm": "nll", "delta": "mse", "lm+kl": "kl", "lm-excess": "nll", "pair": "pair", "alm": "alm"}[objective]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and math.isfinite(r[part]) for r in steps)
-    assert (report["refine"]["probe_set"]["contrast"] > 0) == (objective in ("delta", "lm+kl", "pair"))
+    assert (report["refine"]["probe_set"]["contrast"] > 0) == (objective in ("delta", "lm+kl", "pair", "alm"))
     # the source base's texts are sampled only for the objectives that train on them
-    assert (report["refine"]["probe_set"]["texts"]["base"] > 0) == (objective in ("delta", "lm+kl", "pair"))
+    assert (report["refine"]["probe_set"]["texts"]["base"] > 0) == (objective in ("delta", "lm+kl", "pair", "alm"))
     assert ("transfer" in report["summary"]["phase_seconds"]) == (init == "transfer")
     assert all(torch.isfinite(v).all() for v in read_tensors(tmp_path / "out" / "adapter_model.safetensors").values())
 

@@ -36,7 +36,7 @@ from lowmem_crosslora.io.runstate import check_output_dir, write_json
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.compute import upcast_model
 from lowmem_crosslora.services.device import resolve_device
-from lowmem_crosslora.services.distill import TrainText, base_token_logprobs, batch_loss, batch_norms, loglik_per_byte, truncate, uses_contrast
+from lowmem_crosslora.services.distill import BASE_OBJECTIVES, TrainText, base_token_logprobs, batch_loss, batch_norms, loglik_per_byte, truncate, uses_contrast
 from lowmem_crosslora.services.effects import ControlInPlace, lora_is_nil
 from lowmem_crosslora.services.holdout import Holdout, target_held
 from lowmem_crosslora.services.memory import Budget
@@ -294,7 +294,7 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
 
     lora_params = lora_param_count(run.plan, run.cfg)
     passes = 2 if opts.objective == "lm+kl" else 1
-    per_step = opts.batch * (2 if contrast else 1)  # "delta", "lm+kl" and "pair" pass main and contrast texts together
+    per_step = opts.batch * (2 if contrast else 1)  # the contrast objectives pass main and contrast texts together
     room = room_left(budget, dev)
     ck = load_checkpoint(run.state / CHECKPOINT_NAME, run.fp)
     shape = pick_shape(tgt, lora_params, room, per_step, longest, passes, dev)
@@ -332,7 +332,7 @@ def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: P
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = attach_lora(base, run.cfg, init_dir, run.opts.seed)
     model.to(run.dev)
-    if run.opts.objective in ("delta", "pair"):
+    if run.opts.objective in BASE_OBJECTIVES:
         base_token_logprobs(model, training.main + training.contrast, run.dev, shape.micro_batch)
     return model
 

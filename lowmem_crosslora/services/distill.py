@@ -23,6 +23,12 @@ Objectives (the benchmark compares them; refine ships the one that measured best
   target base, q_L the target with its LoRA, whole-text log-likelihoods in the target's own tokens
   (DPO's loss; no token alignment needed). Bounded: the LoRA gains nothing by pushing either text
   to extremes once the pair is ordered.
+- "alm": "delta" with a bounded loss, after approximate likelihood matching (Minixhofer et al.,
+  NeurIPS 2025; tokenkit's compute_alm_loss): a segment's teacher probability is the target base's
+  shifted by the source adapter's change on it, p* = exp(min(0, log q_0(seg) + delta_s)), and the
+  target's own, p = q_L(seg), is matched to it by the binary cross-entropy of the two chunk
+  probabilities, -[p* log p + (1 - p*) log(1 - p)]. Its least is at p = p*, as the squared error's is,
+  but a segment the teacher finds unlikely (p* near 0) adds little however far its log-ratio is off.
 
 The vocabulary projection is the memory hog of a small model (Qwen2.5's 151,936 entries x 4 bytes
 a token): no batch ever holds a (tokens x vocabulary) matrix. A token's log-probability walks the
@@ -43,10 +49,13 @@ from torch.utils.checkpoint import checkpoint
 
 from lowmem_crosslora.services.head_logprob import head_logprob
 
-OBJECTIVES = ("lm", "delta", "lm+kl", "lm-excess", "pair")
+OBJECTIVES = ("lm", "delta", "lm+kl", "lm-excess", "pair", "alm")
 # The objectives that train on the source base's texts too (contrast texts); the others never read
 # them, so refine does not sample them for those (a third of the source phase at the defaults).
-CONTRAST_OBJECTIVES = ("delta", "lm+kl", "pair")
+CONTRAST_OBJECTIVES = ("delta", "lm+kl", "pair", "alm")
+# The objectives that compare the target with its own base: each text's base log-probabilities are
+# computed once before training (base_token_logprobs).
+BASE_OBJECTIVES = ("delta", "pair", "alm")
 
 
 def uses_contrast(objective: str) -> bool:
@@ -296,6 +305,22 @@ def batch_loss(
         loss = loss + pl
         parts["pair"] = float(pl.detach())
         parts["margin"] = float(margin.detach().mean()) * n / norm["pairs"]
+    if objective == "alm":
+        texts = main + contrast
+        if texts:
+            x, mask = _pad(texts, device)
+            h = hidden(model, x, mask)
+            ri, ci, spans = _scored(texts, x)
+            lp = token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1])
+            bce = torch.zeros((), device=device)
+            for t, (a, b) in zip(texts, spans, strict=True):
+                if not t.delta_s:
+                    continue
+                assert t.base_lp is not None, "base_token_logprobs must run before the alm objective"
+                bce = bce + alm_loss(lp[a:b], torch.tensor(t.base_lp[: b - a], dtype=torch.float32, device=device), t.seg[: b - a], t.delta_s)
+            al = bce / norm["segments"]
+            loss = loss + al
+            parts["alm"] = float(al.detach())
     if objective == "delta":
         texts = main + contrast
         if texts:
@@ -317,6 +342,20 @@ def batch_loss(
             loss = loss + mse
             parts["mse"] = float(mse.detach())
     return loss, parts
+
+
+def alm_loss(lp: torch.Tensor, base_lp: torch.Tensor, seg: list[int], delta_s: list[float]) -> torch.Tensor:
+    """The "alm" loss of one text, summed over its segments: the binary cross-entropy between the
+    target's chunk probability (its tokens' log-probabilities `lp`, with gradients, summed over each
+    segment) and the teacher's, the target base's (`base_lp`) shifted by the source's change `delta_s`."""
+    idx = torch.tensor(seg, dtype=torch.long, device=lp.device)
+    keep = idx >= 0
+    n = len(delta_s)
+    student = torch.zeros(n, device=lp.device, dtype=lp.dtype).index_add(0, idx[keep], lp[keep])
+    base = torch.zeros(n, device=lp.device, dtype=torch.float32).index_add(0, idx[keep], base_lp[keep])
+    teacher = (base + torch.tensor(delta_s, dtype=torch.float32, device=lp.device)).clamp(max=0.0).exp()
+    student = student.clamp(max=-1e-6)  # log(1 - p) is finite while p < 1
+    return -(teacher * student + (1 - teacher) * torch.log(-torch.expm1(student))).sum()
 
 
 def batch_norms(objective: str, main: list[TrainText], contrast: list[TrainText]) -> dict[str, float]:
