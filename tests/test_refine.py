@@ -456,3 +456,40 @@ def test_a_finished_refine_rerun_is_kept(models: dict[str, Path], tmp_path: Path
     assert adapter_bytes(out) == before
     code, _out, err = run_cli(cli_args(models, out, "--lr", "0.01"), capsys)
     assert code == 2 and "not empty" in one_error_line(err)
+
+
+def test_an_onpolicy_round_trains_on_the_targets_own_texts_and_resumes_to_the_same_bytes(models: dict[str, Path], tmp_path: Path) -> None:
+    """onpolicy=N (a benchmark candidate): halfway through, the target + LoRA writes N texts, the source
+    scores them, and every later step adds the "delta" loss on them. Its texts are kept: a run stopped
+    after the round resumes without sampling or loading the source again, to the same bytes."""
+    from lowmem_crosslora.commands.refine import ONPOLICY_NAME
+
+    kw = {"steps": 4, "onpolicy": 4}
+    logs: list[str] = []
+    report = refine(models, tmp_path / "ref", log=logs.append, **kw)
+    steps = report["refine"]["losses"]
+    assert [("onpolicy_mse" in r) for r in steps] == [False, False, True, True]  # the round runs after step 2 of 4
+    assert all(math.isfinite(r["onpolicy_mse"]) for r in steps[2:])
+    info = report["refine"]["probe_set"]["onpolicy"]
+    assert info["at_step"] == 2 and 0 < info["texts"] <= 4 and report["options"]["onpolicy"] == 4
+    kept = json.loads((tmp_path / "ref" / ONPOLICY_NAME).read_text())
+    assert {t["origin"] for t in kept["texts"]} == {"onpolicy"} and all(len(t["source_token_delta"]) == len(t["source_token_ends"]) for t in kept["texts"])
+    assert sum("on-policy round at step 2" in line for line in logs) == 1
+    # not the same adapter as without the round
+    assert adapter_bytes(tmp_path / "ref") != adapter_bytes(_refined_plain(models, tmp_path))
+
+    with pytest.raises(Interrupted):
+        refine(models, tmp_path / "out", progress=stop_at(3), **kw)
+    state = state_dir_for(tmp_path / "out", "refine")
+    assert (state / ONPOLICY_NAME).exists()
+    logs = []
+    refine(models, tmp_path / "out", log=logs.append, **kw)
+    assert "resuming at step 3 of 4" in logs and not any("on-policy round" in line or "sampling" in line for line in logs)
+    assert losses(tmp_path / "out") == losses(tmp_path / "ref")
+    assert adapter_bytes(tmp_path / "out") == adapter_bytes(tmp_path / "ref")
+    assert json.loads((tmp_path / "out" / ONPOLICY_NAME).read_text())["texts"] == kept["texts"]
+
+
+def _refined_plain(models: dict[str, Path], tmp_path: Path) -> Path:
+    refine(models, tmp_path / "plain", steps=4)
+    return tmp_path / "plain"

@@ -44,8 +44,8 @@ from lowmem_crosslora.services.options import RefineOptions
 from lowmem_crosslora.services.peft_config import adapter_config
 from lowmem_crosslora.services.pipeline import finished_report, run_guarded
 from lowmem_crosslora.services.plan import Plan, build_plan
-from lowmem_crosslora.services.probe_set import Prepared, prepare_source, target_texts
-from lowmem_crosslora.services.probes import PROBES_NAME, Probe, read_texts, require_extras
+from lowmem_crosslora.services.probe_set import Prepared, prepare_source, score_on_source, target_texts
+from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, PROBES_NAME, Probe, read_texts, require_extras, sample_probes, stable_seed
 from lowmem_crosslora.services.report import build_report
 from lowmem_crosslora.services.scoring import Loader, free, room_left
 from lowmem_crosslora.services.stop import StopFlag
@@ -56,6 +56,7 @@ from lowmem_crosslora.sysmem import tune_allocator
 from lowmem_crosslora.version import __version__
 
 CHECKPOINT_NAME = "refine_checkpoint.pt"
+ONPOLICY_NAME = "refine_onpolicy.json"  # the on-policy round's texts and the source's changes on them (a candidate)
 
 
 STATE_NAME = "refine_state.json"
@@ -137,6 +138,10 @@ class Training:
     losses: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     holdout: Holdout | None = None
+    # the on-policy round (opts.onpolicy > 0): what makes it, then its texts and what the report says of it
+    round: Callable[[Any], None] | None = None
+    onpolicy: list[TrainText] | None = None
+    onpolicy_info: dict[str, Any] | None = None
 
 
 def _refine(
@@ -167,7 +172,7 @@ def _refine(
         # 2. the initialiser: the paper's transfer, or a seeded fresh LoRA
         init_dir = _initialiser(run)
         # 3. the target
-        lora, training = _train_target(run, budget, loader, tgt_tok, prep, init_dir)
+        lora, training = _train_target(run, budget, loader, tgt_tok, prep, init_dir, src_tok)
     finally:
         budget.stop()
     # 4. the output
@@ -263,10 +268,14 @@ def _initialiser(run: RefineRun) -> Path | None:
     return init_dir
 
 
-def _train_target(run: RefineRun, budget: Budget, loader: Loader, tok: Any, prep: Prepared, init_dir: Path | None) -> tuple[dict[str, torch.Tensor], Training]:
+def _train_target(
+    run: RefineRun, budget: Budget, loader: Loader, tok: Any, prep: Prepared, init_dir: Path | None, src_tok: Any
+) -> tuple[dict[str, torch.Tensor], Training]:
     """Load the target with its LoRA in the shape the budget allows, train it, and free it; returns
     the LoRA's tensors and the training."""
     training = _plan_training(run, budget, tok, prep)
+    if run.opts.onpolicy:
+        training.round = lambda model: _onpolicy_round(run, loader, src_tok, tok, model, training)
     t = time.perf_counter()
     model = _load_target(run, loader, training, init_dir)
     run.phases["load_target"] = time.perf_counter() - t
@@ -355,6 +364,8 @@ def _train(run: RefineRun, budget: Budget, model: Any, training: Training) -> No
         if hold is not None and ck.get("holdout") is not None:
             hold.restore(ck["holdout"])
         run.say(f"resuming at step {start} of {opts.steps}")
+        if training.round is not None and start >= onpolicy_step(opts):
+            training.round(model)  # the round's texts, kept in the state folder
     model.train()
     ck_path = run.state / CHECKPOINT_NAME
     t = time.perf_counter()
@@ -373,6 +384,8 @@ def _train(run: RefineRun, budget: Budget, model: Any, training: Training) -> No
                 run.say(f"stopping at step {step + 1} of {opts.steps}: no better held-out step in {hold.patience} evaluations ({best})")
         extra = {"holdout": hold.to_checkpoint()} if hold is not None else None
         save_checkpoint(ck_path, model, optim, step + 1, training.losses, run.fp, training.shape, spent + time.perf_counter() - t, extra)
+        if training.round is not None and step + 1 == onpolicy_step(opts) and step + 1 < opts.steps and not (hold is not None and hold.stopped):
+            training.round(model)
         if budget.exceeded:
             raise BudgetError(f"{budget.exceeded}; the checkpoint of step {step + 1} is kept: rerun with a larger budget to resume")
         if run.progress is not None:
@@ -380,6 +393,37 @@ def _train(run: RefineRun, budget: Budget, model: Any, training: Training) -> No
         hooks.reached("refine_step", step + 1)
     run.phases["train"] = time.perf_counter() - t
     training.seconds = spent + run.phases["train"]
+
+
+def onpolicy_step(opts: RefineOptions) -> int:
+    """The step after which the on-policy round runs: halfway."""
+    return max(1, opts.steps // 2)
+
+
+def _onpolicy_round(run: RefineRun, loader: Loader, src_tok: Any, tok: Any, model: Any, training: Training) -> None:
+    """The on-policy round: the target + its LoRA as trained so far writes `opts.onpolicy` texts on the
+    prompts (seeded), the source scores them with its adapter off and on (loaded again for this, then
+    freed), and they join the training as "delta" texts: the target's change on its own writing matched
+    to the source adapter's. Kept in the state folder, so a resumed run neither samples nor loads again."""
+    opts, t = run.opts, time.perf_counter()
+    path = run.state / ONPOLICY_NAME
+    if not path.exists():
+        at = onpolicy_step(opts)
+        run.say(f"on-policy round at step {at}: the target + LoRA writes {opts.onpolicy} texts, the source scores them")
+        model.eval()
+        seed = stable_seed(opts.seed, "onpolicy")
+        prompts = opts.prompts or DEFAULT_PROMPTS
+        texts = sample_probes(model, tok, prompts, opts.onpolicy, max_new_tokens=opts.max_new_tokens, seed=seed, origin="onpolicy", device=run.dev)
+        model.train()
+        prep = score_on_source(run.src, src_tok, run.ad.path, loader, run.dev, texts, extra={"at_step": at})
+        write_json(path, prep.to_json())
+    prep = Prepared.from_json(json.loads(path.read_text()))  # the values as stored, as a resumed run reads them
+    texts = [truncate(x, training.shape.max_len) for x in target_texts(tok, prep)]
+    base_token_logprobs(model, texts, run.dev, training.shape.micro_batch)
+    model.train()
+    training.onpolicy = texts
+    run.phases["onpolicy"] = run.phases.get("onpolicy", 0.0) + time.perf_counter() - t
+    training.onpolicy_info = {"texts": len(texts), "at_step": int(prep.extra.get("at_step", onpolicy_step(opts))), "file": ONPOLICY_NAME}
 
 
 def _holdout(run: RefineRun, tok: Any, prep: Prepared, training: Training) -> Holdout | None:
@@ -437,6 +481,16 @@ def _step(run: RefineRun, model: Any, optim: Any, training: Training, step: int)
         total += float(loss.detach())
         for key, v in p.items():
             parts[key] = parts.get(key, 0.0) + v
+    if training.onpolicy:  # after the on-policy round: the "delta" loss on a batch of the target's own texts
+        oi = [training.onpolicy[i] for i in batch_indices(len(training.onpolicy), opts.batch, opts.seed, step, "onpolicy")]
+        onorm = batch_norms("delta", oi, [])
+        for k in range(0, len(oi), training.shape.micro_batch):
+            loss, p = batch_loss(model, "delta", oi[k : k + training.shape.micro_batch], [], onorm, run.dev, opts.kl_weight)
+            loss = opts.onpolicy_weight * loss
+            if loss.requires_grad:
+                loss.backward()
+            total += float(loss.detach())
+            parts["onpolicy_mse"] = parts.get("onpolicy_mse", 0.0) + p.get("mse", 0.0)
     optim.step()
     optim.zero_grad(set_to_none=True)
     rec = {"step": step + 1, "loss": round(total, 6), **{k: round(v, 6) for k, v in parts.items()}}
@@ -460,6 +514,8 @@ def _publish(
     out_cfg["inference_mode"] = True
     write_json(final / CONFIG_NAME, out_cfg)
     shutil.copyfile(run.state / PROBES_NAME, final / PROBES_NAME)
+    if (run.state / ONPOLICY_NAME).exists():
+        shutil.copyfile(run.state / ONPOLICY_NAME, final / ONPOLICY_NAME)
     report = _report(run, prep, training, budget, loader, time.perf_counter() - t_start)
     write_json(final / REPORT_NAME, report)
     runstate.publish(final, run.out, force=True)  # a non-empty --out without --force was refused before any work
@@ -491,6 +547,7 @@ def _report(run: RefineRun, prep: Prepared, training: Training, budget: Budget, 
             "trained_on": len(training.main),
             "contrast": len(training.contrast),
             **({"selection": prep.extra["selection"]} if "selection" in prep.extra else {}),
+            **({"onpolicy": training.onpolicy_info} if training.onpolicy_info else {}),
         },
         losses=training.losses,
         holdout=None if training.holdout is None else training.holdout.report(opts.holdout, opts.eval_every, len(training.losses), opts.steps),

@@ -233,6 +233,11 @@ class RefineOptions:
     probe_select: str = "plain"
     amplify: float = 0.0  # > 0: half the adapter's texts sampled with its effect magnified (a candidate, as probe_select)
     chat: bool = False  # half the adapter's texts written through the source's chat template (a candidate, as probe_select)
+    # > 0: an on-policy round (a candidate, as probe_select): halfway through the steps the target + LoRA
+    # writes this many texts, the source scores them (adapter off and on), and every later step adds the
+    # "delta" loss on a batch of them, times onpolicy_weight (commands/refine.py, _onpolicy_round)
+    onpolicy: int = 0
+    onpolicy_weight: float = 1.0
     lora_rank: int | None = option(None, "Rank of the trained LoRA [default: the source adapter's].")
     lora_alpha: float | None = option(None, "lora_alpha of the trained LoRA [default: the source adapter's].")
     # SVD rank of the transfer that places the modules (and initialises, for init "transfer")
@@ -278,6 +283,9 @@ class RefineOptions:
             key["amplify"] = self.amplify
         if self.chat:
             key["chat"] = True
+        if self.onpolicy:
+            key["onpolicy"] = self.onpolicy
+            key["onpolicy_weight"] = self.onpolicy_weight
         return key
 
     def check(self) -> None:
@@ -285,6 +293,8 @@ class RefineOptions:
             raise InputError(f"unknown objective {self.objective!r}; choose one of {', '.join(OBJECTIVES)}")
         if self.init not in INITS:
             raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
+        if self.onpolicy < 0 or not math.isfinite(self.onpolicy_weight) or self.onpolicy_weight < 0:
+            raise InputError("onpolicy must be a number of texts >= 0 and onpolicy_weight a finite number >= 0")
         if not math.isfinite(self.amplify) or self.amplify < 0:
             raise InputError(f"amplify must be a finite number >= 0 (got {self.amplify})")
         if self.probe_select not in SELECTIONS:

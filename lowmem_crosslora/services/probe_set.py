@@ -160,6 +160,30 @@ def prepare_source(
     return prep
 
 
+def score_on_source(src: Checkpoint, tok: Any, adapter: Path, loader: Loader, dev: str, texts: list[Probe], extra: dict[str, Any] | None = None) -> Prepared:
+    """Texts written elsewhere (refine's on-policy round: by the target + its LoRA) scored by the source
+    token by token with its adapter off and on, as prepare_source scores its own samples; the source is
+    loaded for this and freed. Texts with nothing to score are left out."""
+    from peft import PeftModel
+
+    t0 = time.perf_counter()
+    enc = [encode(tok, p) for p in texts]
+    keep = [i for i, e in enumerate(enc) if e.nbytes and len(e.ends)]
+    texts, enc = [texts[i] for i in keep], [enc[i] for i in keep]
+    loader.tokens = max([len(e.ids) for e in enc], default=1)
+    base = loader.load(src)
+    model = PeftModel.from_pretrained(base, str(adapter), adapter_name="adapter")
+    model.to(dev)
+    model.eval()
+    with model.disable_adapter():
+        lp_base = token_logprobs(model, enc, dev, vocab_size(src))
+    lp_ad = token_logprobs(model, enc, dev, vocab_size(src))
+    del model, base
+    free()
+    delta = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(lp_ad, lp_base, strict=True)]
+    return Prepared(texts, [e.start for e in enc], [list(e.ends) for e in enc], delta, time.perf_counter() - t0, extra=dict(extra or {}))
+
+
 def holdout_seed(seed: int) -> int:
     """The seed of refine's held-out texts: derived from the run's seed, never the one it trains on."""
     return stable_seed(seed, "holdout")
