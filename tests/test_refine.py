@@ -493,3 +493,25 @@ def test_an_onpolicy_round_trains_on_the_targets_own_texts_and_resumes_to_the_sa
 def _refined_plain(models: dict[str, Path], tmp_path: Path) -> Path:
     refine(models, tmp_path / "plain", steps=4)
     return tmp_path / "plain"
+
+
+def test_a_best_of_n_round_keeps_the_texts_the_source_adapter_prefers_and_trains_them_with_lm(models: dict[str, Path], tmp_path: Path) -> None:
+    """onpolicy_keep=s: the round keeps the share s of the target's texts whose change under the source
+    adapter (log-likelihood per byte) is highest, and later steps add the LM loss on them."""
+    from lowmem_crosslora.commands.refine import preferred
+
+    def text(delta: list[float], nbytes: int) -> TrainText:
+        return TrainText([1, 2, 3], 1, [0] * 2, delta, "onpolicy", nbytes)
+
+    texts = [text([1.0], 10), text([-5.0], 5), text([3.0], 2), text([1.0], 10)]  # per byte: 0.1, -1, 1.5, 0.1
+    kept, info = preferred(texts, 0.5)
+    assert kept == [texts[0], texts[2]]  # the best two, in their order; a tie goes to the earlier text
+    assert info["kept"] == 2 and info["sampled"] == 4 and info["kept_preference"] == pytest.approx(0.8) and info["dropped_preference"] == pytest.approx(-0.45)
+    assert preferred(texts, 0.01)[0] == [texts[2]]  # at least one
+
+    report = refine(models, tmp_path / "out", steps=4, onpolicy=4, onpolicy_keep=0.5)
+    steps = report["refine"]["losses"]
+    assert [("onpolicy_nll" in r) for r in steps] == [False, False, True, True] and not any("onpolicy_mse" in r for r in steps)
+    info = report["refine"]["probe_set"]["onpolicy"]
+    assert info["kept"] == math.ceil(info["sampled"] / 2) and info["kept_preference"] >= info["dropped_preference"]
+    assert report["options"]["onpolicy_keep"] == 0.5

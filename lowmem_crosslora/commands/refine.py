@@ -419,11 +419,29 @@ def _onpolicy_round(run: RefineRun, loader: Loader, src_tok: Any, tok: Any, mode
         write_json(path, prep.to_json())
     prep = Prepared.from_json(json.loads(path.read_text()))  # the values as stored, as a resumed run reads them
     texts = [truncate(x, training.shape.max_len) for x in target_texts(tok, prep)]
-    base_token_logprobs(model, texts, run.dev, training.shape.micro_batch)
+    info: dict[str, Any] = {}
+    if opts.onpolicy_keep:  # best-of-N: the texts the source adapter prefers most, trained on with the LM loss
+        texts, info = preferred(texts, opts.onpolicy_keep)
+    else:
+        base_token_logprobs(model, texts, run.dev, training.shape.micro_batch)
     model.train()
     training.onpolicy = texts
     run.phases["onpolicy"] = run.phases.get("onpolicy", 0.0) + time.perf_counter() - t
-    training.onpolicy_info = {"texts": len(texts), "at_step": int(prep.extra.get("at_step", onpolicy_step(opts))), "file": ONPOLICY_NAME}
+    training.onpolicy_info = {"texts": len(texts), "at_step": int(prep.extra.get("at_step", onpolicy_step(opts))), "file": ONPOLICY_NAME, **info}
+
+
+def preferred(texts: list[TrainText], keep: float) -> tuple[list[TrainText], dict[str, Any]]:
+    """The share `keep` (at least one) of `texts` that the source adapter prefers most: the highest
+    change in log-likelihood per byte over their segments (ties: the earlier text), in their order."""
+    score = [math.fsum(t.delta_s) / t.nbytes if t.nbytes else -math.inf for t in texts]
+    n = max(1, math.ceil(keep * len(texts))) if texts else 0
+    chosen = sorted(sorted(range(len(texts)), key=lambda i: (-score[i], i))[:n])
+    dropped = [i for i in range(len(texts)) if i not in set(chosen)]
+
+    def mean(ix: list[int]) -> float | None:
+        return math.fsum(score[i] for i in ix) / len(ix) if ix else None
+
+    return [texts[i] for i in chosen], {"kept": len(chosen), "sampled": len(texts), "kept_preference": mean(chosen), "dropped_preference": mean(dropped)}
 
 
 def _holdout(run: RefineRun, tok: Any, prep: Prepared, training: Training) -> Holdout | None:
@@ -481,16 +499,17 @@ def _step(run: RefineRun, model: Any, optim: Any, training: Training, step: int)
         total += float(loss.detach())
         for key, v in p.items():
             parts[key] = parts.get(key, 0.0) + v
-    if training.onpolicy:  # after the on-policy round: the "delta" loss on a batch of the target's own texts
+    if training.onpolicy:  # after the on-policy round: "delta" (or, best-of-N, "lm") on a batch of the target's own texts
         oi = [training.onpolicy[i] for i in batch_indices(len(training.onpolicy), opts.batch, opts.seed, step, "onpolicy")]
-        onorm = batch_norms("delta", oi, [])
+        obj, key, name = ("lm", "nll", "onpolicy_nll") if opts.onpolicy_keep else ("delta", "mse", "onpolicy_mse")
+        onorm = batch_norms(obj, oi, [])
         for k in range(0, len(oi), training.shape.micro_batch):
-            loss, p = batch_loss(model, "delta", oi[k : k + training.shape.micro_batch], [], onorm, run.dev, opts.kl_weight)
+            loss, p = batch_loss(model, obj, oi[k : k + training.shape.micro_batch], [], onorm, run.dev, opts.kl_weight)
             loss = opts.onpolicy_weight * loss
             if loss.requires_grad:
                 loss.backward()
             total += float(loss.detach())
-            parts["onpolicy_mse"] = parts.get("onpolicy_mse", 0.0) + p.get("mse", 0.0)
+            parts[name] = parts.get(name, 0.0) + p.get(key, 0.0)
     optim.step()
     optim.zero_grad(set_to_none=True)
     rec = {"step": step + 1, "loss": round(total, 6), **{k: round(v, 6) for k, v in parts.items()}}

@@ -238,6 +238,9 @@ class RefineOptions:
     # "delta" loss on a batch of them, times onpolicy_weight (commands/refine.py, _onpolicy_round)
     onpolicy: int = 0
     onpolicy_weight: float = 1.0
+    # > 0: the round keeps only this share of its texts, those the source adapter prefers most (its change in
+    # log-likelihood per byte), and trains on them with the LM loss instead of "delta" (best-of-N)
+    onpolicy_keep: float = 0.0
     lora_rank: int | None = option(None, "Rank of the trained LoRA [default: the source adapter's].")
     lora_alpha: float | None = option(None, "lora_alpha of the trained LoRA [default: the source adapter's].")
     # SVD rank of the transfer that places the modules (and initialises, for init "transfer")
@@ -286,6 +289,8 @@ class RefineOptions:
         if self.onpolicy:
             key["onpolicy"] = self.onpolicy
             key["onpolicy_weight"] = self.onpolicy_weight
+            if self.onpolicy_keep:
+                key["onpolicy_keep"] = self.onpolicy_keep
         return key
 
     def check(self) -> None:
@@ -295,6 +300,8 @@ class RefineOptions:
             raise InputError(f"unknown init {self.init!r}; choose one of {', '.join(INITS)}")
         if self.onpolicy < 0 or not math.isfinite(self.onpolicy_weight) or self.onpolicy_weight < 0:
             raise InputError("onpolicy must be a number of texts >= 0 and onpolicy_weight a finite number >= 0")
+        if not 0 <= self.onpolicy_keep <= 1:
+            raise InputError(f"onpolicy_keep is a share of the round's texts, from 0 to 1 (got {self.onpolicy_keep})")
         if not math.isfinite(self.amplify) or self.amplify < 0:
             raise InputError(f"amplify must be a finite number >= 0 (got {self.amplify})")
         if self.probe_select not in SELECTIONS:
