@@ -253,6 +253,28 @@ def excess_weights(t: TrainText) -> list[float]:
     return [abs(t.delta_s[g]) / counts[g] if g >= 0 else 0.0 for g in t.seg]
 
 
+def _text_logprobs(model: Any, head: Any, cap: float | None, texts: list[TrainText], device: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+    """The target's log-probability of every scored token of `texts` (LoRA as set, with gradients), flat,
+    and each text's span in it."""
+    x, mask = _pad(texts, device)
+    h = hidden(model, x, mask)
+    ri, ci, spans = _scored(texts, x)
+    return token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1]), spans
+
+
+def _segment_loss(objective: str, lp: torch.Tensor, t: TrainText, device: str) -> torch.Tensor:
+    """One text's "delta" (squared error of the per-segment change) or "alm" (chunk cross-entropy) loss,
+    summed over its segments; `lp` its scored tokens' log-probabilities."""
+    assert t.base_lp is not None, f"base_token_logprobs must run before the {objective} objective"
+    base = torch.tensor(t.base_lp[: len(lp)], dtype=torch.float32, device=device)
+    if objective == "alm":
+        return alm_loss(lp, base, t.seg[: len(lp)], t.delta_s)
+    seg = torch.tensor(t.seg, dtype=torch.long, device=device)
+    keep = seg >= 0
+    per_seg = torch.zeros(len(t.delta_s), device=device).index_add(0, seg[keep], (lp - base)[keep])
+    return ((per_seg - torch.tensor(t.delta_s, dtype=torch.float32, device=device)) ** 2).sum()
+
+
 def batch_loss(
     model: Any, objective: str, main: list[TrainText], contrast: list[TrainText], norm: dict[str, float], device: str, kl_weight: float
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -262,18 +284,12 @@ def batch_loss(
     parts: dict[str, float] = {}
     loss = torch.zeros((), device=device)
     if objective in ("lm", "lm+kl") and main:
-        x, mask = _pad(main, device)
-        h = hidden(model, x, mask)
-        ri, ci, _spans = _scored(main, x)
-        lp = token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1])
+        lp, _spans = _text_logprobs(model, head, cap, main, device)
         nll = -lp.sum() / norm["tokens"]
         loss = loss + nll
         parts["nll"] = float(nll.detach())
     if objective == "lm-excess" and main:
-        x, mask = _pad(main, device)
-        h = hidden(model, x, mask)
-        ri, ci, spans = _scored(main, x)
-        lp = token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1])
+        lp, spans = _text_logprobs(model, head, cap, main, device)
         w = torch.zeros(len(lp), device=device)
         for t, (a, b) in zip(main, spans, strict=True):
             w[a:b] = torch.tensor(excess_weights(t)[: b - a], dtype=torch.float32, device=device)
@@ -292,10 +308,7 @@ def batch_loss(
     if objective == "pair" and main and contrast:
         n = min(len(main), len(contrast))
         texts = main[:n] + contrast[:n]
-        x, mask = _pad(texts, device)
-        h = hidden(model, x, mask)
-        ri, ci, spans = _scored(texts, x)
-        lp = token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1])
+        lp, spans = _text_logprobs(model, head, cap, texts, device)
         ratio = []
         for t, (a, b) in zip(texts, spans, strict=True):
             assert t.base_lp is not None, "base_token_logprobs must run before the pair objective"
@@ -305,42 +318,16 @@ def batch_loss(
         loss = loss + pl
         parts["pair"] = float(pl.detach())
         parts["margin"] = float(margin.detach().mean()) * n / norm["pairs"]
-    if objective == "alm":
+    if objective in ("delta", "alm") and main + contrast:
         texts = main + contrast
-        if texts:
-            x, mask = _pad(texts, device)
-            h = hidden(model, x, mask)
-            ri, ci, spans = _scored(texts, x)
-            lp = token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1])
-            bce = torch.zeros((), device=device)
-            for t, (a, b) in zip(texts, spans, strict=True):
-                if not t.delta_s:
-                    continue
-                assert t.base_lp is not None, "base_token_logprobs must run before the alm objective"
-                bce = bce + alm_loss(lp[a:b], torch.tensor(t.base_lp[: b - a], dtype=torch.float32, device=device), t.seg[: b - a], t.delta_s)
-            al = bce / norm["segments"]
-            loss = loss + al
-            parts["alm"] = float(al.detach())
-    if objective == "delta":
-        texts = main + contrast
-        if texts:
-            x, mask = _pad(texts, device)
-            h = hidden(model, x, mask)
-            ri, ci, spans = _scored(texts, x)
-            lp = token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1])
-            sq = torch.zeros((), device=device)
-            for t, (a, b) in zip(texts, spans, strict=True):
-                if not t.delta_s:
-                    continue
-                seg = torch.tensor(t.seg, dtype=torch.long, device=device)
-                keep = seg >= 0
-                assert t.base_lp is not None, "base_token_logprobs must run before the delta objective"
-                change = lp[a:b] - torch.tensor(t.base_lp, dtype=torch.float32, device=device)
-                per_seg = torch.zeros(len(t.delta_s), device=device).index_add(0, seg[keep], change[keep])
-                sq = sq + ((per_seg - torch.tensor(t.delta_s, dtype=torch.float32, device=device)) ** 2).sum()
-            mse = sq / norm["segments"]
-            loss = loss + mse
-            parts["mse"] = float(mse.detach())
+        lp, spans = _text_logprobs(model, head, cap, texts, device)
+        total = torch.zeros((), device=device)
+        for t, (a, b) in zip(texts, spans, strict=True):
+            if t.delta_s:
+                total = total + _segment_loss(objective, lp[a:b], t, device)
+        term = total / norm["segments"]
+        loss = loss + term
+        parts["mse" if objective == "delta" else "alm"] = float(term.detach())
     return loss, parts
 
 
