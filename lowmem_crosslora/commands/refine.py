@@ -410,11 +410,10 @@ def _onpolicy_round(run: RefineRun, loader: Loader, src_tok: Any, tok: Any, mode
     if not path.exists():
         at = onpolicy_step(opts)
         run.say(f"on-policy round at step {at}: the target + LoRA writes {opts.onpolicy} texts, the source scores them")
-        model.eval()
         seed = stable_seed(opts.seed, "onpolicy")
         prompts = opts.prompts or DEFAULT_PROMPTS
+        # sample_probes samples in eval mode and puts the model back in the mode it found it in
         texts = sample_probes(model, tok, prompts, opts.onpolicy, max_new_tokens=opts.max_new_tokens, seed=seed, origin="onpolicy", device=run.dev)
-        model.train()
         prep = score_on_source(run.src, src_tok, run.ad.path, loader, run.dev, texts, extra={"at_step": at})
         write_json(path, prep.to_json())
     prep = Prepared.from_json(json.loads(path.read_text()))  # the values as stored, as a resumed run reads them
@@ -424,7 +423,6 @@ def _onpolicy_round(run: RefineRun, loader: Loader, src_tok: Any, tok: Any, mode
         texts, info = preferred(texts, opts.onpolicy_keep)
     else:
         base_token_logprobs(model, texts, run.dev, training.shape.micro_batch)
-    model.train()
     training.onpolicy = texts
     run.phases["onpolicy"] = run.phases.get("onpolicy", 0.0) + time.perf_counter() - t
     training.onpolicy_info = {"texts": len(texts), "at_step": int(prep.extra.get("at_step", onpolicy_step(opts))), "file": ONPOLICY_NAME, **info}

@@ -92,17 +92,12 @@ def prepare_source(
     shows the adapter most (services/probe_select.py). `chat`: half the adapter's texts are written
     through the source's chat template, its own user turn and its answer (probes.sample_chat_probes),
     where it has one. The report states the set's composition."""
-    from peft import PeftModel
-
     t0 = time.perf_counter()
     loader.tokens = longest_sequence(tok, prompts or list(DEFAULT_PROMPTS), max_new_tokens, user)
     template = chat_opening(tok) if chat else None
     if template is not None:  # the template's tokens, the user turn the source writes, its answer
         loader.tokens = max(loader.tokens, len(tok("".join(template), add_special_tokens=False)["input_ids"]) + USER_TURN_TOKENS + max_new_tokens)
-    base = loader.load(src)
-    model = PeftModel.from_pretrained(base, str(adapter), adapter_name="adapter")
-    model.to(dev)
-    model.eval()
+    base, model = _source_with_adapter(src, adapter, loader, dev)
     prompts = prompts or list(DEFAULT_PROMPTS)
     n_draw = drawn(selection, samples)
     say(f"sampling {n_draw} texts from source + adapter" + (f" and {contrast_samples} from the source base" if contrast_samples else "") + f" (seed {seed})")
@@ -133,13 +128,10 @@ def prepare_source(
     if not any(p.origin in ("adapter", "user") for p in probes):
         raise InputError("no probe texts: every sample ended at once (empty continuations); try other --prompts or pass --texts")
     enc = [encode(tok, p) for p in probes]
-    with model.disable_adapter():
-        lp_base = token_logprobs(model, enc, dev, vocab_size(src))
-    lp_ad = token_logprobs(model, enc, dev, vocab_size(src))
+    delta = _token_changes(model, enc, dev, vocab_size(src))
     held, held_effect, held_excess = _source_effects(model, tok, held, dev, vocab_size(src))
     del model, base
     free()
-    delta = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(lp_ad, lp_base, strict=True)]
     starts, ends = [e.start for e in enc], [list(e.ends) for e in enc]
     composition: dict[str, Any] = {"rule": selection, **({"amplified": {"alpha": amplify, "sampled": n_amp}} if amplify else {})}
     if chat:
@@ -164,24 +156,39 @@ def score_on_source(src: Checkpoint, tok: Any, adapter: Path, loader: Loader, de
     """Texts written elsewhere (refine's on-policy round: by the target + its LoRA) scored by the source
     token by token with its adapter off and on, as prepare_source scores its own samples; the source is
     loaded for this and freed. Texts with nothing to score are left out."""
-    from peft import PeftModel
-
     t0 = time.perf_counter()
     enc = [encode(tok, p) for p in texts]
     keep = [i for i, e in enumerate(enc) if e.nbytes and len(e.ends)]
     texts, enc = [texts[i] for i in keep], [enc[i] for i in keep]
     loader.tokens = max([len(e.ids) for e in enc], default=1)
+    base, model = _source_with_adapter(src, adapter, loader, dev)
+    delta = _token_changes(model, enc, dev, vocab_size(src))
+    del model, base
+    free()
+    return Prepared(texts, [e.start for e in enc], [list(e.ends) for e in enc], delta, time.perf_counter() - t0, extra=dict(extra or {}))
+
+
+def _source_with_adapter(src: Checkpoint, adapter: Path, loader: Loader, dev: str) -> tuple[Any, Any]:
+    """The source model loaded inside the budget (the base, to free later) and wrapped with its adapter, for inference."""
+    from peft import PeftModel
+
     base = loader.load(src)
     model = PeftModel.from_pretrained(base, str(adapter), adapter_name="adapter")
     model.to(dev)
     model.eval()
+    return base, model
+
+
+def _on_and_off(model: Any, enc: list[Any], dev: str, vocab: int) -> tuple[list[list[float]], list[list[float]]]:
+    """Each encoded text's token log-probabilities with the adapter on, and with it off."""
     with model.disable_adapter():
-        lp_base = token_logprobs(model, enc, dev, vocab_size(src))
-    lp_ad = token_logprobs(model, enc, dev, vocab_size(src))
-    del model, base
-    free()
-    delta = [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(lp_ad, lp_base, strict=True)]
-    return Prepared(texts, [e.start for e in enc], [list(e.ends) for e in enc], delta, time.perf_counter() - t0, extra=dict(extra or {}))
+        lp_base = token_logprobs(model, enc, dev, vocab)
+    return token_logprobs(model, enc, dev, vocab), lp_base
+
+
+def _token_changes(model: Any, enc: list[Any], dev: str, vocab: int) -> list[list[float]]:
+    """Each encoded text's per-token change in log-probability, adapter on minus off."""
+    return [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(*_on_and_off(model, enc, dev, vocab), strict=True)]
 
 
 def holdout_seed(seed: int) -> int:
@@ -196,9 +203,7 @@ def _source_effects(model: Any, tok: Any, texts: list[Probe], dev: str, vocab: i
     if not texts:
         return [], [], []
     enc = [encode(tok, p) for p in texts]
-    with model.disable_adapter():
-        lp_base = token_logprobs(model, enc, dev, vocab)
-    lp_ad = token_logprobs(model, enc, dev, vocab)
+    lp_ad, lp_base = _on_and_off(model, enc, dev, vocab)
     keep, eff, exc = [], [], []
     for p, e, a, b in zip(texts, enc, lp_ad, lp_base, strict=True):
         if e.nbytes:
