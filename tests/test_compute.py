@@ -209,3 +209,30 @@ def test_scoring_loader_upcasts_when_only_bfloat16_fits_and_it_is_slow(models: d
     loader = scoring.Loader(budget, "cpu", "auto", lambda m: None)
     loader.load(ck)
     assert loader.used == {"target": "bfloat16"}
+
+
+def test_widen_reuses_one_block_and_equals_float() -> None:
+    """`widen` copies into one reused scratch block (no fresh allocation per widening) and gives what
+    `.float()` gives; float32 blocks pass through, and a block over the scratch size gets its own copy."""
+    compute.release_scratch()
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(40, 24, generator=g).bfloat16()
+    a = compute.widen(w[:10])
+    assert torch.equal(a, w[:10].float())
+    ptr = a.data_ptr()
+    b = compute.widen(w[10:30])
+    assert torch.equal(b, w[10:30].float()) and b.data_ptr() == ptr  # the same block, reused
+    f = torch.randn(3, 4, generator=g)
+    assert compute.widen(f) is f
+    compute.release_scratch()
+    assert not compute._SCRATCH
+
+
+def test_widen_keeps_blocks_over_the_scratch_size_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(compute, "UPCAST_BLOCK_BYTES", 4 * 24 * 5)
+    compute.release_scratch()
+    w = torch.randn(12, 24, generator=torch.Generator().manual_seed(2)).bfloat16()
+    small = compute.widen(w[:5])
+    big = compute.widen(w)
+    assert torch.equal(big, w.float()) and big.data_ptr() != small.data_ptr()
+    compute.release_scratch()

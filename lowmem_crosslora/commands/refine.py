@@ -50,7 +50,16 @@ from lowmem_crosslora.services.report import build_report
 from lowmem_crosslora.services.scoring import Loader, free, room_left
 from lowmem_crosslora.services.stop import StopFlag
 from lowmem_crosslora.services.target_lora import attach_lora, batch_indices, lora_config, lora_param_count, peft_tensors, source_adapter
-from lowmem_crosslora.services.train_shape import TrainShape, least_training, load_checkpoint, lora_state, pick_shape, save_checkpoint, training_refused
+from lowmem_crosslora.services.train_shape import (
+    TrainShape,
+    least_texts,
+    least_training,
+    load_checkpoint,
+    lora_state,
+    pick_shape,
+    save_checkpoint,
+    training_refused,
+)
 from lowmem_crosslora.sizes import format_size
 from lowmem_crosslora.sysmem import tune_allocator
 from lowmem_crosslora.version import __version__
@@ -306,7 +315,7 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
     per_step = opts.batch * (2 if contrast else 1)  # the contrast objectives pass main and contrast texts together
     room = room_left(budget, dev)
     ck = load_checkpoint(run.state / CHECKPOINT_NAME, run.fp)
-    shape = pick_shape(tgt, lora_params, room, per_step, longest, passes, dev)
+    shape = pick_shape(tgt, lora_params, room, per_step, longest, passes, dev, least_texts(opts.objective))
     if ck is not None and shape is not None:
         # A resumed run keeps the interrupted run's passes and lengths, so that it sums the same
         # gradients in the same order (the same bytes), whatever the room measured now.

@@ -24,13 +24,13 @@ from typing import Any
 
 import torch
 
-from lowmem_crosslora.services.compute import UPCAST_BLOCK_BYTES, UpcastLinear
+from lowmem_crosslora.services.compute import UPCAST_BLOCK_BYTES, UpcastLinear, widen
 
 
 def _block_logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cap: float | None, wide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float32 logits of rows `h` against a block `w` of the projection (soft-capped where the model
     caps them), and the cap's derivative (None without a cap). `wide`: multiply in float32."""
-    z = (h.float() @ w.float().T) if wide else (h @ w.T).float()
+    z = (h.float() @ widen(w).T) if wide else (h @ w.T).float()
     if bias is not None:
         z = z + bias.float()
     if cap:
@@ -89,7 +89,7 @@ class HeadLogProb(torch.autograd.Function):
                 dz[idx, tokens[idx] - s] += g[idx]
             if dcap is not None:
                 dz.mul_(dcap)
-            gh += (dz @ w.float()) if ctx.wide else (dz.to(w.dtype) @ w).float()
+            gh += (dz @ widen(w)) if ctx.wide else (dz.to(w.dtype) @ w).float()
             del dz
         return gh.to(h.dtype), None, None, None, None, None, None
 

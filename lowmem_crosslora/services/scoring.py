@@ -13,7 +13,7 @@ import torch
 from lowmem_crosslora.dtypes import NAME_TAG
 from lowmem_crosslora.errors import BudgetError, InputError
 from lowmem_crosslora.io.safetensors_model import Checkpoint
-from lowmem_crosslora.services.compute import bf16_speed, upcast_bytes, upcast_model
+from lowmem_crosslora.services.compute import bf16_speed, release_scratch, upcast_bytes, upcast_model
 from lowmem_crosslora.services.memory import Budget, size_at_least
 from lowmem_crosslora.services.probes import Probe, prefix_ids
 from lowmem_crosslora.sizes import format_size
@@ -238,7 +238,9 @@ class Loader:
 
 
 def free() -> None:
-    """Give the memory of dropped models back: collect, empty torch's CUDA cache, return free pages."""
+    """Give the memory of dropped models back: collect, drop the upcast path's scratch blocks, empty
+    torch's CUDA cache, return free pages."""
+    release_scratch()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

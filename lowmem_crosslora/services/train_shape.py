@@ -14,7 +14,7 @@ from lowmem_crosslora.dtypes import name_bytes
 from lowmem_crosslora.errors import BudgetError
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.compute import bf16_speed, upcast_bytes
-from lowmem_crosslora.services.distill import LOGIT_CHUNK_BYTES
+from lowmem_crosslora.services.distill import LOGIT_CHUNK_BYTES, uses_contrast
 from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.scoring import budgeted_params, raise_to
 from lowmem_crosslora.sizes import format_size
@@ -138,30 +138,65 @@ def train_bytes(cfg: dict[str, Any], params: int, lora_params: int, weights_byte
 
 
 def choose_shape(
-    cfg: dict[str, Any], params: int, lora_params: int, room: int, batch: int, longest: int, passes: int, dtypes: tuple[str, ...], extra: int = 0
+    cfg: dict[str, Any],
+    params: int,
+    lora_params: int,
+    room: int,
+    batch: int,
+    longest: int,
+    passes: int,
+    dtypes: tuple[str, ...],
+    extra: int = 0,
+    least: int = 1,
 ) -> TrainShape | None:
-    """The fastest shape that fits `room`: the most texts per pass (fewer passes of gradient
-    accumulation: the same step), without gradient checkpointing where that fits, else with it; then
-    shorter texts (down to 32 tokens). The first of `dtypes` whose weights fit. `extra`: bytes the
-    compute path holds besides (the upcast path's float32 blocks, compute.upcast_bytes). None when
-    nothing fits."""
+    """The fastest shape that fits `room`, for the first of `dtypes` whose weights fit: the longest
+    texts (shorter ones, down to 32 tokens, only where nothing fits), then the most texts per pass,
+    without gradient checkpointing where that takes at most twice the passes a step that checkpointing
+    would (`step_cost`), else with it. `extra`: bytes the compute path holds besides (the upcast
+    path's float32 blocks, compute.upcast_bytes). `least`: the fewest texts a pass can hold (2 for the
+    objectives that pair an adapter text with a contrast text in each pass). None when nothing fits."""
     for dt in dtypes:
         wb = name_bytes(dt)
         for seq in _lengths(longest):
-            for micro in range(batch, 0, -1):
-                for ckpt in (False, True):
-                    need = train_bytes(cfg, params, lora_params, wb, micro, seq, ckpt, passes) + extra
-                    if need <= room:
-                        return TrainShape(micro, seq, ckpt, dt, need)
+            fits = {ckpt: _most_texts(cfg, params, lora_params, wb, room, batch, seq, ckpt, passes, extra, least) for ckpt in (False, True)}
+            plain, ckpt = fits[False], fits[True]
+            if plain is not None and (ckpt is None or step_cost(plain, batch) <= step_cost(ckpt, batch)):
+                return replace(plain, weights_dtype=dt)
+            if ckpt is not None:
+                return replace(ckpt, weights_dtype=dt)
     return None
 
 
-def smallest_room(cfg: dict[str, Any], params: int, lora_params: int, longest: int, passes: int, dtype: str, extra: int = 0) -> int:
+# Gradient checkpointing recomputes each layer's forward pass in the backward one: about 1.5x the
+# compute of a step without it. Every pass also has a fixed cost (the upcast path widens every weight
+# in it; kernel and Python overheads), so more, smaller passes cost too. Measured on Qwen2.5-0.5B, the
+# upcast path, 8 texts of 60 tokens a step, one core (docs/BENCHMARKS.md, "Training shape"): a step
+# without checkpointing in 2 passes is faster than one with it in 1 pass, in 4 passes slower.
+PLAIN_PASSES = 2
+
+
+def step_cost(shape: TrainShape, batch: int) -> int:
+    """A step's relative cost in `shape` (batch texts): its passes, a checkpointed one counted PLAIN_PASSES times."""
+    return -(-batch // shape.micro_batch) * (PLAIN_PASSES if shape.checkpointing else 1)
+
+
+def _most_texts(
+    cfg: dict[str, Any], params: int, lora_params: int, wb: int, room: int, batch: int, seq: int, ckpt: bool, passes: int, extra: int, least: int
+) -> TrainShape | None:
+    """The shape with the most texts per pass (`least` up to `batch`) of `seq` tokens that fits `room`."""
+    for micro in range(batch, least - 1, -1):
+        need = train_bytes(cfg, params, lora_params, wb, micro, seq, ckpt, passes) + extra
+        if need <= room:
+            return TrainShape(micro, seq, ckpt, "", need)
+    return None
+
+
+def smallest_room(cfg: dict[str, Any], params: int, lora_params: int, longest: int, passes: int, dtype: str, extra: int = 0, least: int = 1) -> int:
     size = name_bytes(dtype)
-    return train_bytes(cfg, params, lora_params, size, 1, min(longest, 32), True, passes) + extra
+    return train_bytes(cfg, params, lora_params, size, least, min(longest, 32), True, passes) + extra
 
 
-def pick_shape(tgt: Checkpoint, lora_params: int, room: int, per_step: int, longest: int, passes: int, device: str) -> TrainShape | None:
+def pick_shape(tgt: Checkpoint, lora_params: int, room: int, per_step: int, longest: int, passes: int, device: str, least: int = 1) -> TrainShape | None:
     """The training shape for `tgt` in `room`, with the frozen weights' dtype and what they compute in
     (the LoRA itself trains in float32), from a timing at start-up (services/compute.py). Where
     bfloat16 matmuls are fast (AMX, AVX512-BF16, CUDA): bfloat16 weights, half the memory and about
@@ -172,15 +207,15 @@ def pick_shape(tgt: Checkpoint, lora_params: int, room: int, per_step: int, long
     speed = bf16_speed(device)
     params = budgeted_params(tgt, "bfloat16", device)
     if speed.fast:
-        shape = choose_shape(tgt.config, params, lora_params, room, per_step, longest, passes, ("bfloat16",))
+        shape = choose_shape(tgt.config, params, lora_params, room, per_step, longest, passes, ("bfloat16",), least=least)
         return shape and replace(shape, compute_dtype="bfloat16", compute=speed.reason)
     extra = upcast_bytes(tgt.config)
     p32 = budgeted_params(tgt, "float32", device)
-    s32 = choose_shape(tgt.config, p32, lora_params, room, per_step, longest, passes, ("float32",))
-    s16 = choose_shape(tgt.config, params, lora_params, room, per_step, longest, passes, ("bfloat16",), extra=extra)
+    s32 = choose_shape(tgt.config, p32, lora_params, room, per_step, longest, passes, ("float32",), least=least)
+    s16 = choose_shape(tgt.config, params, lora_params, room, per_step, longest, passes, ("bfloat16",), extra=extra, least=least)
 
-    def rank(s: TrainShape) -> tuple[int, int, bool]:
-        return (s.max_len, s.micro_batch, not s.checkpointing)
+    def rank(s: TrainShape) -> tuple[int, int]:
+        return (s.max_len, -step_cost(s, per_step))
 
     if s32 is not None and (s16 is None or rank(s32) >= rank(s16)):
         return replace(s32, compute_dtype="float32", compute=f"{speed.reason}: float32 weights")
@@ -192,7 +227,14 @@ def least_training(tgt: Checkpoint, lora_params: int, objective: str, device: st
     where bfloat16 matmuls are slow), one text of up to min(longest, 32) tokens a pass, checkpointing."""
     passes = 2 if objective == "lm+kl" else 1
     extra = 0 if bf16_speed(device).fast else upcast_bytes(tgt.config)
-    return smallest_room(tgt.config, budgeted_params(tgt, "bfloat16", device), lora_params, longest, passes, "bfloat16", extra)
+    least = least_texts(objective)
+    return smallest_room(tgt.config, budgeted_params(tgt, "bfloat16", device), lora_params, longest, passes, "bfloat16", extra, least)
+
+
+def least_texts(objective: str) -> int:
+    """The fewest texts a training pass holds: an adapter text and a contrast text together for the
+    objectives that train on contrast texts, one otherwise."""
+    return 2 if uses_contrast(objective) else 1
 
 
 def training_refused(target: Path, budget: Budget, device: str, need: int) -> BudgetError:
