@@ -236,3 +236,29 @@ def test_widen_keeps_blocks_over_the_scratch_size_apart(monkeypatch: pytest.Monk
     big = compute.widen(w)
     assert torch.equal(big, w.float()) and big.data_ptr() != small.data_ptr()
     compute.release_scratch()
+
+
+@pytest.mark.parametrize("upcast", [False, True])
+def test_passes_without_gradients_take_as_many_texts_as_the_training_memory_allows(models: dict[str, Path], upcast: bool) -> None:
+    """The scoring batch: never fewer texts than a training pass, at most `most`, and a checkpointed
+    step of that many texts (more memory than a pass without gradients) fits the shape's modelled bytes."""
+    from dataclasses import replace
+
+    from lowmem_crosslora.io.safetensors_model import Checkpoint
+    from lowmem_crosslora.services import scoring
+    from lowmem_crosslora.services.train_shape import choose_shape, scoring_batch, train_bytes
+
+    ck = Checkpoint(models["target"], "target")
+    params = scoring.budgeted_params(ck, "bfloat16", "cpu")
+    extra = compute.upcast_bytes(ck.config) if upcast else 0
+    for room_texts in (1, 3):
+        room = train_bytes(ck.config, params, 10**4, 2, room_texts, 40, False, 1) + extra
+        shape = choose_shape(ck.config, params, 10**4, room, 8, 40, 1, ("bfloat16",), extra=extra)
+        assert shape is not None
+        if upcast:
+            shape = replace(shape, compute_dtype="float32")
+        n = scoring_batch(ck, 10**4, shape, 1, "cpu", 16)
+        assert shape.micro_batch <= n <= 16
+        assert n == shape.micro_batch or train_bytes(ck.config, params, 10**4, 2, n, shape.max_len, True, 1) + extra <= shape.bytes
+        assert n == 16 or train_bytes(ck.config, params, 10**4, 2, n + 1, shape.max_len, True, 1) + extra > shape.bytes
+    assert scoring_batch(ck, 10**4, shape, 1, "cpu", 1) == shape.micro_batch  # never fewer than a training pass

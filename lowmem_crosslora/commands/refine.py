@@ -58,6 +58,7 @@ from lowmem_crosslora.services.train_shape import (
     lora_state,
     pick_shape,
     save_checkpoint,
+    scoring_batch,
     training_refused,
 )
 from lowmem_crosslora.sizes import format_size
@@ -144,6 +145,7 @@ class Training:
     shape: TrainShape
     lora_params: int
     checkpoint: dict[str, Any] | None
+    score_batch: int = 1  # texts a pass without gradients takes (train_shape.scoring_batch)
     losses: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     holdout: Holdout | None = None
@@ -324,15 +326,17 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
         raise training_refused(tgt.path, budget, dev, least_training(tgt, lora_params, opts.objective, dev, longest))
     main = [truncate(t, shape.max_len) for t in main]
     contrast = [truncate(t, shape.max_len) for t in contrast]
+    score = scoring_batch(tgt, lora_params, shape, passes, dev, max(opts.holdout, per_step))
     run.say(
         f"training on the target: {len(main)} adapter texts"
         + (f", {len(contrast)} contrast texts" if contrast else "")
         + f"; {shape.weights_dtype} weights, {shape.micro_batch} texts per pass, up to {shape.max_len} tokens"
         + (", gradient checkpointing" if shape.checkpointing else "")
+        + f", {score} texts per pass without gradients"
         + f" (modelled {format_size(shape.bytes)} of {format_size(int(room))})"
         + (f"; computing in {shape.compute_dtype}: {shape.compute}" if shape.compute else "")
     )
-    return Training(main, contrast, shape, lora_params, ck)
+    return Training(main, contrast, shape, lora_params, ck, score)
 
 
 def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: Path | None) -> Any:
@@ -351,7 +355,7 @@ def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: P
     model = attach_lora(base, run.cfg, init_dir, run.opts.seed)
     model.to(run.dev)
     if run.opts.objective in BASE_OBJECTIVES:
-        base_token_logprobs(model, training.main + training.contrast, run.dev, shape.micro_batch)
+        base_token_logprobs(model, training.main + training.contrast, run.dev, training.score_batch)
     return model
 
 
@@ -379,7 +383,7 @@ def _train(run: RefineRun, budget: Budget, model: Any, training: Training) -> No
     ck_path = run.state / CHECKPOINT_NAME
     t = time.perf_counter()
     if hold is not None and not hold.history:
-        _evaluate(run, model, hold, 0, training.shape.micro_batch)  # step 0: the initialiser
+        _evaluate(run, model, hold, 0, training.score_batch)  # step 0: the initialiser
     for step in range(start, opts.steps):
         if hold is not None and hold.stopped:
             break
@@ -387,7 +391,7 @@ def _train(run: RefineRun, budget: Budget, model: Any, training: Training) -> No
         rec = _step(run, model, optim, training, step)
         training.losses.append(rec)
         if hold is not None and ((step + 1) % opts.eval_every == 0 or step + 1 == opts.steps):
-            _evaluate(run, model, hold, step + 1, training.shape.micro_batch)
+            _evaluate(run, model, hold, step + 1, training.score_batch)
             if hold.stopped and step + 1 < opts.steps:
                 best = f"best: step {hold.best_step}" if hold.best_step is not None else "none beat the random control"
                 run.say(f"stopping at step {step + 1} of {opts.steps}: no better held-out step in {hold.patience} evaluations ({best})")
@@ -431,7 +435,7 @@ def _onpolicy_round(run: RefineRun, loader: Loader, src_tok: Any, tok: Any, mode
     if opts.onpolicy_keep:  # best-of-N: the texts the source adapter prefers most, trained on with the LM loss
         texts, info = preferred(texts, opts.onpolicy_keep)
     else:
-        base_token_logprobs(model, texts, run.dev, training.shape.micro_batch)
+        base_token_logprobs(model, texts, run.dev, training.score_batch)
     training.onpolicy = texts
     run.phases["onpolicy"] = run.phases.get("onpolicy", 0.0) + time.perf_counter() - t
     training.onpolicy_info = {"texts": len(texts), "at_step": int(prep.extra.get("at_step", onpolicy_step(opts))), "file": ONPOLICY_NAME, **info}
@@ -464,6 +468,7 @@ def _evaluate(run: RefineRun, model: Any, hold: Holdout, step: int, batch: int) 
     the first time); record the evaluation, keeping the LoRA's state where it is the best so far."""
     if not hold.texts:
         return
+    t = time.perf_counter()
     model.eval()
     if hold.base is None:
         with model.disable_adapter():
@@ -479,6 +484,7 @@ def _evaluate(run: RefineRun, model: Any, hold: Holdout, step: int, batch: int) 
                 control = loglik_per_byte(model, hold.texts, run.dev, batch)
     model.train()
     rec = hold.record(step, lora, control, lambda: lora_state(model))
+    run.phases["holdout"] = run.phases.get("holdout", 0.0) + time.perf_counter() - t  # within "train"
     r, c, z = rec["recovery"], rec["control_recovery"], rec["z"]
     vs = "control not scored: below the best"
     if control is not None:
@@ -577,7 +583,7 @@ def _report(run: RefineRun, prep: Prepared, training: Training, budget: Budget, 
         },
         losses=training.losses,
         holdout=None if training.holdout is None else training.holdout.report(opts.holdout, opts.eval_every, len(training.losses), opts.steps),
-        shape=training.shape.to_json(),
+        shape={**training.shape.to_json(), "score_batch": training.score_batch},
         modules=len(run.plan.units),
         lora_params=training.lora_params,
         dtypes=loader.used,

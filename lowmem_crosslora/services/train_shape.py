@@ -222,6 +222,21 @@ def pick_shape(tgt: Checkpoint, lora_params: int, room: int, per_step: int, long
     return s16 and replace(s16, compute_dtype="float32", compute=f"{speed.reason}: bfloat16 weights, float32 compute")
 
 
+def scoring_batch(tgt: Checkpoint, lora_params: int, shape: TrainShape, passes: int, device: str, most: int) -> int:
+    """Texts a pass without gradients (held-out scores, the base's log-probabilities) takes in the
+    memory modelled for `shape`: a checkpointed step of n texts holds more than a no-gradient pass of
+    n (every layer's input against one layer's), so the most n (up to `most`) whose checkpointed step
+    fits `shape.bytes`, and never fewer than the shape's own texts per pass. Fewer passes: each pass
+    widens every weight once on the upcast path."""
+    params = budgeted_params(tgt, shape.weights_dtype, device)
+    extra = upcast_bytes(tgt.config) if shape.upcast else 0
+    wb = name_bytes(shape.weights_dtype)
+    for n in range(max(most, shape.micro_batch), shape.micro_batch, -1):
+        if train_bytes(tgt.config, params, lora_params, wb, n, shape.max_len, True, passes) + extra <= shape.bytes:
+            return n
+    return shape.micro_batch
+
+
 def least_training(tgt: Checkpoint, lora_params: int, objective: str, device: str, longest: int = 32) -> int:
     """The least working memory training a LoRA on `tgt` needs: bfloat16 weights (computing in float32
     where bfloat16 matmuls are slow), one text of up to min(longest, 32) tokens a pass, checkpointing."""
