@@ -156,14 +156,13 @@ def choose_shape(
     path's float32 blocks, compute.upcast_bytes). `least`: the fewest texts a pass can hold (2 for the
     objectives that pair an adapter text with a contrast text in each pass). None when nothing fits."""
     for dt in dtypes:
-        wb = name_bytes(dt)
         for seq in _lengths(longest):
-            fits = {ckpt: _most_texts(cfg, params, lora_params, wb, room, batch, seq, ckpt, passes, extra, least) for ckpt in (False, True)}
-            plain, ckpt = fits[False], fits[True]
-            if plain is not None and (ckpt is None or step_cost(plain, batch) <= step_cost(ckpt, batch)):
-                return replace(plain, weights_dtype=dt)
-            if ckpt is not None:
-                return replace(ckpt, weights_dtype=dt)
+            plain = _most_texts(cfg, params, lora_params, dt, room, batch, seq, False, passes, extra, least)
+            recompute = _most_texts(cfg, params, lora_params, dt, room, batch, seq, True, passes, extra, least)
+            if plain is not None and (recompute is None or step_cost(plain, batch) <= step_cost(recompute, batch)):
+                return plain
+            if recompute is not None:
+                return recompute
     return None
 
 
@@ -181,13 +180,14 @@ def step_cost(shape: TrainShape, batch: int) -> int:
 
 
 def _most_texts(
-    cfg: dict[str, Any], params: int, lora_params: int, wb: int, room: int, batch: int, seq: int, ckpt: bool, passes: int, extra: int, least: int
+    cfg: dict[str, Any], params: int, lora_params: int, dtype: str, room: int, batch: int, seq: int, ckpt: bool, passes: int, extra: int, least: int
 ) -> TrainShape | None:
     """The shape with the most texts per pass (`least` up to `batch`) of `seq` tokens that fits `room`."""
+    wb = name_bytes(dtype)
     for micro in range(batch, least - 1, -1):
         need = train_bytes(cfg, params, lora_params, wb, micro, seq, ckpt, passes) + extra
         if need <= room:
-            return TrainShape(micro, seq, ckpt, "", need)
+            return TrainShape(micro, seq, ckpt, dtype, need)
     return None
 
 
