@@ -82,3 +82,26 @@ def test_no_rows_and_a_frozen_head() -> None:
     h = torch.randn(3, 8, requires_grad=True)
     with pytest.raises(RuntimeError, match="frozen"):
         head_logprob(lin, None, h, torch.tensor([1, 2, 3]), 1024).sum().backward()
+
+
+def test_each_block_is_widened_once_a_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upcast path widens each block of a bfloat16 projection once in the forward pass and once in
+    the backward pass (its logits and the gradient share the one widened block), and the gradient
+    still equals the float64 reference."""
+    import lowmem_crosslora.services.head_logprob as hl
+
+    calls: list[int] = []
+    real = hl.widen
+    monkeypatch.setattr(hl, "widen", lambda w: (w.dtype != torch.float32 and calls.append(w.shape[0]), real(w))[1])  # copies only
+    g = torch.Generator().manual_seed(11)
+    rows, hid, vocab, block = 6, 16, 1000, 128
+    w = (torch.randn(vocab, hid, generator=g) / hid**0.5).to(torch.bfloat16)
+    h = torch.randn(rows, hid, generator=g).requires_grad_(True)
+    tokens = torch.randint(0, vocab, (rows,), generator=g)
+    lp = HeadLogProb.apply(h, w, None, tokens, None, True, block)
+    blocks = -(-vocab // block)
+    assert len(calls) == blocks
+    lp.backward(torch.ones(rows))
+    assert len(calls) == 2 * blocks
+    ref, ref_grad = reference(h, w.float(), None, tokens, None, torch.ones(rows))
+    assert torch.allclose(h.grad.double(), ref_grad, atol=5e-5)

@@ -11,8 +11,9 @@ recomputation, backward): 60 GB of memory traffic a step for Qwen2.5's 151,936 x
 `HeadLogProb` instead walks the vocabulary in blocks with every row at once: the forward pass keeps a
 running maximum and sum of exponentials per row (an online log-sum-exp) and picks each row's token
 logit from the block that holds it; the backward pass walks the blocks again, recomputing each
-block's logits, and adds (one-hot - softmax) @ W_block into the rows' gradient. So each block of the
-projection is read (and widened) twice a step, whatever the number of rows, and no (rows x vocab)
+block's logits, and adds (one-hot - softmax) @ W_block into the rows' gradient, with the block
+widened once for both. So each block of the projection is read (and widened) twice a step, whatever
+the number of rows, and no (rows x vocab)
 matrix ever exists: the working memory is one block of logits, (rows x block) floats, kept under
 `block_bytes`. Results equal log_softmax(h @ W.T)[token] up to float rounding (tests/test_head_logprob.py,
 against float64).
@@ -29,7 +30,8 @@ from lowmem_crosslora.services.compute import UPCAST_BLOCK_BYTES, UpcastLinear, 
 
 def _block_logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, cap: float | None, wide: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """float32 logits of rows `h` against a block `w` of the projection (soft-capped where the model
-    caps them), and the cap's derivative (None without a cap). `wide`: multiply in float32."""
+    caps them), and the cap's derivative (None without a cap). `wide`: multiply in float32 (`w` is
+    widened here unless it is float32 already)."""
     z = (h.float() @ widen(w).T) if wide else (h @ w.T).float()
     if bias is not None:
         z = z + bias.float()
@@ -79,7 +81,8 @@ class HeadLogProb(torch.autograd.Function):
         vocab = weight.shape[0]
         for s in range(0, vocab, ctx.block):
             e = min(vocab, s + ctx.block)
-            w = weight[s:e]
+            # Widened once for both uses (the block's logits and the gradient): nothing widens in between.
+            w = widen(weight[s:e]) if ctx.wide else weight[s:e]
             z, dcap = _block_logits(h, w, None if bias is None else bias[s:e], ctx.cap, ctx.wide)
             dz = torch.exp(z - lse[:, None]).mul_(-g[:, None])  # d(log p_token)/dz_j = onehot_j - softmax_j
             del z
@@ -89,7 +92,7 @@ class HeadLogProb(torch.autograd.Function):
                 dz[idx, tokens[idx] - s] += g[idx]
             if dcap is not None:
                 dz.mul_(dcap)
-            gh += (dz @ widen(w)) if ctx.wide else (dz.to(w.dtype) @ w).float()
+            gh += (dz @ w) if ctx.wide else (dz.to(w.dtype) @ w).float()
             del dz
         return gh.to(h.dtype), None, None, None, None, None, None
 
