@@ -80,10 +80,10 @@ def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) 
             x[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
         with torch.inference_mode():
-            logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)
-            tok = torch.gather(logp, 2, x[:, 1:].to(device).unsqueeze(-1)).squeeze(-1).double().cpu()
-        del logits, logp
+            # log p(token) = its logit - logsumexp(logits): the log-softmax of every entry is never made.
+            z = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
+            tok = (torch.gather(z, 2, x[:, 1:].to(device).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)).double().cpu()
+        del z
         for row, j in enumerate(idx):
             e = encoded[j]
             out[j] = tok[row, e.first - 1 : len(e.ids) - 1].tolist() if e.nbytes else []
