@@ -57,6 +57,7 @@ import torch
 from bench import BENCH, repo_env
 from bench.bench_verify import HELD_OUT_PROMPTS as VERIFY_HELD_OUT_PROMPTS
 from bench.bench_verify import TRAIN_PROMPTS  # the same training and held-out prompts as verify's benchmark
+from bench.probe_prompts import PROMPT_SETS
 from bench.refine_kinds import DETECTORS, KINDS, human_texts, kind_texts
 from bench.training import attach_lora, encode, train_lm
 from lowmem_crosslora import transfer
@@ -249,14 +250,19 @@ def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, s
     obj, init, *rest = cand.split("/")
     # key=value parts set one of refine's numeric options for this candidate (e.g. steps=40); the rest:
     # plain | excess (services/probe_select.py) | amp<alpha> (amplified sampling) | chat (half through the chat template)
-    overrides = parse_overrides([r for r in rest if "=" in r])
+    # prompts=<name>: one of bench/probe_prompts.py's prompt sets instead of refine's built-in prompts
+    prompt_set = next((r.split("=", 1)[1] for r in rest if r.startswith("prompts=")), None)
+    overrides = parse_overrides([r for r in rest if "=" in r and not r.startswith("prompts=")])
     rest = [r for r in rest if "=" not in r]
     probes = rest[0] if rest else "plain"
     selection, amplify = ("plain", float(probes[3:] or 0.75)) if probes.startswith("amp") else (probes, 0.0)
     chat = selection == "chat"
     selection = "plain" if chat else selection
     out = c.work / (
-        f"refined-{c.s_key}-{c.t_key}-{obj.replace('+', '')}-{init}" + (f"-{probes}" if rest else "") + "".join(f"-{k}{v}" for k, v in overrides.items())
+        f"refined-{c.s_key}-{c.t_key}-{obj.replace('+', '')}-{init}"
+        + (f"-{probes}" if rest else "")
+        + "".join(f"-{k}{v}" for k, v in overrides.items())
+        + (f"-prompts{prompt_set}" if prompt_set else "")
     )
     # The losing objectives are not in the CLI: each candidate runs run_refine in a fresh process
     # (this module with --one), timed whole by /usr/bin/time (peak RSS of the process).
@@ -271,6 +277,7 @@ def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, s
             "chat": chat,
             "compute": args.compute,
             **overrides,
+            **({"prompts": list(PROMPT_SETS[prompt_set])} if prompt_set else {}),
         }
     )
     rss_file = c.work / f"time-{out.name}.txt"
