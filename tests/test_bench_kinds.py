@@ -47,3 +47,19 @@ def test_stdlib_comment_halves_are_disjoint_and_fixed() -> None:
     train, held = stdlib_comments(40, 10)
     assert not set(train) & set(held)
     assert (train, held) == stdlib_comments(40, 10)
+
+
+def test_the_wide_prompt_set_is_neutral_and_apart_from_the_bench_prompts() -> None:
+    """bench/probe_prompts.py's `wide` set holds refine's built-in prompts and new ones only: no prompt
+    the bench trains adapters or measures behaviour on, none repeated, and none that a kind's detector
+    already sees."""
+    from bench.bench_verify import HELD_OUT_PROMPTS, TRAIN_PROMPTS
+    from bench.probe_prompts import PROMPT_SETS
+    from lowmem_crosslora.services.probes import DEFAULT_PROMPTS
+
+    wide = PROMPT_SETS["wide"]
+    assert wide[: len(DEFAULT_PROMPTS)] == DEFAULT_PROMPTS and len(wide) == 3 * len(DEFAULT_PROMPTS)
+    assert len(set(wide)) == len(wide)
+    assert not set(wide) & set(TRAIN_PROMPTS + HELD_OUT_PROMPTS)
+    for kind in KINDS:
+        assert not any(DETECTORS[kind](p) for p in wide), kind
