@@ -13,9 +13,8 @@ running maximum and sum of exponentials per row (an online log-sum-exp) and pick
 logit from the block that holds it; the backward pass walks the blocks again, recomputing each
 block's logits, and adds (one-hot - softmax) @ W_block into the rows' gradient, with the block
 widened once for both. So each block of the projection is read (and widened) twice a step, whatever
-the number of rows, and no (rows x vocab)
-matrix ever exists: the working memory is one block of logits, (rows x block) floats, kept under
-`block_bytes`. Results equal log_softmax(h @ W.T)[token] up to float rounding (tests/test_head_logprob.py,
+the number of rows, and no (rows x vocab) matrix ever exists: the working memory is one block of
+logits, (rows x block) floats, kept under `block_bytes`. Results equal log_softmax(h @ W.T)[token] up to float rounding (tests/test_head_logprob.py,
 against float64).
 """
 
