@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import run_cli
 from helpers import FAST_REFINE, PROMPTS, fast_refine, refine_pair
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("transformers")
 pytest.importorskip("peft")
@@ -80,7 +82,7 @@ def _fake_scores(n: int, value: float) -> list[float]:
 
 def test_best_step_keeps_the_state_of_the_best_evaluation() -> None:
     """A fake scorer: the source effect is 1 on every text, the control moves nothing."""
-    hold = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=2, base=[0.0] * 6)
+    hold = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=2, base=[0.0] * 6, deferred=False)
     ctl = [0.0] * 6
     for step, f in [(0, 0.0), (4, 0.5), (8, 0.9), (12, 0.7)]:
         hold.record(step, _fake_scores(6, f), ctl, lambda step=step: {"w": torch.tensor([float(step)])})
@@ -94,7 +96,7 @@ def test_best_step_keeps_the_state_of_the_best_evaluation() -> None:
 
 
 def test_early_stopping_after_patience_evaluations_without_a_better_step() -> None:
-    hold = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=3, base=[0.0] * 6)
+    hold = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=3, base=[0.0] * 6, deferred=False)
     calls = []
     for k, (step, f) in enumerate([(0, 0.0), (4, 0.8), (8, 0.7), (12, 0.8), (16, 0.6)]):
         hold.record(step, _fake_scores(6, f), [0.0] * 6, lambda: calls.append(1) or {})
@@ -102,7 +104,7 @@ def test_early_stopping_after_patience_evaluations_without_a_better_step() -> No
     assert hold.best_step == 4 and len(calls) == 1
     # The controls of the steps that could not be the best are not needed: left unscored, the same
     # evaluations choose the same step and stop at the same one.
-    lean = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=3, base=[0.0] * 6)
+    lean = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=3, base=[0.0] * 6, deferred=False)
     for step, f in [(0, 0.0), (4, 0.8), (8, 0.7), (12, 0.8), (16, 0.6)]:
         scores = _fake_scores(6, f)
         lean.record(step, scores, [0.0] * 6 if lean.needs_control(scores) else None, lambda: {})
@@ -112,12 +114,109 @@ def test_early_stopping_after_patience_evaluations_without_a_better_step() -> No
     with pytest.raises(AssertionError, match="score its control"):
         lean.record(20, _fake_scores(6, 0.9), None, lambda: {})
     # No step beats the control: the held-out texts cannot judge the run yet, so it never stops early.
-    none = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=2, base=[0.0] * 6)
+    none = Holdout(texts=[], source=[1.0] * 6, seed=7, patience=2, base=[0.0] * 6, deferred=False)
     for step in (0, 4, 8, 12, 16):
         none.record(step, [0.0] * 6, [0.0] * 6, lambda: {})
         assert not none.stopped
     assert none.best_step is None and not none.carries_behaviour
     assert "does NOT carry the behaviour" in none.report(16, 4, 8, 24)["verdict"]
+
+
+def _drive(hold: Holdout, evals: list[tuple[int, float, float]], last: int, skip: int = 0) -> dict[str, Any]:
+    """Run the held-out rule as refine does over evaluations (step, LoRA's recovery, control's
+    recovery): the LoRA scored, the control where needs_control asks, the candidate's where `due`
+    asks. The LoRA's "state" is its step; `skip`: evaluations already recorded (a resumed run).
+    Returns the choice and how many controls were scored."""
+
+    def ctl(g: float) -> list[float]:  # noise unlike the LoRA's, so the difference has a standard error
+        return [g + 0.01 * (i % 3 - 1) for i in range(6)]
+
+    controls, seen = 0, []
+    for step, f, g in evals[skip:]:
+        if hold.stopped:
+            break
+        seen.append(step)
+        lora, control = _fake_scores(6, f), None
+        if step == 0:  # a fresh LoRA: it and its control are the base, scored for free
+            lora = control = [0.0] * 6
+        elif hold.needs_control(lora):
+            control, controls = ctl(g), controls + 1
+        hold.record(step, lora, control, lambda step=step: {"w": torch.tensor([float(step)])})
+        due = hold.due(step == last)
+        if due is not None:
+            assert hold.best_state == {"w": torch.tensor([float(due)])}  # the candidate's own state
+            controls += 1
+            hold.resolve(ctl(dict((s, g) for s, _f, g in evals)[due]))
+    state = None if hold.best_state is None else int(hold.best_state["w"].item())
+    return {"best": hold.best_step, "seen": seen, "controls": controls, "state": state, "stopped": hold.stopped}
+
+
+def _rule(deferred: bool, patience: int) -> Holdout:
+    return Holdout(texts=[], source=[1.0] * 6, seed=7, patience=patience, base=[0.0] * 6, deferred=deferred)
+
+
+def test_deferred_control_is_scored_once_for_the_step_chosen() -> None:
+    rising = [(0, 0.0, 0.0)] + [(4 * k, 0.1 * k, 0.0) for k in range(1, 7)]
+    eager, lazy = _drive(_rule(False, 2), rising, 24), _drive(_rule(True, 2), rising, 24)
+    assert eager == {**lazy, "controls": 6} and lazy["best"] == lazy["state"] == 24 and lazy["controls"] == 1
+    # A peak, then patience: the candidate's control is scored when patience runs out, with its state.
+    peak = [(0, 0.0, 0.0), (4, 0.5, 0.0), (8, 0.8, 0.0), (12, 0.6, 0.0), (16, 0.7, 0.0), (20, 0.9, 0.0)]
+    hold = _rule(True, 2)
+    got = _drive(hold, peak, 24)
+    assert got == {"best": 8, "seen": [0, 4, 8, 12, 16], "controls": 1, "state": 8, "stopped": True}
+    assert [e["z"] is None for e in hold.history] == [True, True, False, True, True]  # step 0: a nil LoRA has no z
+    assert hold.history[2]["beats_control"] and "step 8 keeps 80%" in hold.verdict(8)
+    # The candidate does not beat its control: the steps before it are done with, and each later
+    # step's control is scored as it comes (here step 16's beats it and is chosen at the end).
+    fails = [(0, 0.0, 0.0), (4, 0.5, 0.0), (8, 0.8, 0.8), (12, 0.6, 0.6), (16, 0.7, 0.0), (20, 0.65, 0.0), (24, 0.6, 0.0)]
+    hold = _rule(True, 1)
+    got = _drive(hold, fails, 24)
+    assert not hold.deferred and got == {"best": 16, "seen": [0, 4, 8, 12, 16, 20], "controls": 2, "state": 16, "stopped": True}
+    # Nothing beats: all steps run, the last is written, and the verdict names the one control scored.
+    none = [(0, 0.0, 0.0)] + [(4 * k, 0.1 * k, 0.1 * k) for k in range(1, 7)]
+    hold = _rule(True, 2)
+    assert _drive(hold, none, 24) == {"best": None, "seen": [0, 4, 8, 12, 16, 20, 24], "controls": 1, "state": None, "stopped": False}
+    assert "does NOT carry the behaviour" in hold.verdict(24) and "closest: step 24" in hold.verdict(24)
+
+
+def test_deferred_state_survives_the_checkpoint() -> None:
+    peak = [(0, 0.0, 0.0), (4, 0.5, 0.0), (8, 0.8, 0.0), (12, 0.6, 0.0), (16, 0.7, 0.0)]
+    whole = _drive(_rule(True, 2), peak, 24)
+    part = _rule(True, 2)
+    _drive(part, peak[:3], 24)
+    assert part.deferred and part.candidate == 2 and part.candidate_lora is not None
+    again = _rule(True, 2)
+    again.restore(part.to_checkpoint())
+    assert again.to_checkpoint() == part.to_checkpoint()
+    assert {**_drive(again, peak, 24, skip=3), "seen": None} == {**whole, "seen": None, "controls": 1}
+    # a checkpoint written before the deferral existed resumes with each control scored as it comes
+    old = {k: v for k, v in part.to_checkpoint().items() if k not in ("deferred", "candidate", "candidate_lora")}
+    again = _rule(True, 2)
+    again.restore(old)
+    assert not again.deferred
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(10, 150), st.booleans()), min_size=1, max_size=8),
+    st.integers(1, 3),
+)
+def test_deferred_control_chooses_as_the_eager_rule(steps: list[tuple[int, bool]], patience: int) -> None:
+    """Whatever the recoveries: where every step beats its control, the deferred rule chooses the same
+    step, stops at the same one and keeps the same state as scoring each control as it comes, with one
+    control scored. Where some do not, the step it writes (if any) beats its own control."""
+    last = 4 * len(steps)
+    beating = [(0, 0.0, 0.0)] + [(4 * (k + 1), r / 100, 0.0) for k, (r, _) in enumerate(steps)]
+    eager, lazy = _drive(_rule(False, patience), beating, last), _drive(_rule(True, patience), beating, last)
+    assert {**lazy, "controls": None} == {**eager, "controls": None} and lazy["controls"] == 1 <= eager["controls"]
+    mixed = [(0, 0.0, 0.0)] + [(4 * (k + 1), r / 100, 0.0 if ok else r / 100) for k, (r, ok) in enumerate(steps)]
+    hold = _rule(True, patience)
+    got = _drive(hold, mixed, last)
+    if got["best"] is not None:
+        b = hold.history[hold.best]
+        assert b["beats_control"] and b["step"] == got["state"] == got["best"]
+    else:
+        assert got["seen"][-1] == last and not got["stopped"]  # never stops early without a best
 
 
 def fake_scorer(monkeypatch: pytest.MonkeyPatch, factors: dict[int, float]) -> None:
@@ -178,9 +277,14 @@ def test_the_best_step_is_written_and_the_run_stops_early(models: dict[str, Path
     assert h["best_step"] == h["written_step"] == 4 and h["carries_behaviour"] is True
     assert h["stopped_early"] is True and h["steps_run"] == 12 and len(report["refine"]["losses"]) == 12
     assert h["evaluations"][1]["recovery"] == pytest.approx(0.8, abs=0.01) and h["evaluations"][1]["z"] > 2
-    # steps 8 and 12 recover less than step 4: their controls are not scored (they could not be the best)
+    # steps 8 and 12 recover less than step 4: their controls are never scored; step 4's is scored
+    # once, when patience runs out at step 12, with step 4's LoRA put in place
     assert [e["control_recovery"] is None for e in h["evaluations"]] == [False, False, True, True]
-    assert "held out, step 8: recovery 50% (control not scored: below the best)" in logs
+    assert "held out, step 4: recovery 80% (control scored when chosen) best so far" in logs
+    assert "held out, step 8: recovery 50% (control scored when chosen)" in logs
+    assert logs.index("held out, step 12: recovery 60% (control scored when chosen)") + 1 == logs.index(
+        f"held out, step 4 against its control: control {100 * h['evaluations'][1]['control_recovery']:.0f}%, z {h['evaluations'][1]['z']:+.1f}"
+    )
     assert "stopping at step 12 of 24: no better held-out step in 2 evaluations (best: step 4)" in logs
     assert "step 4 keeps 80%" in report["summary"]["holdout_verdict"]
     # The adapter written is step 4's: what a run of 4 steps (same batches) ends with.

@@ -391,7 +391,7 @@ def _train(run: RefineRun, budget: Budget, model: Any, training: Training) -> No
         rec = _step(run, model, optim, training, step)
         training.losses.append(rec)
         if hold is not None and ((step + 1) % opts.eval_every == 0 or step + 1 == opts.steps):
-            _evaluate(run, model, hold, step + 1, training.score_batch)
+            _evaluate(run, model, hold, step + 1, training.score_batch, last=step + 1 == opts.steps)
             if hold.stopped and step + 1 < opts.steps:
                 best = f"best: step {hold.best_step}" if hold.best_step is not None else "none beat the random control"
                 run.say(f"stopping at step {step + 1} of {opts.steps}: no better held-out step in {hold.patience} evaluations ({best})")
@@ -463,9 +463,11 @@ def _holdout(run: RefineRun, tok: Any, prep: Prepared, training: Training) -> Ho
     return Holdout(texts, source, prep.holdout_seed, run.opts.patience)
 
 
-def _evaluate(run: RefineRun, model: Any, hold: Holdout, step: int, batch: int) -> None:
-    """Score the held-out texts with the LoRA as it is and with its random control (and the target base,
-    the first time); record the evaluation, keeping the LoRA's state where it is the best so far."""
+def _evaluate(run: RefineRun, model: Any, hold: Holdout, step: int, batch: int, last: bool = False) -> None:
+    """Score the held-out texts with the LoRA as it is (and the target base, the first time), and with
+    its random control where that decides now (services/holdout.py: deferred, the control of the step
+    about to be chosen, once); record the evaluation, keeping the LoRA's state where it is the best (or
+    the candidate) so far. `last`: the last step's evaluation."""
     if not hold.texts:
         return
     t = time.perf_counter()
@@ -482,17 +484,40 @@ def _evaluate(run: RefineRun, model: Any, hold: Holdout, step: int, batch: int) 
         if hold.needs_control(lora):
             with ControlInPlace(model, hold.seed):
                 control = loglik_per_byte(model, hold.texts, run.dev, batch)
-    model.train()
     rec = hold.record(step, lora, control, lambda: lora_state(model))
-    run.phases["holdout"] = run.phases.get("holdout", 0.0) + time.perf_counter() - t  # within "train"
     r, c, z = rec["recovery"], rec["control_recovery"], rec["z"]
-    vs = "control not scored: below the best"
+    vs = "control not scored: below the best" if not hold.deferred else "control scored when chosen"
     if control is not None:
         vs = f"control {'n/a' if c is None else f'{100 * c:.0f}%'}, z {'n/a' if z is None else f'{z:+.1f}'}"
-    run.say(
-        f"held out, step {step}: recovery {'n/a' if r is None else f'{100 * r:.0f}%'} ({vs})"
-        + (" best so far" if hold.best is not None and hold.history[hold.best] is rec else "")
-    )
+    top = hold.best is not None and hold.history[hold.best] is rec
+    top = top or (hold.candidate is not None and hold.history[hold.candidate] is rec)
+    run.say(f"held out, step {step}: recovery {'n/a' if r is None else f'{100 * r:.0f}%'} ({vs})" + (" best so far" if top else ""))
+    due = hold.due(last)
+    if due is not None:
+        _resolve(run, model, hold, due, batch)
+    model.train()
+    run.phases["holdout"] = run.phases.get("holdout", 0.0) + time.perf_counter() - t  # within "train"
+
+
+def _resolve(run: RefineRun, model: Any, hold: Holdout, step: int, batch: int) -> None:
+    """Score the candidate's control (step `step`, its state in `hold.best_state`) and settle it; the
+    LoRA is put back as it was, bit for bit."""
+    assert hold.best_state is not None
+    named = dict(model.named_parameters())
+    now = lora_state(model) if hold.history[-1]["step"] != step else None
+    with torch.no_grad():
+        if now is not None:
+            for n, v in hold.best_state.items():
+                named[n].copy_(v)
+        with ControlInPlace(model, hold.seed):
+            control = loglik_per_byte(model, hold.texts, run.dev, batch)
+        if now is not None:
+            for n, v in now.items():
+                named[n].copy_(v)
+    rec = hold.resolve(control)
+    c, z = rec["control_recovery"], rec["z"]
+    what = f"held out, step {step} against its control: control {'n/a' if c is None else f'{100 * c:.0f}%'}, z {'n/a' if z is None else f'{z:+.1f}'}"
+    run.say(what + ("" if rec["beats_control"] else ": not above it; from here each step's control is scored as it comes"))
 
 
 def _step(run: RefineRun, model: Any, optim: Any, training: Training, step: int) -> dict[str, float]:

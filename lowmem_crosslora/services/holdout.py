@@ -17,7 +17,17 @@ better one. While no step has beaten the control, training runs all its steps: t
 cannot judge it yet, and stopping then cut short the one development-pair run measured with an
 earlier rule (Qwen2.5-Coder-0.5B -> SmolLM2-135M bullets: neutral held-out texts the source adapter
 barely moves, no step above the control, stopped at step 12, held-out recovery -176%; docs/BENCHMARKS.md).
-Where no step beat the control the last step trained is written, marked as not carrying the behaviour. The tracker's whole state goes
+Where no step beat the control the last step trained is written, marked as not carrying the behaviour.
+
+The control is scored once, for the step about to be chosen (`deferred`): each evaluation scores
+the LoRA alone; the step with the highest recovery so far is the *candidate* (its LoRA state kept,
+as the best step's is), and patience counts from it. When patience runs out, or the last step is
+evaluated, the candidate's control is scored (the same control: seeded, of that step's norms). If
+it beats the control it is the best step, chosen exactly as above, with one control pass where
+every rising evaluation used to take one (in every development-pair run measured, every step
+scored beat its control by 3.6 standard errors or more; docs/BENCHMARKS.md). If it does not, the
+steps before it are no longer candidates (their states are gone), and from there every step whose
+control could decide is scored as it comes, by the rule above. The tracker's whole state goes
 into the training checkpoint, so a resumed run chooses the same step as an uninterrupted one."""
 
 from __future__ import annotations
@@ -102,12 +112,17 @@ class Holdout:
     best_state: dict[str, torch.Tensor] | None = None
     stale: int = 0
     stopped: bool = False
+    deferred: bool = True  # the control scored once, for the candidate (see above); False: as each step could decide
+    candidate: int | None = None  # deferred: index into history of the highest recovery so far, its control unscored
+    candidate_lora: list[float] | None = None  # its LoRA scores, for assessing it with its control
 
     def needs_control(self, lora: list[float]) -> bool:
         """Whether an evaluation with these LoRA scores could be the best, so that its control decides:
         there is no best yet, or its recovery is higher than the best's. Any other step is not the best
         whatever its control scores, so refine does not score the control for it (the same choice of
-        step, a pass over the held-out texts fewer)."""
+        step, a pass over the held-out texts fewer). Deferred: never (`due` says when the candidate's is)."""
+        if self.deferred:
+            return False
         if self.best is None:
             return True
         assert self.base is not None, "score the target base before the first evaluation"
@@ -116,19 +131,60 @@ class Holdout:
 
     def record(self, step: int, lora: list[float], control: list[float] | None, state: Callable[[], dict[str, torch.Tensor]]) -> dict[str, Any]:
         """Add the evaluation of `step` (the target base must be scored; `control` None only where
-        needs_control said no); `state` is called for the LoRA's state when this step is the best so
-        far. Returns the evaluation. The initialiser's evaluation (step 0) can be the best but does not
-        count towards the patience."""
+        needs_control said no); `state` is called for the LoRA's state when this step is the best (or,
+        deferred, the candidate) so far. Returns the evaluation. The initialiser's evaluation (step 0)
+        can be the best but does not count towards the patience. Deferred, ask `due` next."""
         assert self.base is not None, "score the target base before the first evaluation"
         assert control is not None or not self.needs_control(lora), "this step could be the best: score its control"
         rec = assess(step, self.source, self.base, lora, control)
         self.history.append(rec)
+        if self.deferred:
+            known_fail = rec["beats_control"] is False  # a nil LoRA's control is the base: scored for free
+            top = self.candidate is None or (rec["recovery"] is not None and rec["recovery"] > self.history[self.candidate]["recovery"])
+            if not known_fail and rec["recovery"] is not None and top:
+                self.candidate, self.candidate_lora, self.best_state, self.stale = len(self.history) - 1, list(lora), state(), 0
+                self._settle()
+            elif step > 0 and self.candidate is not None:
+                self.stale += 1
+            return rec
         if rec["beats_control"] and (self.best is None or rec["recovery"] > self.history[self.best]["recovery"]):
             self.best, self.best_state, self.stale = len(self.history) - 1, state(), 0
         elif step > 0 and self.best is not None:  # patience runs from a step that beat the control
             self.stale += 1
             self.stopped = self.stale >= self.patience
         return rec
+
+    def due(self, last: bool) -> int | None:
+        """Deferred: the step whose control is to be scored now (with its LoRA state, `best_state`, in
+        place), and passed to `resolve`; None: nothing to score. `last`: the last step was evaluated."""
+        if not self.deferred or self.candidate is None or (self.stale < self.patience and not last):
+            return None
+        return int(self.history[self.candidate]["step"])
+
+    def resolve(self, control: list[float]) -> dict[str, Any]:
+        """The candidate's control scores (see `due`): it is the best step if it beats the control (and
+        the run stops if patience ran out); if not, the rule turns to scoring each control as it comes.
+        Returns the candidate's evaluation, now with its control."""
+        assert self.base is not None and self.candidate is not None and self.candidate_lora is not None, "no candidate to resolve"
+        c = self.candidate
+        rec = assess(int(self.history[c]["step"]), self.source, self.base, self.candidate_lora, control)
+        self.history[c] = rec
+        self._settle()
+        return rec
+
+    def _settle(self) -> None:
+        """Deferred: a candidate whose control is known is the best step (the run stops if patience ran
+        out), or it is not and the steps before it are done with; either way the deferral ends, and any
+        later evaluation scores each control as it comes."""
+        c = self.candidate
+        if c is None or self.history[c]["beats_control"] is None:
+            return
+        if self.history[c]["beats_control"]:
+            self.best = c
+            self.stopped = self.stale >= self.patience
+        else:
+            self.best, self.best_state, self.stale = None, None, 0
+        self.deferred, self.candidate, self.candidate_lora = False, None, None
 
     @property
     def best_step(self) -> int | None:
@@ -146,6 +202,9 @@ class Holdout:
             "best_state": self.best_state,
             "stale": self.stale,
             "stopped": self.stopped,
+            "deferred": self.deferred,
+            "candidate": self.candidate,
+            "candidate_lora": self.candidate_lora,
         }
 
     def restore(self, obj: dict[str, Any]) -> None:
@@ -154,6 +213,9 @@ class Holdout:
         self.best = obj["best"]
         self.best_state = obj["best_state"]
         self.stale, self.stopped = int(obj["stale"]), bool(obj["stopped"])
+        # a checkpoint from before the deferred control goes on as it began: each control as it comes
+        self.deferred, self.candidate = bool(obj.get("deferred", False)), obj.get("candidate")
+        self.candidate_lora = list(obj["candidate_lora"]) if obj.get("candidate_lora") is not None else None
 
     def report(self, size: int, eval_every: int, steps_run: int, steps: int) -> dict[str, Any]:
         """The report's `holdout` section (`steps_run`: the last step trained)."""
@@ -188,7 +250,8 @@ class Holdout:
                 f"{where}: step {b['step']} keeps {pct(b['recovery'], b['recovery_se'])} of the source effect, "
                 f"{b['z']:.1f} standard errors above a random adapter of the same size ({pct(b['control_recovery'])}); the adapter is that step"
             )
-        top = max(self.history, key=lambda r: -math.inf if r["z"] is None else r["z"])  # every control is scored while no step beat one
+        # the controls scored: the failed candidate's, and each later step's (deferred: its only one)
+        top = max(self.history, key=lambda r: -math.inf if r["z"] is None else r["z"])
         src_m, src_se = mean_se(self.source)
         weak = "" if src_se > 0 and abs(src_m / src_se) >= Z_CUTOFF else " (the source adapter itself changes them by no more than noise)"
         return (
