@@ -221,9 +221,9 @@ class RefineOptions:
     max_new_tokens: int = option(48, "Length of each sampled text, in source tokens.")
     max_len: int = 128
     holdout: int = option(16, "Held-out texts sampled from source + adapter with their own seed (never trained on) to pick the step and stop on; 0: none.")
-    # An evaluation scores the held-out texts at most twice (LoRA, and the control where the step could be
-    # the best) without gradients: at most about a step's cost at the defaults (16 texts against 8 forward
-    # and backward), so every 4th step keeps it under a quarter.
+    # An evaluation scores the held-out texts once without gradients (the LoRA; twice where the control of
+    # the step about to be chosen is scored, services/holdout.py): at most about a step's cost at the
+    # defaults (16 texts against 8 forward and backward), so every 4th step keeps it under a quarter.
     eval_every: int = 4
     patience: int = option(2, "Stop once this many held-out evaluations in a row found no better step.")
     seed: int = same(TransferOptions, "seed", help="Seed of the probe texts, the initialisation and the batch order.")
