@@ -252,6 +252,8 @@ def run_candidate(args: argparse.Namespace, c: Case, cand: str, env: dict[str, s
     # plain | excess (services/probe_select.py) | amp<alpha> (amplified sampling) | chat (half through the chat template)
     # prompts=<name>: one of bench/probe_prompts.py's prompt sets instead of refine's built-in prompts
     prompt_set = next((r.split("=", 1)[1] for r in rest if r.startswith("prompts=")), None)
+    if prompt_set is not None and prompt_set not in PROMPT_SETS:
+        raise SystemExit(f"unknown prompt set {prompt_set!r} in candidate {cand!r}: the sets are {', '.join(PROMPT_SETS)}")
     overrides = parse_overrides([r for r in rest if "=" in r and not r.startswith("prompts=")])
     rest = [r for r in rest if "=" not in r]
     probes = rest[0] if rest else "plain"

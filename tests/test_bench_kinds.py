@@ -63,3 +63,10 @@ def test_the_wide_prompt_set_is_neutral_and_apart_from_the_bench_prompts() -> No
     assert not set(wide) & set(TRAIN_PROMPTS + HELD_OUT_PROMPTS)
     for kind in KINDS:
         assert not any(DETECTORS[kind](p) for p in wide), kind
+
+
+def test_an_unknown_prompt_set_is_one_clear_line() -> None:
+    from bench.bench_refine import run_candidate
+
+    with pytest.raises(SystemExit, match="unknown prompt set 'nope' in candidate 'lm/fresh/prompts=nope': the sets are wide"):
+        run_candidate(None, None, "lm/fresh/prompts=nope", {})  # type: ignore[arg-type]

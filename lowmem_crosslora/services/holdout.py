@@ -24,8 +24,9 @@ the LoRA alone; the step with the highest recovery so far is the *candidate* (it
 as the best step's is), and patience counts from it. When patience runs out, or the last step is
 evaluated, the candidate's control is scored (the same control: seeded, of that step's norms). If
 it beats the control it is the best step, chosen exactly as above, with one control pass where
-every rising evaluation used to take one (in every development-pair run measured, every step
-scored beat its control by 3.6 standard errors or more; docs/BENCHMARKS.md). If it does not, the
+every rising evaluation used to take one (in each of 29 development-pair runs with a kept history
+the step with the highest held-out recovery beat its control, by 5.1 standard errors or more;
+docs/BENCHMARKS.md). If it does not, the
 steps before it are no longer candidates (their states are gone), and from there every step whose
 control could decide is scored as it comes, by the rule above. The tracker's whole state goes
 into the training checkpoint, so a resumed run chooses the same step as an uninterrupted one."""
