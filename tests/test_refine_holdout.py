@@ -177,6 +177,7 @@ def test_deferred_control_is_scored_once_for_the_step_chosen() -> None:
     hold = _rule(True, 2)
     assert _drive(hold, none, 24) == {"best": None, "seen": [0, 4, 8, 12, 16, 20, 24], "controls": 1, "state": None, "stopped": False}
     assert "does NOT carry the behaviour" in hold.verdict(24) and "closest: step 24" in hold.verdict(24)
+    assert "the step with the highest held-out recovery, and each step after it, did not beat" in hold.verdict(24)
 
 
 def test_deferred_state_survives_the_checkpoint() -> None:

@@ -251,12 +251,14 @@ class Holdout:
                 f"{where}: step {b['step']} keeps {pct(b['recovery'], b['recovery_se'])} of the source effect, "
                 f"{b['z']:.1f} standard errors above a random adapter of the same size ({pct(b['control_recovery'])}); the adapter is that step"
             )
-        # the controls scored: the failed candidate's, and each later step's (deferred: its only one)
+        # the controls scored: every step's, or (deferred) the failed candidate's and each later step's
         top = max(self.history, key=lambda r: -math.inf if r["z"] is None else r["z"])
+        unscored = any(r["z"] is None and r["step"] > 0 for r in self.history)
+        which = "the step with the highest held-out recovery, and each step after it, did not beat" if unscored else "no step beat"
         src_m, src_se = mean_se(self.source)
         weak = "" if src_se > 0 and abs(src_m / src_se) >= Z_CUTOFF else " (the source adapter itself changes them by no more than noise)"
         return (
-            f"{where}: the adapter does NOT carry the behaviour{weak}: no step beat a random adapter of the same size by "
+            f"{where}: the adapter does NOT carry the behaviour{weak}: {which} a random adapter of the same size by "
             f"{Z_CUTOFF:.0f} standard errors (closest: step {top['step']}, recovery {pct(top['recovery'])} against the "
             f"control's {pct(top['control_recovery'])}); the last step trained, {written}, is written anyway"
         )
