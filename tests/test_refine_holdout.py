@@ -220,10 +220,10 @@ def test_deferred_control_chooses_as_the_eager_rule(steps: list[tuple[int, bool]
         assert got["seen"][-1] == last and not got["stopped"]  # never stops early without a best
 
 
-def fake_scorer(monkeypatch: pytest.MonkeyPatch, factors: dict[int, float]) -> None:
+def fake_scorer(monkeypatch: pytest.MonkeyPatch, factors: dict[int, float], control: float = 0.1) -> None:
     """Held-out scores with known answers: the source effect 1 + i/10 on text i, the LoRA recovering
-    factors[step] of it (0.1 where not given), the control a tenth of it with alternating sign, the
-    base 0. The step is the last one trained (0 before training)."""
+    factors[step] of it (0.1 where not given), the control a tenth of it with alternating sign (or,
+    `control` >= 1, that many times it: no step beats it), the base 0. The step is the last one trained (0 before training)."""
     cur = {"step": 0, "control": False}
     real_step, real_held = refine_mod._step, refine_mod.target_held
 
@@ -250,7 +250,7 @@ def fake_scorer(monkeypatch: pytest.MonkeyPatch, factors: dict[int, float]) -> N
         if any(getattr(m, "disable_adapters", False) for m in model.modules() if hasattr(m, "lora_A")):
             return [0.0] * len(texts)
         if cur["control"]:
-            return [0.1 * s * (-1) ** i for i, s in enumerate(src)]
+            return [control * s * (-1) ** i if control < 1 else control * s + 0.03 * (i % 3) for i, s in enumerate(src)]
         f = factors.get(cur["step"], 0.1)
         return [f * s + 0.02 * (-1) ** i for i, s in enumerate(src)]
 
@@ -299,6 +299,26 @@ def test_the_best_step_is_written_and_the_run_stops_early(models: dict[str, Path
     again = refine(models, tmp_path / "out", **kw)
     assert again["refine"]["holdout"]["evaluations"] == h["evaluations"]
     assert adapter_bytes(tmp_path / "out") == adapter_bytes(tmp_path / "ref")
+
+
+def test_a_candidate_below_its_control_leaves_the_training_as_it_was(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Patience runs out at step 8 with step 4 the candidate: step 4's LoRA is put in place for its
+    control, which it does not beat, and training goes on from step 8's LoRA, bit for bit: the
+    adapter written (the last step, nothing beating its control) is the one of a run whose only
+    control is scored on the last step, with no state swapped."""
+    logs: list[str] = []
+    fake_scorer(monkeypatch, {0: 0.0, 4: 0.8, 8: 0.5, 12: 0.6}, control=2.0)
+    swapped = refine(models, tmp_path / "swapped", steps=12, patience=1, log=logs.append)
+    h = swapped["refine"]["holdout"]
+    assert "held out, step 4 against its control: control 202%, z -" in "\n".join(logs)
+    assert "not above it; from here each step's control is scored as it comes" in "\n".join(logs)
+    assert [e["control_recovery"] is None for e in h["evaluations"]] == [False, False, True, False]
+    assert h["best_step"] is None and h["written_step"] == 12 and h["steps_run"] == 12 and not h["stopped_early"]
+    assert "did not beat" in h["verdict"]
+    fake_scorer(monkeypatch, {0: 0.0, 4: 0.5, 8: 0.55, 12: 0.6}, control=2.0)
+    plain = refine(models, tmp_path / "plain", steps=12, patience=1)
+    assert [e["control_recovery"] is None for e in plain["refine"]["holdout"]["evaluations"]] == [False, True, True, False]
+    assert adapter_bytes(tmp_path / "swapped") == adapter_bytes(tmp_path / "plain")
 
 
 def test_no_step_beats_the_control_says_so(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
