@@ -485,10 +485,10 @@ def _evaluate(run: RefineRun, model: Any, hold: Holdout, step: int, batch: int, 
             with ControlInPlace(model, hold.seed):
                 control = loglik_per_byte(model, hold.texts, run.dev, batch)
     rec = hold.record(step, lora, control, lambda: lora_state(model))
-    r, c, z = rec["recovery"], rec["control_recovery"], rec["z"]
+    r = rec["recovery"]
     vs = "control not scored: below the best" if not hold.deferred else "control scored when chosen"
     if control is not None:
-        vs = f"control {'n/a' if c is None else f'{100 * c:.0f}%'}, z {'n/a' if z is None else f'{z:+.1f}'}"
+        vs = _versus_control(rec)
     top = hold.best is not None and hold.history[hold.best] is rec
     top = top or (hold.candidate is not None and hold.history[hold.candidate] is rec)
     run.say(f"held out, step {step}: recovery {'n/a' if r is None else f'{100 * r:.0f}%'} ({vs})" + (" best so far" if top else ""))
@@ -515,9 +515,14 @@ def _resolve(run: RefineRun, model: Any, hold: Holdout, step: int, batch: int) -
             for n, v in now.items():
                 named[n].copy_(v)
     rec = hold.resolve(control)
-    c, z = rec["control_recovery"], rec["z"]
-    what = f"held out, step {step} against its control: control {'n/a' if c is None else f'{100 * c:.0f}%'}, z {'n/a' if z is None else f'{z:+.1f}'}"
+    what = f"held out, step {step} against its control: {_versus_control(rec)}"
     run.say(what + ("" if rec["beats_control"] else ": not above it; from here each step's control is scored as it comes"))
+
+
+def _versus_control(rec: dict[str, Any]) -> str:
+    """An evaluation's control recovery and z, as the run log prints them."""
+    c, z = rec["control_recovery"], rec["z"]
+    return f"control {'n/a' if c is None else f'{100 * c:.0f}%'}, z {'n/a' if z is None else f'{z:+.1f}'}"
 
 
 def _step(run: RefineRun, model: Any, optim: Any, training: Training, step: int) -> dict[str, float]:
