@@ -242,3 +242,85 @@ def test_alm_loss_is_least_where_the_student_matches_the_shifted_teacher() -> No
             x = torch.tensor([want], dtype=torch.float64, requires_grad=True)
             alm_loss(x, torch.tensor([base]), [0], [d]).backward()
             assert abs(x.grad.item()) < 1e-6
+
+
+# ---- lm+soft: the sets both vocabularies share, and the soft-label loss ----------------------------
+
+
+def test_soft_sets_align_by_character_and_keep_only_shared_tokens() -> None:
+    from lowmem_crosslora.services.probe_set import soft_sets
+
+    # "ab cd": source tokens "ab" (0-2), " cd" (2-5); target tokens "a" (0-1), "b" (1-2), " c" (2-4), "d" (4-5)
+    nxt = [[["ab", 0.5], ["x", 1.0], ["zz", 2.0]], [[" cd", -1.0], [" c", 0.25], [" q", 3.0]]]
+    vocab = {"ab": 7, "x": 8, " c": 9, " q": 10, " cd": 11}
+    got = soft_sets(0, [2, 5], nxt, 0, [1, 2, 4, 5], vocab)
+    # target token 0 starts at 0 (source position 0), token 2 at 2 (source position 1); 1 and 3 start mid-source-token
+    assert got == [(0, [7, 8], [0.5, 1.0]), (2, [11, 9, 10], [-1.0, 0.25, 3.0])]
+    # fewer than two candidates the target writes: no position
+    assert soft_sets(0, [2, 5], nxt, 0, [1, 2, 4, 5], {"ab": 7, " c": 9}) == []
+    # A token of no width (the last pieces of a character's bytes share its end) starts mid-character: its
+    # position is skipped on either side; the token after it starts at the character's end.
+    mid = [["ab", 9.0], [" q", 9.0]]
+    assert soft_sets(0, [2, 2, 5], [nxt[0], mid, nxt[1]], 0, [1, 2, 4, 5], vocab) == got
+    assert soft_sets(0, [2, 5], nxt, 0, [2, 2, 5], vocab) == [(0, [7, 8], [0.5, 1.0]), (2, [11, 9, 10], [-1.0, 0.25, 3.0])]
+
+
+def _soft_case(seed: int, positions: int = 5, vocab: int = 40, hidden: int = 12) -> tuple[torch.nn.Linear, torch.Tensor, TrainText]:
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(hidden, vocab, bias=bool(seed % 2))
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, hidden, generator=g))
+        if head.bias is not None:
+            head.bias.copy_(torch.randn(vocab, generator=g))
+    h = torch.randn(1, positions + 2, hidden, generator=g, dtype=torch.float32)
+    soft = []
+    for j in range(positions):
+        k = 2 + j % 4
+        ids = torch.randperm(vocab, generator=g)[:k].tolist()
+        soft.append((j, ids, torch.randn(k, generator=g).tolist()))
+    base = [torch.randn(len(ids), generator=g).tolist() for _j, ids, _d in soft]
+    t = TrainText(list(range(positions + 2)), 1, [-1] * (positions + 1), [], "adapter", 10, soft=soft, soft_base=base)
+    return head, h, t
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_soft_loss_is_kl_of_the_shifted_base_against_the_target_over_each_set(seed: int) -> None:
+    from lowmem_crosslora.services.distill import soft_loss
+
+    head, h, t = _soft_case(seed)
+    h.requires_grad_(True)
+    got = soft_loss(head, None, h, [t], "cpu")
+    want = 0.0
+    assert t.soft is not None and t.soft_base is not None
+    W, b = head.weight.detach().double(), (head.bias.detach().double() if head.bias is not None else None)
+    for (j, ids, d), zb in zip(t.soft, t.soft_base, strict=True):
+        z = h[0, t.first - 1 + j].detach().double() @ W.T + (b if b is not None else 0)
+        s = torch.log_softmax(z[ids], 0)  # the target's distribution renormalized over the set
+        q = torch.softmax(torch.tensor(zb, dtype=torch.float64) + torch.tensor(d, dtype=torch.float64), 0)
+        want += float((q * (q.log() - s)).sum())
+    assert math.isclose(float(got.detach()), want, rel_tol=1e-5, abs_tol=1e-6)
+    got.backward()
+    assert h.grad is not None and torch.isfinite(h.grad).all() and h.grad.abs().sum() > 0
+
+
+def test_soft_loss_is_zero_where_the_target_already_shifts_its_base_by_the_sources_change() -> None:
+    from lowmem_crosslora.services.distill import set_logits, soft_loss
+
+    head, h, t = _soft_case(3)
+    assert t.soft is not None
+    # the teacher's logits: the student's own, less the source's change, as the target base
+    for k, (j, ids, d) in enumerate(t.soft):
+        z = set_logits(head, None, h[0, t.first - 1 + j][None], torch.tensor([ids]))[0]
+        t.soft_base[k] = (z - torch.tensor(d)).tolist()  # type: ignore[index]
+    assert abs(float(soft_loss(head, None, h, [t], "cpu"))) < 1e-5
+    # a positive loss once the shift is off
+    t.soft[0] = (t.soft[0][0], t.soft[0][1], [v + 2.0 * (i % 2) for i, v in enumerate(t.soft[0][2])])
+    assert float(soft_loss(head, None, h, [t], "cpu")) > 1e-3
+
+
+def test_truncate_keeps_the_soft_positions_it_keeps_the_tokens_of() -> None:
+    _head, _h, t = _soft_case(4, positions=6)
+    cut = truncate(t, t.first + 3)
+    assert cut.soft is not None and cut.soft_base is not None
+    assert [j for j, _i, _d in cut.soft] == [0, 1, 2] and len(cut.soft_base) == 3
+    assert batch_norms("lm+soft", [cut], [])["soft"] == 3

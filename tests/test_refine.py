@@ -300,12 +300,17 @@ def test_every_objective_and_init_trains(models: dict[str, Path], tmp_path: Path
     report = refine(models, tmp_path / "out", objective=objective, init=init)
     assert (report["summary"]["objective"], report["summary"]["init"]) == (objective, init)
     steps = report["refine"]["losses"]
-    part = {"lm": "nll", "delta": "mse", "lm+kl": "kl", "lm-excess": "nll", "pair": "pair", "alm": "alm"}[objective]
+    part = {"lm": "nll", "delta": "mse", "lm+kl": "kl", "lm-excess": "nll", "pair": "pair", "alm": "alm", "lm+soft": "soft"}[objective]
     assert [r["step"] for r in steps] == [1, 2] and all(math.isfinite(r["loss"]) and math.isfinite(r[part]) for r in steps)
     assert (report["refine"]["probe_set"]["contrast"] > 0) == (objective in ("delta", "lm+kl", "pair", "alm"))
     # the source base's texts are sampled only for the objectives that train on them
     assert (report["refine"]["probe_set"]["texts"]["base"] > 0) == (objective in ("delta", "lm+kl", "pair", "alm"))
     assert ("transfer" in report["summary"]["phase_seconds"]) == (init == "transfer")
+    if objective == "lm+soft":  # the char and merge tokenizers share every character: most positions carry a set
+        ps = report["refine"]["probe_set"]
+        assert 0.5 * ps["scored_tokens"] < ps["soft_positions"] <= ps["scored_tokens"] and all(r["soft"] > 0 for r in steps)
+        texts = json.loads((tmp_path / "out" / PROBES_NAME).read_text())["texts"]
+        assert all(len(t["source_next"]) == len(t["source_token_delta"]) for t in texts)
     assert all(torch.isfinite(v).all() for v in read_tensors(tmp_path / "out" / "adapter_model.safetensors").values())
 
 

@@ -36,7 +36,18 @@ from lowmem_crosslora.io.runstate import check_output_dir, write_json
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.compute import upcast_model
 from lowmem_crosslora.services.device import resolve_device
-from lowmem_crosslora.services.distill import BASE_OBJECTIVES, TrainText, base_token_logprobs, batch_loss, batch_norms, loglik_per_byte, truncate, uses_contrast
+from lowmem_crosslora.services.distill import (
+    BASE_OBJECTIVES,
+    TrainText,
+    base_token_logprobs,
+    batch_loss,
+    batch_norms,
+    loglik_per_byte,
+    soft_base_logits,
+    soft_counts,
+    truncate,
+    uses_contrast,
+)
 from lowmem_crosslora.services.effects import ControlInPlace, lora_is_nil
 from lowmem_crosslora.services.holdout import Holdout, target_held
 from lowmem_crosslora.services.memory import Budget
@@ -244,6 +255,7 @@ def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:
         amplify=opts.amplify,
         chat=opts.chat,
         holdout=opts.holdout,
+        next_top=opts.soft_top if opts.objective == "lm+soft" else 0,
     )
     prep.extra = {**prep.extra, "seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}
     write_json(probes_file, prep.to_json())
@@ -356,6 +368,8 @@ def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: P
     model.to(run.dev)
     if run.opts.objective in BASE_OBJECTIVES:
         base_token_logprobs(model, training.main + training.contrast, run.dev, training.score_batch)
+    if run.opts.objective == "lm+soft":
+        soft_base_logits(model, training.main, run.dev, training.score_batch)
     return model
 
 
@@ -536,7 +550,7 @@ def _step(run: RefineRun, model: Any, optim: Any, training: Training, step: int)
     total = 0.0
     mb = training.shape.micro_batch if not ci else max(1, training.shape.micro_batch // 2)
     for k in range(0, max(len(mi), len(ci)), mb):
-        loss, p = batch_loss(model, opts.objective, mi[k : k + mb], ci[k : k + mb], norm, run.dev, opts.kl_weight)
+        loss, p = batch_loss(model, opts.objective, mi[k : k + mb], ci[k : k + mb], norm, run.dev, opts.kl_weight, opts.soft_weight)
         if loss.requires_grad:
             loss.backward()
         total += float(loss.detach())
@@ -610,6 +624,8 @@ def _report(run: RefineRun, prep: Prepared, training: Training, budget: Budget, 
             "contrast": len(training.contrast),
             **({"selection": prep.extra["selection"]} if "selection" in prep.extra else {}),
             **({"onpolicy": training.onpolicy_info} if training.onpolicy_info else {}),
+            # lm+soft: the scored tokens where both vocabularies share at least two of the source's candidates
+            **(soft_counts(training.main) if opts.objective == "lm+soft" else {}),
         },
         losses=training.losses,
         holdout=None if training.holdout is None else training.holdout.report(opts.holdout, opts.eval_every, len(training.losses), opts.steps),

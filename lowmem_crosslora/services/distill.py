@@ -30,6 +30,16 @@ Objectives (the benchmark compares them; refine ships the one that measured best
   probabilities, -[p* log p + (1 - p*) log(1 - p)]. Its least is at p = p*, as the squared error's is,
   but a segment the teacher finds unlikely (p* near 0) adds little however far its log-ratio is off.
 
+- "lm+soft": "lm" plus soft labels where the two vocabularies share tokens. At a scored token whose
+  start is a boundary of both tokenizations, the source's likeliest next tokens (adapter on and off,
+  `next_top` each) that the target's vocabulary writes alike form a set S. The teacher over S is the
+  *target base's* own distribution shifted by the source adapter's change in each token's
+  log-probability, q(k) ~ q_0(k) exp(delta_k), so it carries the adapter's effect and not the
+  source's surface; the loss is KL(teacher || target + LoRA), both renormalized over S (only the
+  logits of S are needed: a set's log-sum-exp cancels), averaged over such positions, times
+  `soft_weight`. A hard token gives one bit of the adapter's shift a position; the set gives its
+  direction over every likely token.
+
 The vocabulary projection is the memory hog of a small model (Qwen2.5's 151,936 entries x 4 bytes
 a token): no batch ever holds a (tokens x vocabulary) matrix. A token's log-probability walks the
 vocabulary in blocks with all rows at once (services/head_logprob.py); the KL term, which needs
@@ -49,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lowmem_crosslora.services.head_logprob import head_logprob
 
-OBJECTIVES = ("lm", "delta", "lm+kl", "lm-excess", "pair", "alm")
+OBJECTIVES = ("lm", "delta", "lm+kl", "lm-excess", "pair", "alm", "lm+soft")
 # The objectives that train on the source base's texts too (contrast texts); the others never read
 # them, so refine does not sample them for those (a third of the source phase at the defaults).
 CONTRAST_OBJECTIVES = ("delta", "lm+kl", "pair", "alm")
@@ -91,6 +101,11 @@ class TrainText:
     origin: str
     nbytes: int
     base_lp: list[float] | None = None
+    # "lm+soft": (scored token index, target ids, the source adapter's change in each one's
+    # log-probability) where the source's next-token candidates there map onto the target's
+    # vocabulary; `soft_base` the target base's logits of those ids (filled in before training).
+    soft: list[tuple[int, list[int], list[float]]] | None = None
+    soft_base: list[list[float]] | None = None
 
 
 def segments(src_start: int, src_ends: list[int], tgt_start: int, tgt_ends: list[int], src_delta: list[float]) -> tuple[list[int], list[float]]:
@@ -168,6 +183,87 @@ def kl_to_base(head: Any, cap: float | None, h: torch.Tensor, h_base: torch.Tens
     return total
 
 
+def set_logits(head: Any, cap: float | None, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the ids in each row of `ids` (P x K, -1 pads) for hidden states `h` (P x H), float32,
+    with gradients through `h`: only those rows of the output projection, widened (pads: -inf)."""
+    pad = ids < 0
+    rows = head.weight[ids.clamp(min=0)].float()  # P x K x H
+    z = torch.einsum("ph,pkh->pk", h.float(), rows)
+    bias = getattr(head, "bias", None)
+    if bias is not None:
+        z = z + bias[ids.clamp(min=0)].float()
+    if cap:
+        z = torch.tanh(z / cap) * cap
+    return z.masked_fill(pad, -torch.inf)
+
+
+def _soft_rows(texts: list[TrainText]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[list[float]], list[tuple[int, int]]]:
+    """The soft positions of `texts`, flat: their rows and columns in the hidden-state grid, their ids
+    padded with -1 (P x K), their source changes (as lists), and each text's span in the flat list."""
+    rows, cols, ids, deltas, spans = [], [], [], [], []
+    for r, t in enumerate(texts):
+        a = len(rows)
+        for j, tid, d in t.soft or []:
+            rows.append(r)
+            cols.append(t.first - 1 + j)
+            ids.append(tid)
+            deltas.append(d)
+        spans.append((a, len(rows)))
+    k = max((len(x) for x in ids), default=1)
+    grid = torch.full((len(ids), k), -1, dtype=torch.long)
+    for i, x in enumerate(ids):
+        grid[i, : len(x)] = torch.tensor(x, dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long), torch.tensor(cols, dtype=torch.long), grid, deltas, spans
+
+
+@torch.no_grad()
+def soft_base_logits(model: Any, texts: list[TrainText], device: str, batch: int) -> None:
+    """Fill each text's `soft_base`: the target base's logits (LoRA off) of its soft positions' ids."""
+    _decoder, head, cap = _causal_parts(model)
+    with model.disable_adapter():
+        for i in range(0, len(texts), batch):
+            part = [t for t in texts[i : i + batch] if t.soft]
+            for t in texts[i : i + batch]:
+                if not t.soft:
+                    t.soft_base = []
+            if not part:
+                continue
+            x, mask = _pad(part, device)
+            h = hidden(model, x, mask)
+            ri, ci, grid, _d, spans = _soft_rows(part)
+            z = set_logits(head, cap, h[ri, ci], grid.to(device)).cpu()
+            for t, (a, b) in zip(part, spans, strict=True):
+                t.soft_base = [z[p, : len(t.soft[p - a][1])].tolist() for p in range(a, b)]  # type: ignore[index]
+
+
+def soft_loss(head: Any, cap: float | None, h: torch.Tensor, texts: list[TrainText], device: str) -> torch.Tensor:
+    """Sum over the soft positions of `texts` of KL(teacher || target + LoRA) over each position's set:
+    teacher = softmax(target base logits + source change), student = softmax(its logits), both over S."""
+    ri, ci, grid, deltas, _spans = _soft_rows(texts)
+    if not len(ri):
+        return h.new_zeros((), dtype=torch.float32)
+    teach = torch.full(grid.shape, -torch.inf)
+    for p, (t_row, d) in enumerate(zip(_soft_row_base(texts), deltas, strict=True)):
+        teach[p, : len(d)] = torch.tensor(t_row, dtype=torch.float32) + torch.tensor(d, dtype=torch.float32)
+    q_log = torch.log_softmax(teach.to(device), dim=-1)
+    s_log = torch.log_softmax(set_logits(head, cap, h[ri.to(device), ci.to(device)], grid.to(device)), dim=-1)
+    q = q_log.exp()
+    return torch.where(q > 0, q * (q_log - s_log), torch.zeros_like(q)).sum()
+
+
+def soft_counts(texts: list[TrainText]) -> dict[str, int]:
+    """The report's count of "lm+soft" positions among the scored tokens of `texts`."""
+    return {"soft_positions": sum(len(t.soft or []) for t in texts), "scored_tokens": sum(max(0, len(t.ids) - t.first) for t in texts)}
+
+
+def _soft_row_base(texts: list[TrainText]) -> list[list[float]]:
+    out: list[list[float]] = []
+    for t in texts:
+        assert t.soft is None or t.soft_base is not None, "soft_base_logits must run before the lm+soft objective"
+        out.extend(t.soft_base or [])
+    return out
+
+
 def truncate(t: TrainText, max_len: int) -> TrainText:
     """Keep the first `max_len` tokens; segments cut short are dropped whole (their sums would not match)."""
     if len(t.ids) <= max_len:
@@ -179,7 +275,10 @@ def truncate(t: TrainText, max_len: int) -> TrainText:
         seg = [s if s < cut else -1 for s in seg]
     nseg = max([s for s in seg if s >= 0], default=-1) + 1
     base = t.base_lp[:n] if t.base_lp is not None else None
-    return TrainText(t.ids[:max_len], t.first, seg, t.delta_s[:nseg], t.origin, t.nbytes, base)
+    keep = [k for k, (j, _ids, _d) in enumerate(t.soft or []) if j < n]
+    soft = [t.soft[k] for k in keep] if t.soft is not None else None
+    soft_base = [t.soft_base[k] for k in keep] if t.soft is not None and t.soft_base is not None else None
+    return TrainText(t.ids[:max_len], t.first, seg, t.delta_s[:nseg], t.origin, t.nbytes, base, soft, soft_base)
 
 
 def _pad(texts: list[TrainText], device: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -276,7 +375,14 @@ def _segment_loss(objective: str, lp: torch.Tensor, t: TrainText, device: str) -
 
 
 def batch_loss(
-    model: Any, objective: str, main: list[TrainText], contrast: list[TrainText], norm: dict[str, float], device: str, kl_weight: float
+    model: Any,
+    objective: str,
+    main: list[TrainText],
+    contrast: list[TrainText],
+    norm: dict[str, float],
+    device: str,
+    kl_weight: float,
+    soft_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch, already divided by the whole batch's counts in `norm` (so that
     micro-batches add up to the batch's mean), and its parts (for the progress line)."""
@@ -288,6 +394,15 @@ def batch_loss(
         nll = -lp.sum() / norm["tokens"]
         loss = loss + nll
         parts["nll"] = float(nll.detach())
+    if objective == "lm+soft" and main:
+        x, mask = _pad(main, device)
+        h = hidden(model, x, mask)
+        ri, ci, _spans = _scored(main, x)
+        nll = -token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1]).sum() / norm["tokens"]
+        soft = soft_loss(head, cap, h, main, device) / norm["soft"]
+        loss = loss + nll + soft_weight * soft
+        parts["nll"] = float(nll.detach())
+        parts["soft"] = float(soft.detach())
     if objective == "lm-excess" and main:
         lp, spans = _text_logprobs(model, head, cap, main, device)
         w = torch.zeros(len(lp), device=device)
@@ -353,4 +468,12 @@ def batch_norms(objective: str, main: list[TrainText], contrast: list[TrainText]
     segs = sum(len(t.delta_s) for t in main + contrast)
     weight = math.fsum(w for t in main for w in excess_weights(t)) if objective == "lm-excess" else 0.0
     pairs = min(len(main), len(contrast))
-    return {"tokens": max(1, tokens), "contrast_tokens": max(1, ctokens), "segments": max(1, segs), "weight": max(weight, 1e-9), "pairs": max(1, pairs)}
+    soft = sum(len(t.soft or []) for t in main)
+    return {
+        "tokens": max(1, tokens),
+        "contrast_tokens": max(1, ctokens),
+        "segments": max(1, segs),
+        "weight": max(weight, 1e-9),
+        "pairs": max(1, pairs),
+        "soft": max(1, soft),
+    }

@@ -228,6 +228,10 @@ class RefineOptions:
     patience: int = option(2, "Stop once this many held-out evaluations in a row found no better step.")
     seed: int = same(TransferOptions, "seed", help="Seed of the probe texts, the initialisation and the batch order.")
     kl_weight: float = 1.0
+    # "lm+soft" (a candidate, as probe_select): the source's likeliest next tokens kept per scored token
+    # (adapter on and off, each), and the weight of the soft-label term (services/distill.py)
+    soft_top: int = 8
+    soft_weight: float = 1.0
     # Which sampled texts are kept (services/probe_select.py): a candidate measured in bench/bench_refine.py,
     # not a command-line option until it wins there.
     probe_select: str = "plain"
@@ -286,6 +290,9 @@ class RefineOptions:
             key["amplify"] = self.amplify
         if self.chat:
             key["chat"] = True
+        if self.objective == "lm+soft":
+            key["soft_top"] = self.soft_top
+            key["soft_weight"] = self.soft_weight
         if self.onpolicy:
             key["onpolicy"] = self.onpolicy
             key["onpolicy_weight"] = self.onpolicy_weight

@@ -6,16 +6,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from lowmem_crosslora.errors import InputError
 from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.distill import TrainText, segments
 from lowmem_crosslora.services.probe_select import drawn, excess, select
 from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, USER_TURN_TOKENS, Probe, chat_opening, sample_chat_probes, sample_probes, stable_seed
-from lowmem_crosslora.services.scoring import Loader, Log, encode, free, longest_sequence, token_logprobs, vocab_size
+from lowmem_crosslora.services.scoring import LOGITS_BYTES, Loader, Log, encode, free, longest_sequence, token_logprobs, vocab_size
 
 
 @dataclass
@@ -35,6 +38,9 @@ class Prepared:
     holdout: list[Probe] = field(default_factory=list)
     holdout_effect: list[float] = field(default_factory=list)
     holdout_seed: int | None = None  # None: no held-out texts were asked for
+    # "lm+soft": per text, per scored token, the source's likeliest next tokens there (adapter on or
+    # off) as text, each with the adapter's change in its log-probability: [[token, change], ...]
+    src_next: list[list[list[list[Any]]]] | None = None
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -45,6 +51,9 @@ class Prepared:
             "seconds": round(self.seconds, 3),
             **self.extra,
         }
+        if self.src_next is not None:
+            for t, nxt in zip(out["texts"], self.src_next, strict=True):
+                t["source_next"] = [[[w, round(float(d), 5)] for w, d in pos] for pos in nxt]
         if self.holdout_seed is not None:
             texts = [{**p.to_json(), "source_effect": round(v, 9)} for p, v in zip(self.holdout, self.holdout_effect, strict=True)]
             out["holdout"] = {"seed": self.holdout_seed, "texts": texts}
@@ -62,7 +71,10 @@ class Prepared:
         held = obj.get("holdout")
         hp = [Probe(t["prompt"], t["text"], t["seed"], t["origin"]) for t in held["texts"]] if held else []
         he = [float(t["source_effect"]) for t in held["texts"]] if held else []
-        return cls(ps, ss, es, ds, float(obj.get("seconds", 0.0)), extra=extra, holdout=hp, holdout_effect=he, holdout_seed=held["seed"] if held else None)
+        has_next = bool(obj["texts"]) and "source_next" in obj["texts"][0]
+        nxt = [[[[str(w), float(d)] for w, d in pos] for pos in t["source_next"]] for t in obj["texts"]] if has_next else None
+        seed = held["seed"] if held else None
+        return cls(ps, ss, es, ds, float(obj.get("seconds", 0.0)), extra=extra, holdout=hp, holdout_effect=he, holdout_seed=seed, src_next=nxt)
 
 
 def prepare_source(
@@ -83,6 +95,7 @@ def prepare_source(
     selection: str = "plain",
     amplify: float = 0.0,
     chat: bool = False,
+    next_top: int = 0,
 ) -> Prepared:
     """Sample probe and contrast texts from the source (adapter on / off; `prompts` None: the built-in
     ones), score them token by token under both, free the source. `holdout` more texts of source +
@@ -91,7 +104,9 @@ def prepare_source(
     "excess" samples twice the adapter's texts (training and held-out alike) and keeps the half that
     shows the adapter most (services/probe_select.py). `chat`: half the adapter's texts are written
     through the source's chat template, its own user turn and its answer (probes.sample_chat_probes),
-    where it has one. The report states the set's composition."""
+    where it has one. `next_top` > 0 ("lm+soft"): at each scored token, the source's `next_top`
+    likeliest next tokens with the adapter on and with it off are kept too, as text, with the adapter's
+    change in each one's log-probability (_changes_and_next). The report states the set's composition."""
     t0 = time.perf_counter()
     loader.tokens = longest_sequence(tok, prompts or list(DEFAULT_PROMPTS), max_new_tokens, user)
     template = chat_opening(tok) if chat else None
@@ -128,7 +143,11 @@ def prepare_source(
     if not any(p.origin in ("adapter", "user") for p in probes):
         raise InputError("no probe texts: every sample ended at once (empty continuations); try other --prompts or pass --texts")
     enc = [encode(tok, p) for p in probes]
-    delta = _token_changes(model, enc, dev, vocab_size(src))
+    nxt: list[list[list[list[Any]]]] | None = None
+    if next_top:
+        delta, nxt = _changes_and_next(model, tok, enc, dev, vocab_size(src), next_top)
+    else:
+        delta = _token_changes(model, enc, dev, vocab_size(src))
     held, held_effect, held_excess = _source_effects(model, tok, held, dev, vocab_size(src))
     del model, base
     free()
@@ -141,11 +160,19 @@ def prepare_source(
         chosen, composition["train"] = select([probes[i].text for i in ad_ix], [excess(delta[i]) for i in ad_ix], samples)
         keep = {ad_ix[k] for k in chosen} | {i for i, p in enumerate(probes) if p.origin != "adapter"}
         probes, starts, ends, delta = ([x[i] for i in sorted(keep)] for x in (probes, starts, ends, delta))
+        nxt = [nxt[i] for i in sorted(keep)] if nxt is not None else None
         if held:
             chosen, composition["holdout"] = select([p.text for p in held], held_excess, holdout)
             held, held_effect = [held[k] for k in chosen], [held_effect[k] for k in chosen]
     prep = Prepared(
-        probes, starts, ends, delta, time.perf_counter() - t0, sample_s, extra={"selection": composition} if selection != "plain" or amplify or chat else {}
+        probes,
+        starts,
+        ends,
+        delta,
+        time.perf_counter() - t0,
+        sample_s,
+        extra={"selection": composition} if selection != "plain" or amplify or chat else {},
+        src_next=nxt,
     )
     if holdout:
         prep.holdout, prep.holdout_effect, prep.holdout_seed = held, held_effect, holdout_seed(seed)
@@ -191,6 +218,89 @@ def _token_changes(model: Any, enc: list[Any], dev: str, vocab: int) -> list[lis
     return [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(*_on_and_off(model, enc, dev, vocab), strict=True)]
 
 
+def token_words(tok: Any) -> Callable[[int], str | None]:
+    """The text of a token id written alone (after an anchor token, so that a tokenizer which marks a
+    word's leading space keeps it: SentencePiece's "\u2581the" is " the"), or None where it is not
+    whole text (part of a character's bytes, a special token). Cached per id."""
+    anchor = tok("a", add_special_tokens=False)["input_ids"][-1:]
+    lead = tok.decode(anchor)
+    special = set(getattr(tok, "all_special_ids", []) or [])
+    cache: dict[int, str | None] = {}
+
+    def word(t: int) -> str | None:
+        if t not in cache:
+            w = tok.decode(anchor + [t])
+            ok = t not in special and w.startswith(lead) and len(w) > len(lead) and "\ufffd" not in w
+            cache[t] = w[len(lead) :] if ok else None
+        return cache[t]
+
+    return word
+
+
+def vocabulary_by_text(tok: Any) -> dict[str, int]:
+    """Every token of `tok` that is whole text by itself, by that text (token_words); where two ids write
+    the same text, the lower id."""
+    word = token_words(tok)
+    out: dict[str, int] = {}
+    for t in range(len(tok)):
+        w = word(t)
+        if w is not None and w not in out:
+            out[w] = t
+    return out
+
+
+def _changes_and_next(model: Any, tok: Any, enc: list[Any], dev: str, vocab: int, top: int) -> tuple[list[list[float]], list[list[list[list[Any]]]]]:
+    """Each encoded text's per-token change in log-probability (adapter on minus off, as _token_changes),
+    and at each scored token the `top` likeliest tokens there with the adapter on and with it off (their
+    union, as the source tokenizer writes each one alone), each with its change in log-probability.
+    A token that is not whole text by itself (part of a character's bytes) is left out: only text
+    crosses to the target's vocabulary."""
+    changes: list[list[float]] = [[] for _ in enc]
+    nexts: list[list[list[list[Any]]]] = [[] for _ in enc]
+    word = token_words(tok)
+    order = sorted(range(len(enc)), key=lambda i: len(enc[i].ids))
+    i = 0
+    model.eval()
+    while i < len(order):
+        # two passes' logits at once: half the batch token_logprobs would hold
+        longest = len(enc[order[min(len(order) - 1, i + 7)]].ids)
+        batch = max(1, min(8, LOGITS_BYTES // max(1, 16 * longest * vocab)))
+        idx = order[i : i + batch]
+        T = max(len(enc[j].ids) for j in idx)
+        x = torch.zeros(len(idx), T, dtype=torch.long)
+        mask = torch.zeros(len(idx), T, dtype=torch.long)
+        for row, j in enumerate(idx):
+            x[row, : len(enc[j].ids)] = torch.tensor(enc[j].ids)
+            mask[row, : len(enc[j].ids)] = 1
+        with torch.inference_mode():
+            lp_on = model(input_ids=x.to(dev), attention_mask=mask.to(dev)).logits[:, :-1].float()
+            lp_on = lp_on - torch.logsumexp(lp_on, dim=-1, keepdim=True)
+            with model.disable_adapter():
+                lp_off = model(input_ids=x.to(dev), attention_mask=mask.to(dev)).logits[:, :-1].float()
+            lp_off = lp_off - torch.logsumexp(lp_off, dim=-1, keepdim=True)
+            nxt = x[:, 1:].to(dev).unsqueeze(-1)
+            tok_change = (lp_on.gather(2, nxt) - lp_off.gather(2, nxt)).squeeze(-1).double().cpu()
+            ids = torch.cat([lp_on.topk(top, dim=-1).indices, lp_off.topk(top, dim=-1).indices], dim=-1)
+            id_change = (lp_on.gather(2, ids) - lp_off.gather(2, ids)).cpu()
+            ids = ids.cpu()
+        del lp_on, lp_off
+        for row, j in enumerate(idx):
+            e = enc[j]
+            if not e.nbytes:
+                continue
+            lo, hi = e.first - 1, len(e.ids) - 1
+            changes[j] = tok_change[row, lo:hi].tolist()
+            for pos in range(lo, hi):
+                seen: dict[str, float] = {}
+                for t, d in zip(ids[row, pos].tolist(), id_change[row, pos].tolist(), strict=True):
+                    w = word(t)
+                    if w is not None:
+                        seen.setdefault(w, d)
+                nexts[j].append([[w, d] for w, d in seen.items()])
+        i += batch
+    return changes, nexts
+
+
 def holdout_seed(seed: int) -> int:
     """The seed of refine's held-out texts: derived from the run's seed, never the one it trains on."""
     return stable_seed(seed, "holdout")
@@ -217,10 +327,38 @@ def target_texts(tok: Any, prep: Prepared) -> list[TrainText]:
     """The probe texts in the target's tokens, each with the source's changes summed over the segments
     both tokenizations share; texts with nothing to score are left out."""
     out = []
-    for p, s0, se, sd in zip(prep.probes, prep.src_start, prep.src_ends, prep.src_delta, strict=True):
+    vocab = vocabulary_by_text(tok) if prep.src_next is not None else {}
+    for k, (p, s0, se, sd) in enumerate(zip(prep.probes, prep.src_start, prep.src_ends, prep.src_delta, strict=True)):
         e = encode(tok, p)
         if e.nbytes == 0 or len(e.ids) - e.first < 1:
             continue
         seg, delta = segments(s0, se, e.start, list(e.ends), sd)
-        out.append(TrainText(e.ids, e.first, seg, delta, p.origin, e.nbytes))
+        soft = soft_sets(s0, se, prep.src_next[k], e.start, list(e.ends), vocab) if prep.src_next is not None and p.origin == "adapter" else None
+        out.append(TrainText(e.ids, e.first, seg, delta, p.origin, e.nbytes, soft=soft))
+    return out
+
+
+def soft_sets(
+    src_start: int, src_ends: list[int], src_next: list[list[list[Any]]], tgt_start: int, tgt_ends: list[int], vocab: dict[str, int]
+) -> list[tuple[int, list[int], list[float]]]:
+    """ "lm+soft"'s positions on the target's side: each scored target token that starts where a scored
+    source token starts (a boundary of both tokenizations, by character), with the source's next-token
+    candidates there that the target's vocabulary writes alike (`vocab`: text -> target id), at least two."""
+    # character -> the source position whose token starts there; a token of no width (a piece of a
+    # character's bytes, which byte-level tokenizers give the same end) starts mid-character: never a boundary
+    src_at = {c: i for i, (c, e) in enumerate(zip([src_start, *src_ends[:-1]], src_ends, strict=True)) if e > c}
+    out = []
+    for j, (c, e) in enumerate(zip([tgt_start, *tgt_ends[:-1]], tgt_ends, strict=True)):
+        i = src_at.get(c) if e > c else None
+        if i is None or i >= len(src_next):
+            continue
+        ids, deltas, seen = [], [], set()
+        for w, d in src_next[i]:
+            t = vocab.get(w)
+            if t is not None and t not in seen:
+                seen.add(t)
+                ids.append(t)
+                deltas.append(float(d))
+        if len(ids) >= 2:
+            out.append((j, ids, deltas))
     return out
