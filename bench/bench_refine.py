@@ -237,12 +237,18 @@ def run_candidates(args: argparse.Namespace, c: Case, env: dict[str, str]) -> di
 
 def parse_overrides(parts: list[str]) -> dict[str, Any]:
     """refine options from `key=value` parts: a number (int, or float where it has a point or an
-    exponent), or true / false."""
+    exponent), true / false, or else the word as it is."""
     out: dict[str, Any] = {}
     for part in parts:
         k, v = part.split("=", 1)
         low = v.lower()
-        out[k] = low == "true" if low in ("true", "false") else float(v) if "." in v or "e" in low else int(v)
+        if low in ("true", "false"):
+            out[k] = low == "true"
+            continue
+        try:
+            out[k] = float(v) if "." in v or "e" in low else int(v)
+        except ValueError:
+            out[k] = v
     return out
 
 

@@ -70,3 +70,11 @@ def test_an_unknown_prompt_set_is_one_clear_line() -> None:
 
     with pytest.raises(SystemExit, match="unknown prompt set 'nope' in candidate 'lm/fresh/prompts=nope': the sets are wide"):
         run_candidate(None, None, "lm/fresh/prompts=nope", {})  # type: ignore[arg-type]
+
+
+def test_candidate_overrides_read_numbers_booleans_and_words() -> None:
+    from bench.bench_refine import parse_overrides
+
+    got = parse_overrides(["steps=40", "lr=2e-3", "amplify=0.5", "chat=true", "soft_teacher=source", "prompts=wide"])
+    assert got == {"steps": 40, "lr": 0.002, "amplify": 0.5, "chat": True, "soft_teacher": "source", "prompts": "wide"}
+    assert isinstance(got["steps"], int) and isinstance(got["lr"], float)

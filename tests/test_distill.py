@@ -258,6 +258,9 @@ def test_soft_sets_align_by_character_and_keep_only_shared_tokens() -> None:
     assert got == [(0, [7, 8], [0.5, 1.0]), (2, [11, 9, 10], [-1.0, 0.25, 3.0])]
     # fewer than two candidates the target writes: no position
     assert soft_sets(0, [2, 5], nxt, 0, [1, 2, 4, 5], {"ab": 7, " c": 9}) == []
+    # the value stored at another index (the "source" teacher's log-probability)
+    three = [[[w, d, -d] for w, d in pos] for pos in nxt]
+    assert soft_sets(0, [2, 5], three, 0, [1, 2, 4, 5], vocab, 2) == [(0, [7, 8], [-0.5, -1.0]), (2, [11, 9, 10], [1.0, -0.25, -3.0])]
     # A token of no width (the last pieces of a character's bytes share its end) starts mid-character: its
     # position is skipped on either side; the token after it starts at the character's end.
     mid = [["ab", 9.0], [" q", 9.0]]

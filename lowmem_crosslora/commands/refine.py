@@ -319,7 +319,7 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
     """The target's training texts, and the memory shape they are trained in (the interrupted run's,
     for a resumed run); BudgetError where not even the smallest shape fits."""
     opts, tgt, dev = run.opts, run.tgt, run.dev
-    train = target_texts(tok, prep)
+    train = target_texts(tok, prep, opts.soft_teacher)
     main = [t for t in train if t.origin in ("adapter", "user")]
     contrast = [t for t in train if t.origin == "base"] if uses_contrast(opts.objective) else []
     longest = min(opts.max_len, max(len(t.ids) for t in main + contrast))
@@ -369,7 +369,11 @@ def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: P
     if run.opts.objective in BASE_OBJECTIVES:
         base_token_logprobs(model, training.main + training.contrast, run.dev, training.score_batch)
     if run.opts.objective == "lm+soft":
-        soft_base_logits(model, training.main, run.dev, training.score_batch)
+        if run.opts.soft_teacher == "shift":
+            soft_base_logits(model, training.main, run.dev, training.score_batch)
+        else:  # the source + adapter's own log-probabilities are the teacher's logits
+            for t in training.main:
+                t.soft_base = [[0.0] * len(ids) for _j, ids, _v in t.soft or []]
     return model
 
 

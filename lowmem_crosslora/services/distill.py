@@ -38,7 +38,8 @@ Objectives (the benchmark compares them; refine ships the one that measured best
   source's surface; the loss is KL(teacher || target + LoRA), both renormalized over S (only the
   logits of S are needed: a set's log-sum-exp cancels), averaged over such positions, times
   `soft_weight`. A hard token gives one bit of the adapter's shift a position; the set gives its
-  direction over every likely token.
+  direction over every likely token. With `soft_teacher` "source" the teacher is instead source +
+  adapter's own distribution over S (what the hard tokens are sampled from, as a whole distribution).
 
 The vocabulary projection is the memory hog of a small model (Qwen2.5's 151,936 entries x 4 bytes
 a token): no batch ever holds a (tokens x vocabulary) matrix. A token's log-probability walks the

@@ -232,6 +232,9 @@ class RefineOptions:
     # (adapter on and off, each), and the weight of the soft-label term (services/distill.py)
     soft_top: int = 8
     soft_weight: float = 1.0
+    # its teacher: "shift" (the target base shifted by the source adapter's change) or "source" (the
+    # source + adapter's own next-token distribution over the shared tokens)
+    soft_teacher: str = "shift"
     # Which sampled texts are kept (services/probe_select.py): a candidate measured in bench/bench_refine.py,
     # not a command-line option until it wins there.
     probe_select: str = "plain"
@@ -293,6 +296,8 @@ class RefineOptions:
         if self.objective == "lm+soft":
             key["soft_top"] = self.soft_top
             key["soft_weight"] = self.soft_weight
+            if self.soft_teacher != "shift":
+                key["soft_teacher"] = self.soft_teacher
         if self.onpolicy:
             key["onpolicy"] = self.onpolicy
             key["onpolicy_weight"] = self.onpolicy_weight
@@ -315,6 +320,8 @@ class RefineOptions:
             raise InputError(f"unknown probe selection {self.probe_select!r}; choose one of {', '.join(SELECTIONS)}")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0 or not math.isfinite(self.lr):
             raise InputError("--steps and --batch must be at least 1 and --lr a positive number")
+        if self.soft_teacher not in ("shift", "source"):
+            raise InputError(f"unknown soft teacher {self.soft_teacher!r}; choose shift or source")
         if self.objective == "pair" and self.contrast_samples < 1:
             raise InputError("the pair objective compares adapter texts with contrast texts: --contrast-samples must be at least 1")
         if self.samples < 1 or self.contrast_samples < 0 or self.max_new_tokens < 1 or self.max_len < 8:

@@ -39,7 +39,8 @@ class Prepared:
     holdout_effect: list[float] = field(default_factory=list)
     holdout_seed: int | None = None  # None: no held-out texts were asked for
     # "lm+soft": per text, per scored token, the source's likeliest next tokens there (adapter on or
-    # off) as text, each with the adapter's change in its log-probability: [[token, change], ...]
+    # off) as text, each with the adapter's change in its log-probability and its log-probability with
+    # the adapter on: [[token, change, log-probability], ...]
     src_next: list[list[list[list[Any]]]] | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -53,7 +54,7 @@ class Prepared:
         }
         if self.src_next is not None:
             for t, nxt in zip(out["texts"], self.src_next, strict=True):
-                t["source_next"] = [[[w, round(float(d), 5)] for w, d in pos] for pos in nxt]
+                t["source_next"] = [[[w, *(round(float(v), 5) for v in vals)] for w, *vals in pos] for pos in nxt]
         if self.holdout_seed is not None:
             texts = [{**p.to_json(), "source_effect": round(v, 9)} for p, v in zip(self.holdout, self.holdout_effect, strict=True)]
             out["holdout"] = {"seed": self.holdout_seed, "texts": texts}
@@ -72,7 +73,7 @@ class Prepared:
         hp = [Probe(t["prompt"], t["text"], t["seed"], t["origin"]) for t in held["texts"]] if held else []
         he = [float(t["source_effect"]) for t in held["texts"]] if held else []
         has_next = bool(obj["texts"]) and "source_next" in obj["texts"][0]
-        nxt = [[[[str(w), float(d)] for w, d in pos] for pos in t["source_next"]] for t in obj["texts"]] if has_next else None
+        nxt = [[[[str(w), *(float(v) for v in vals)] for w, *vals in pos] for pos in t["source_next"]] for t in obj["texts"]] if has_next else None
         seed = held["seed"] if held else None
         return cls(ps, ss, es, ds, float(obj.get("seconds", 0.0)), extra=extra, holdout=hp, holdout_effect=he, holdout_seed=seed, src_next=nxt)
 
@@ -281,7 +282,9 @@ def _changes_and_next(model: Any, tok: Any, enc: list[Any], dev: str, vocab: int
             nxt = x[:, 1:].to(dev).unsqueeze(-1)
             tok_change = (lp_on.gather(2, nxt) - lp_off.gather(2, nxt)).squeeze(-1).double().cpu()
             ids = torch.cat([lp_on.topk(top, dim=-1).indices, lp_off.topk(top, dim=-1).indices], dim=-1)
-            id_change = (lp_on.gather(2, ids) - lp_off.gather(2, ids)).cpu()
+            id_on = lp_on.gather(2, ids)
+            id_change = (id_on - lp_off.gather(2, ids)).cpu()
+            id_on = id_on.cpu()
             ids = ids.cpu()
         del lp_on, lp_off
         for row, j in enumerate(idx):
@@ -291,12 +294,12 @@ def _changes_and_next(model: Any, tok: Any, enc: list[Any], dev: str, vocab: int
             lo, hi = e.first - 1, len(e.ids) - 1
             changes[j] = tok_change[row, lo:hi].tolist()
             for pos in range(lo, hi):
-                seen: dict[str, float] = {}
-                for t, d in zip(ids[row, pos].tolist(), id_change[row, pos].tolist(), strict=True):
+                seen: dict[str, tuple[float, float]] = {}
+                for t, d, a in zip(ids[row, pos].tolist(), id_change[row, pos].tolist(), id_on[row, pos].tolist(), strict=True):
                     w = word(t)
                     if w is not None:
-                        seen.setdefault(w, d)
-                nexts[j].append([[w, d] for w, d in seen.items()])
+                        seen.setdefault(w, (d, a))
+                nexts[j].append([[w, d, a] for w, (d, a) in seen.items()])
         i += batch
     return changes, nexts
 
@@ -323,7 +326,7 @@ def _source_effects(model: Any, tok: Any, texts: list[Probe], dev: str, vocab: i
     return keep, eff, exc
 
 
-def target_texts(tok: Any, prep: Prepared) -> list[TrainText]:
+def target_texts(tok: Any, prep: Prepared, soft_teacher: str = "shift") -> list[TrainText]:
     """The probe texts in the target's tokens, each with the source's changes summed over the segments
     both tokenizations share; texts with nothing to score are left out."""
     out = []
@@ -333,17 +336,31 @@ def target_texts(tok: Any, prep: Prepared) -> list[TrainText]:
         if e.nbytes == 0 or len(e.ids) - e.first < 1:
             continue
         seg, delta = segments(s0, se, e.start, list(e.ends), sd)
-        soft = soft_sets(s0, se, prep.src_next[k], e.start, list(e.ends), vocab) if prep.src_next is not None and p.origin == "adapter" else None
+        nxt = prep.src_next[k] if prep.src_next is not None and p.origin == "adapter" else None
+        soft = soft_sets(s0, se, nxt, e.start, list(e.ends), vocab, SOFT_VALUE[soft_teacher]) if nxt is not None else None
         out.append(TrainText(e.ids, e.first, seg, delta, p.origin, e.nbytes, soft=soft))
     return out
 
 
+# lm+soft's teachers: which of a candidate's stored values ([token, change, log-probability]) its
+# teacher logit adds to the target base's ("shift": the change) or stands on alone ("source": the
+# source + adapter's own log-probability; services/distill.py).
+SOFT_VALUE = {"shift": 1, "source": 2}
+
+
 def soft_sets(
-    src_start: int, src_ends: list[int], src_next: list[list[list[Any]]], tgt_start: int, tgt_ends: list[int], vocab: dict[str, int]
+    src_start: int,
+    src_ends: list[int],
+    src_next: list[list[list[Any]]],
+    tgt_start: int,
+    tgt_ends: list[int],
+    vocab: dict[str, int],
+    value: int = 1,
 ) -> list[tuple[int, list[int], list[float]]]:
-    """ "lm+soft"'s positions on the target's side: each scored target token that starts where a scored
+    """The "lm+soft" positions on the target's side: each scored target token that starts where a scored
     source token starts (a boundary of both tokenizations, by character), with the source's next-token
-    candidates there that the target's vocabulary writes alike (`vocab`: text -> target id), at least two."""
+    candidates there that the target's vocabulary writes alike (`vocab`: text -> target id), at least
+    two, and each candidate's stored value at index `value` (SOFT_VALUE)."""
     # character -> the source position whose token starts there; a token of no width (a piece of a
     # character's bytes, which byte-level tokenizers give the same end) starts mid-character: never a boundary
     src_at = {c: i for i, (c, e) in enumerate(zip([src_start, *src_ends[:-1]], src_ends, strict=True)) if e > c}
@@ -353,12 +370,12 @@ def soft_sets(
         if i is None or i >= len(src_next):
             continue
         ids, deltas, seen = [], [], set()
-        for w, d in src_next[i]:
-            t = vocab.get(w)
+        for cand in src_next[i]:
+            t = vocab.get(cand[0])
             if t is not None and t not in seen:
                 seen.add(t)
                 ids.append(t)
-                deltas.append(float(d))
+                deltas.append(float(cand[value]))
         if len(ids) >= 2:
             out.append((j, ids, deltas))
     return out
