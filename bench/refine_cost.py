@@ -29,7 +29,10 @@ from bench.bench_refine import parse_overrides
 def one(args: argparse.Namespace, compute: str) -> dict:
     extra = parse_overrides(args.set)
     out = args.work / (
-        f"cost-{args.source}-{args.target}-{compute}" + (f"-patience{args.patience}" if args.patience else "") + "".join(f"-{k}{v}" for k, v in extra.items())
+        f"cost-{args.source}-{args.target}-{compute}"
+        + (f"-patience{args.patience}" if args.patience else "")
+        + "".join(f"-{k}{v}" for k, v in extra.items())
+        + (f"-max{args.max_memory}" if args.max_memory != "2GB" else "")
     )
     spec = {
         "source": str(args.data / args.source),
