@@ -18,7 +18,7 @@ from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.distill import TrainText, segments
 from lowmem_crosslora.services.probe_select import drawn, excess, select
 from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, USER_TURN_TOKENS, Probe, chat_opening, sample_chat_probes, sample_probes, stable_seed
-from lowmem_crosslora.services.scoring import LOGITS_BYTES, Loader, Log, encode, free, longest_sequence, token_logprobs, vocab_size
+from lowmem_crosslora.services.scoring import Loader, Log, encode, free, length_batches, longest_sequence, token_logprobs, vocab_size
 
 
 @dataclass
@@ -259,20 +259,8 @@ def _changes_and_next(model: Any, tok: Any, enc: list[Any], dev: str, vocab: int
     changes: list[list[float]] = [[] for _ in enc]
     nexts: list[list[list[list[Any]]]] = [[] for _ in enc]
     word = token_words(tok)
-    order = sorted(range(len(enc)), key=lambda i: len(enc[i].ids))
-    i = 0
     model.eval()
-    while i < len(order):
-        # two passes' logits at once: half the batch token_logprobs would hold
-        longest = len(enc[order[min(len(order) - 1, i + 7)]].ids)
-        batch = max(1, min(8, LOGITS_BYTES // max(1, 16 * longest * vocab)))
-        idx = order[i : i + batch]
-        T = max(len(enc[j].ids) for j in idx)
-        x = torch.zeros(len(idx), T, dtype=torch.long)
-        mask = torch.zeros(len(idx), T, dtype=torch.long)
-        for row, j in enumerate(idx):
-            x[row, : len(enc[j].ids)] = torch.tensor(enc[j].ids)
-            mask[row, : len(enc[j].ids)] = 1
+    for idx, x, mask in length_batches(enc, vocab, copies=2, most=8):  # two passes' logits at once
         with torch.inference_mode():
             lp_on = model(input_ids=x.to(dev), attention_mask=mask.to(dev)).logits[:, :-1].float()
             lp_on = lp_on - torch.logsumexp(lp_on, dim=-1, keepdim=True)
@@ -300,7 +288,6 @@ def _changes_and_next(model: Any, tok: Any, enc: list[Any], dev: str, vocab: int
                     if w is not None:
                         seen.setdefault(w, (d, a))
                 nexts[j].append([[w, d, a] for w, (d, a) in seen.items()])
-        i += batch
     return changes, nexts
 
 

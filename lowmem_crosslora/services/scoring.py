@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,16 +61,16 @@ def longest_sequence(tokenizer: Any, prompts: list[str], new_tokens: int, texts:
     return max([longest, *(len(encode(tokenizer, t).ids) for t in texts)])
 
 
-def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[list[float]]:
-    """Log-probability (nats) of each scored token of each encoded text under `model` as it is."""
-    out: list[list[float]] = [[] for _ in encoded]
+def length_batches(encoded: list[Encoded], vocab: int, copies: int = 1, most: int = 16) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """The texts in batches by length (indices, right-padded ids, attention mask), each batch small
+    enough that `copies` float32 log-softmaxes of its logits (about 8 bytes a logit each) stay under
+    LOGITS_BYTES, at most `most` texts."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     i = 0
-    model.eval()
     while i < len(order):
-        # Texts are sorted by length: the 16th from here bounds the longest a batch could hold.
-        longest = len(encoded[order[min(len(order) - 1, i + 15)]].ids)
-        batch = max(1, min(16, LOGITS_BYTES // max(1, 8 * longest * vocab)))
+        # Texts are sorted by length: the last one a batch could hold bounds its longest.
+        longest = len(encoded[order[min(len(order) - 1, i + most - 1)]].ids)
+        batch = max(1, min(most, LOGITS_BYTES // max(1, 8 * copies * longest * vocab)))
         idx = order[i : i + batch]
         T = max(len(encoded[j].ids) for j in idx)
         x = torch.zeros(len(idx), T, dtype=torch.long)
@@ -79,6 +79,15 @@ def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) 
             ids = encoded[j].ids
             x[row, : len(ids)] = torch.tensor(ids)
             mask[row, : len(ids)] = 1
+        yield idx, x, mask
+        i += batch
+
+
+def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[list[float]]:
+    """Log-probability (nats) of each scored token of each encoded text under `model` as it is."""
+    out: list[list[float]] = [[] for _ in encoded]
+    model.eval()
+    for idx, x, mask in length_batches(encoded, vocab):
         with torch.inference_mode():
             # log p(token) = its logit - logsumexp(logits): the log-softmax of every entry is never made.
             z = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
@@ -87,7 +96,6 @@ def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) 
         for row, j in enumerate(idx):
             e = encoded[j]
             out[j] = tok[row, e.first - 1 : len(e.ids) - 1].tolist() if e.nbytes else []
-        i += batch
     return out
 
 
