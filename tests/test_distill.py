@@ -327,3 +327,16 @@ def test_truncate_keeps_the_soft_positions_it_keeps_the_tokens_of() -> None:
     assert cut.soft is not None and cut.soft_base is not None
     assert [j for j, _i, _d in cut.soft] == [0, 1, 2] and len(cut.soft_base) == 3
     assert batch_norms("lm+soft", [cut], [])["soft"] == 3
+
+
+def test_the_probe_file_keeps_the_sources_next_token_sets_as_a_resumed_run_reads_them() -> None:
+    from lowmem_crosslora.services.probe_set import Prepared
+    from lowmem_crosslora.services.probes import Probe
+
+    nxt = [[[[" A", 0.1234567, -1.5], ["b", -2.0, -0.25]], [[" c", 3.0, -4.0]]]]
+    prep = Prepared([Probe("p", "ab", 1, "adapter")], [1], [[2, 3]], [[0.5, -0.5]], 1.0, src_next=nxt)
+    back = Prepared.from_json(prep.to_json())
+    assert back.src_next == [[[[" A", 0.12346, -1.5], ["b", -2.0, -0.25]], [[" c", 3.0, -4.0]]]]  # rounded as stored
+    assert Prepared.from_json(back.to_json()).src_next == back.src_next  # a resumed run reads the same values
+    plain = Prepared([Probe("p", "ab", 1, "adapter")], [1], [[2, 3]], [[0.5, -0.5]], 1.0)
+    assert "source_next" not in plain.to_json()["texts"][0] and Prepared.from_json(plain.to_json()).src_next is None
