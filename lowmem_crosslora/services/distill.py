@@ -32,7 +32,7 @@ Objectives (the benchmark compares them; refine ships the one that measured best
 
 - "lm+soft": "lm" plus soft labels where the two vocabularies share tokens. At a scored token whose
   start is a boundary of both tokenizations, the source's likeliest next tokens (adapter on and off,
-  `next_top` each) that the target's vocabulary writes alike form a set S. The teacher over S is the
+  `soft_top` each) that the target's vocabulary writes alike form a set S. The teacher over S is the
   *target base's* own distribution shifted by the source adapter's change in each token's
   log-probability, q(k) ~ q_0(k) exp(delta_k), so it carries the adapter's effect and not the
   source's surface; the loss is KL(teacher || target + LoRA), both renormalized over S (only the
@@ -40,6 +40,9 @@ Objectives (the benchmark compares them; refine ships the one that measured best
   `soft_weight`. A hard token gives one bit of the adapter's shift a position; the set gives its
   direction over every likely token. With `soft_teacher` "source" the teacher is instead source +
   adapter's own distribution over S (what the hard tokens are sampled from, as a whole distribution).
+  A benchmark candidate: the set's rows of the projection (|S| x hidden floats a position, twice with
+  the copy kept for the backward pass) are outside the training shape's memory model, about 5% of a
+  step's activations on Qwen2.5-0.5B at |S| = 16.
 
 The vocabulary projection is the memory hog of a small model (Qwen2.5's 151,936 entries x 4 bytes
 a token): no batch ever holds a (tokens x vocabulary) matrix. A token's log-probability walks the
