@@ -224,13 +224,13 @@ def token_words(tok: Any) -> Callable[[int], str | None]:
     word's leading space keeps it: SentencePiece's "\u2581the" is " the"), or None where it is not
     whole text (part of a character's bytes, a special token). Cached per id."""
     anchor = tok("a", add_special_tokens=False)["input_ids"][-1:]
-    lead = tok.decode(anchor)
+    lead = tok.decode(anchor, clean_up_tokenization_spaces=False)
     special = set(getattr(tok, "all_special_ids", []) or [])
     cache: dict[int, str | None] = {}
 
     def word(t: int) -> str | None:
         if t not in cache:
-            w = tok.decode(anchor + [t])
+            w = tok.decode(anchor + [t], clean_up_tokenization_spaces=False)  # " ." stays " ."
             ok = t not in special and w.startswith(lead) and len(w) > len(lead) and "\ufffd" not in w
             cache[t] = w[len(lead) :] if ok else None
         return cache[t]
