@@ -357,13 +357,13 @@ def excess_weights(t: TrainText) -> list[float]:
     return [abs(t.delta_s[g]) / counts[g] if g >= 0 else 0.0 for g in t.seg]
 
 
-def _text_logprobs(model: Any, head: Any, cap: float | None, texts: list[TrainText], device: str) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+def _text_logprobs(model: Any, head: Any, cap: float | None, texts: list[TrainText], device: str) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor]:
     """The target's log-probability of every scored token of `texts` (LoRA as set, with gradients), flat,
-    and each text's span in it."""
+    each text's span in it, and the hidden states they came from (for a loss on other tokens)."""
     x, mask = _pad(texts, device)
     h = hidden(model, x, mask)
     ri, ci, spans = _scored(texts, x)
-    return token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1]), spans
+    return token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1]), spans, h
 
 
 def _segment_loss(objective: str, lp: torch.Tensor, t: TrainText, device: str) -> torch.Tensor:
@@ -395,21 +395,19 @@ def batch_loss(
     parts: dict[str, float] = {}
     loss = torch.zeros((), device=device)
     if objective in ("lm", "lm+kl") and main:
-        lp, _spans = _text_logprobs(model, head, cap, main, device)
+        lp, _spans, _h = _text_logprobs(model, head, cap, main, device)
         nll = -lp.sum() / norm["tokens"]
         loss = loss + nll
         parts["nll"] = float(nll.detach())
     if objective == "lm+soft" and main:
-        x, mask = _pad(main, device)
-        h = hidden(model, x, mask)
-        ri, ci, _spans = _scored(main, x)
-        nll = -token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1]).sum() / norm["tokens"]
+        lp, _spans, h = _text_logprobs(model, head, cap, main, device)
+        nll = -lp.sum() / norm["tokens"]
         soft = soft_loss(head, cap, h, main, device) / norm["soft"]
         loss = loss + nll + soft_weight * soft
         parts["nll"] = float(nll.detach())
         parts["soft"] = float(soft.detach())
     if objective == "lm-excess" and main:
-        lp, spans = _text_logprobs(model, head, cap, main, device)
+        lp, spans, _h = _text_logprobs(model, head, cap, main, device)
         w = torch.zeros(len(lp), device=device)
         for t, (a, b) in zip(main, spans, strict=True):
             w[a:b] = torch.tensor(excess_weights(t)[: b - a], dtype=torch.float32, device=device)
@@ -428,7 +426,7 @@ def batch_loss(
     if objective == "pair" and main and contrast:
         n = min(len(main), len(contrast))
         texts = main[:n] + contrast[:n]
-        lp, spans = _text_logprobs(model, head, cap, texts, device)
+        lp, spans, _h = _text_logprobs(model, head, cap, texts, device)
         ratio = []
         for t, (a, b) in zip(texts, spans, strict=True):
             assert t.base_lp is not None, "base_token_logprobs must run before the pair objective"
@@ -440,7 +438,7 @@ def batch_loss(
         parts["margin"] = float(margin.detach().mean()) * n / norm["pairs"]
     if objective in ("delta", "alm") and main + contrast:
         texts = main + contrast
-        lp, spans = _text_logprobs(model, head, cap, texts, device)
+        lp, spans, _h = _text_logprobs(model, head, cap, texts, device)
         total = torch.zeros((), device=device)
         for t, (a, b) in zip(texts, spans, strict=True):
             if t.delta_s:
