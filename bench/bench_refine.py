@@ -94,17 +94,29 @@ def dataset(data: Path, n_train: int, n_held: int, seed: int) -> dict:
 
 
 def train_lora(model_dir: Path, texts: list[str], out: Path, steps: int, lr: float, seed: int) -> dict:
-    """A rank-16 LoRA on all seven modules, trained with the LM loss on `texts` (the adapter's real data)."""
+    """A rank-16 LoRA on all seven modules, trained with the LM loss on `texts` (the adapter's real data).
+    The base is loaded in bfloat16; where this CPU has no bfloat16 instructions it computes in float32
+    on those weights (`compute.upcast_model`, refine's own path there), since an emulated bfloat16
+    matmul runs at about 1% of float32's."""
     from transformers import AutoModelForCausalLM, AutoTokenizer  # an optional extra
 
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    pm = attach_lora(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16))
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    if not compute.bf16_speed("cpu").fast:
+        compute.upcast_model(base)
+    pm = attach_lora(base)
     enc = encode(tok, texts, 96)
     t0 = time.perf_counter()
     losses = train_lm(pm, enc, steps, lr, seed)
     pm.save_pretrained(out)
-    return {"steps": steps, "lr": lr, "losses": [losses[0], losses[-1]], "seconds": round(time.perf_counter() - t0, 1)}
+    return {
+        "steps": steps,
+        "lr": lr,
+        "losses": [losses[0], losses[-1]],
+        "seconds": round(time.perf_counter() - t0, 1),
+        "compute_dtype": compute.bf16_speed("cpu").compute_dtype,
+    }
 
 
 class Scorer:

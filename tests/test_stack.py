@@ -58,7 +58,10 @@ def test_a_stacked_transfer_writes_what_an_unstacked_one_writes(zoo, tmp_path) -
     assert "stacks" not in plain["summary"]
     assert a.keys() == b.keys()
     for k in a:
-        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-6), k
+        # batched and one-at-a-time kernels round differently (2.7e-6 on entries up to 0.29 measured on
+        # an AVX2 CPU): the tolerance is relative to the factor's scale, far below a wrong basis's error
+        scale = float(a[k].float().abs().max())
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-4, atol=1e-4 * scale), k
     # the same stacked run again: the same bytes
     _, c = _transfer(zoo, tmp_path, "stacked-again", stack=8)
     assert all(torch.equal(b[k], c[k]) for k in b)
