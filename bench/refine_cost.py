@@ -24,6 +24,7 @@ from pathlib import Path
 
 from bench import BENCH, repo_env
 from bench.bench_refine import parse_overrides
+from lowmem_crosslora.services import compute
 
 
 def one(args: argparse.Namespace, compute: str) -> dict:
@@ -70,6 +71,15 @@ def one(args: argparse.Namespace, compute: str) -> dict:
     }
 
 
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it ("" where there is none)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, default=BENCH / "data" / "real")
@@ -100,7 +110,8 @@ def main() -> None:
             f"| {ph.get('source', 0):.0f} | {ph.get('train', 0):.0f} | {r['steps_run']} "
             f"| {r['max_rss_bytes'] / 1e9:.2f} GB | {r['peak_private_bytes'] / 1e9:.2f} GB |"
         )
-    out = {"machine": {"cpus": os.cpu_count(), "load_average": os.getloadavg()}, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
+    machine = {"cpus": os.cpu_count(), "cpu": cpu_model(), "load_average": os.getloadavg(), "bfloat16": compute.bf16_speed("cpu").reason}
+    out = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")

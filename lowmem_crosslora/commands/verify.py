@@ -30,7 +30,7 @@ from lowmem_crosslora.services.memory import Budget
 from lowmem_crosslora.services.options import VerifyOptions
 from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, PROBES_NAME, Probe, read_texts, require_extras, sample_probes
 from lowmem_crosslora.services.report import build_report
-from lowmem_crosslora.services.scoring import Loader, encode, free, longest_sequence, score, vocab_size
+from lowmem_crosslora.services.scoring import Loader, encode, free, longest_prompt, longest_sequence, score, vocab_size
 from lowmem_crosslora.sysmem import tune_allocator
 from lowmem_crosslora.version import __version__
 
@@ -269,13 +269,15 @@ def score_source(inp: Inputs, opts: VerifyOptions, loader: Loader, tok: Any, dev
 
     t = time.perf_counter()
     loader.tokens = longest_sequence(tok, inp.prompts, opts.max_new_tokens, inp.user)
+    loader.prompt = longest_prompt(tok, inp.prompts)
     base = loader.load(inp.src)
+    shape = loader.shape  # rows sampled together and scoring batches, as the budget allows
     model = PeftModel.from_pretrained(base, str(inp.adapter.path), adapter_name="adapter")
     model.to(dev)
     model.eval()
     scores.phases["load_source"] = time.perf_counter() - t
     t = time.perf_counter()
-    kw = {"max_new_tokens": opts.max_new_tokens, "seed": inp.seed, "device": dev}
+    kw = {"max_new_tokens": opts.max_new_tokens, "seed": inp.seed, "device": dev, "rows": shape.rows}
     probes = sample_probes(model, tok, inp.prompts, opts.samples, origin="adapter", **kw)
     with model.disable_adapter():
         probes += sample_probes(model, tok, inp.prompts, opts.neutral_samples, origin="base", **kw)
@@ -293,8 +295,8 @@ def score_source(inp: Inputs, opts: VerifyOptions, loader: Loader, tok: Any, dev
     t = time.perf_counter()
     enc = [encode(tok, p) for p in probes]
     with model.disable_adapter():
-        scores.ll["source_base"] = score(model, enc, dev, vocab_size(inp.src))
-    scores.ll["source_adapter"] = score(model, enc, dev, vocab_size(inp.src))
+        scores.ll["source_base"] = score(model, enc, dev, vocab_size(inp.src), shape.logits_bytes)
+    scores.ll["source_adapter"] = score(model, enc, dev, vocab_size(inp.src), shape.logits_bytes)
     scores.phases["score_source"] = time.perf_counter() - t
     del model, base, enc
     free()
@@ -315,12 +317,13 @@ def score_target(inp: Inputs, loader: Loader, tok: Any, dev: str, scores: Scores
     model.eval()
     scores.phases["load_target"] = time.perf_counter() - t
     t = time.perf_counter()
+    lb = loader.shape.logits_bytes  # scoring batches, as the budget allows
     with model.disable_adapter():
-        scores.ll["target_base"] = score(model, enc, dev, vocab_size(inp.tgt))
+        scores.ll["target_base"] = score(model, enc, dev, vocab_size(inp.tgt), lb)
     model.set_adapter("transferred")
-    scores.ll["target_transferred"] = score(model, enc, dev, vocab_size(inp.tgt))
+    scores.ll["target_transferred"] = score(model, enc, dev, vocab_size(inp.tgt), lb)
     model.set_adapter("control")
-    scores.ll["target_control"] = score(model, enc, dev, vocab_size(inp.tgt))
+    scores.ll["target_control"] = score(model, enc, dev, vocab_size(inp.tgt), lb)
     scores.phases["score_target"] = time.perf_counter() - t
     del model, base, enc
     free()

@@ -18,7 +18,7 @@ from lowmem_crosslora.io.safetensors_model import Checkpoint
 from lowmem_crosslora.services.distill import TrainText, segments
 from lowmem_crosslora.services.probe_select import drawn, excess, select
 from lowmem_crosslora.services.probes import DEFAULT_PROMPTS, USER_TURN_TOKENS, Probe, chat_opening, sample_chat_probes, sample_probes, stable_seed
-from lowmem_crosslora.services.scoring import Loader, Log, encode, free, length_batches, longest_sequence, token_logprobs, vocab_size
+from lowmem_crosslora.services.scoring import Loader, Log, encode, free, length_batches, longest_prompt, longest_sequence, token_logprobs, vocab_size
 
 
 @dataclass
@@ -110,34 +110,39 @@ def prepare_source(
     change in each one's log-probability (_changes_and_next). The report states the set's composition."""
     t0 = time.perf_counter()
     loader.tokens = longest_sequence(tok, prompts or list(DEFAULT_PROMPTS), max_new_tokens, user)
+    loader.prompt = longest_prompt(tok, prompts or list(DEFAULT_PROMPTS))
     template = chat_opening(tok) if chat else None
     if template is not None:  # the template's tokens, the user turn the source writes, its answer
-        loader.tokens = max(loader.tokens, len(tok("".join(template), add_special_tokens=False)["input_ids"]) + USER_TURN_TOKENS + max_new_tokens)
+        asked = len(tok("".join(template), add_special_tokens=False)["input_ids"]) + USER_TURN_TOKENS
+        loader.tokens = max(loader.tokens, asked + max_new_tokens)
+        loader.prompt = max(loader.prompt, asked)
     base, model = _source_with_adapter(src, adapter, loader, dev)
+    shape = loader.shape  # rows sampled together and scoring batches, as the budget allows
     prompts = prompts or list(DEFAULT_PROMPTS)
     n_draw = drawn(selection, samples)
     say(f"sampling {n_draw} texts from source + adapter" + (f" and {contrast_samples} from the source base" if contrast_samples else "") + f" (seed {seed})")
     # `amplify` > 0: half of them sampled with the adapter's effect magnified (probes.sample_probes)
     n_amp = n_draw // 2 if amplify else 0
-    chats = sample_chat_probes(model, tok, n_draw // 2, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev) if chat else []
+    kw = {"max_new_tokens": max_new_tokens, "device": dev, "rows": shape.rows}
+    chats = sample_chat_probes(model, tok, n_draw // 2, seed=seed, origin="adapter", **kw) if chat else []
     if chat:
         say(
             f"  {len(chats)} of them written through the source's chat template, user turn and answer"
             if chats
             else "  the source's tokenizer has no chat template: all from the prompts"
         )
-    probes = chats + sample_probes(model, tok, prompts, n_draw - n_amp - len(chats), max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev)
+    probes = chats + sample_probes(model, tok, prompts, n_draw - n_amp - len(chats), seed=seed, origin="adapter", **kw)
     if n_amp:
         say(f"  {n_amp} of them with the adapter's effect amplified (alpha {amplify:g})")
-        probes += sample_probes(model, tok, prompts, n_amp, max_new_tokens=max_new_tokens, seed=seed, origin="adapter", device=dev, amplify=amplify)
+        probes += sample_probes(model, tok, prompts, n_amp, seed=seed, origin="adapter", amplify=amplify, **kw)
     with model.disable_adapter():
-        probes += sample_probes(model, tok, prompts, contrast_samples, max_new_tokens=max_new_tokens, seed=seed, origin="base", device=dev)
+        probes += sample_probes(model, tok, prompts, contrast_samples, seed=seed, origin="base", **kw)
     held: list[Probe] = []
     if holdout:
         hs = holdout_seed(seed)
         say(f"sampling {holdout} held-out texts from source + adapter (seed {hs}; not trained on)")
         seen = {(p.prompt, p.text) for p in probes + user}
-        fresh = sample_probes(model, tok, prompts, drawn(selection, holdout), max_new_tokens=max_new_tokens, seed=hs, origin="adapter", device=dev)
+        fresh = sample_probes(model, tok, prompts, drawn(selection, holdout), seed=hs, origin="adapter", **kw)
         held = [p for p in fresh if (p.prompt, p.text) not in seen]
     sample_s = time.perf_counter() - t0
     probes += user
@@ -146,10 +151,10 @@ def prepare_source(
     enc = [encode(tok, p) for p in probes]
     nxt: list[list[list[list[Any]]]] | None = None
     if next_top:
-        delta, nxt = _changes_and_next(model, tok, enc, dev, vocab_size(src), next_top)
+        delta, nxt = _changes_and_next(model, tok, enc, dev, vocab_size(src), next_top, shape.logits_bytes)
     else:
-        delta = _token_changes(model, enc, dev, vocab_size(src))
-    held, held_effect, held_excess = _source_effects(model, tok, held, dev, vocab_size(src))
+        delta = _token_changes(model, enc, dev, vocab_size(src), shape.logits_bytes)
+    held, held_effect, held_excess = _source_effects(model, tok, held, dev, vocab_size(src), shape.logits_bytes)
     del model, base
     free()
     starts, ends = [e.start for e in enc], [list(e.ends) for e in enc]
@@ -190,7 +195,7 @@ def score_on_source(src: Checkpoint, tok: Any, adapter: Path, loader: Loader, de
     texts, enc = [texts[i] for i in keep], [enc[i] for i in keep]
     loader.tokens = max([len(e.ids) for e in enc], default=1)
     base, model = _source_with_adapter(src, adapter, loader, dev)
-    delta = _token_changes(model, enc, dev, vocab_size(src))
+    delta = _token_changes(model, enc, dev, vocab_size(src), loader.shape.logits_bytes)
     del model, base
     free()
     return Prepared(texts, [e.start for e in enc], [list(e.ends) for e in enc], delta, time.perf_counter() - t0, extra=dict(extra or {}))
@@ -207,16 +212,16 @@ def _source_with_adapter(src: Checkpoint, adapter: Path, loader: Loader, dev: st
     return base, model
 
 
-def _on_and_off(model: Any, enc: list[Any], dev: str, vocab: int) -> tuple[list[list[float]], list[list[float]]]:
+def _on_and_off(model: Any, enc: list[Any], dev: str, vocab: int, logits_bytes: int) -> tuple[list[list[float]], list[list[float]]]:
     """Each encoded text's token log-probabilities with the adapter on, and with it off."""
     with model.disable_adapter():
-        lp_base = token_logprobs(model, enc, dev, vocab)
-    return token_logprobs(model, enc, dev, vocab), lp_base
+        lp_base = token_logprobs(model, enc, dev, vocab, logits_bytes)
+    return token_logprobs(model, enc, dev, vocab, logits_bytes), lp_base
 
 
-def _token_changes(model: Any, enc: list[Any], dev: str, vocab: int) -> list[list[float]]:
+def _token_changes(model: Any, enc: list[Any], dev: str, vocab: int, logits_bytes: int) -> list[list[float]]:
     """Each encoded text's per-token change in log-probability, adapter on minus off."""
-    return [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(*_on_and_off(model, enc, dev, vocab), strict=True)]
+    return [[a - b for a, b in zip(x, y, strict=True)] for x, y in zip(*_on_and_off(model, enc, dev, vocab, logits_bytes), strict=True)]
 
 
 def token_words(tok: Any) -> Callable[[int], str | None]:
@@ -250,7 +255,9 @@ def vocabulary_by_text(tok: Any) -> dict[str, int]:
     return out
 
 
-def _changes_and_next(model: Any, tok: Any, enc: list[Any], dev: str, vocab: int, top: int) -> tuple[list[list[float]], list[list[list[list[Any]]]]]:
+def _changes_and_next(
+    model: Any, tok: Any, enc: list[Any], dev: str, vocab: int, top: int, logits_bytes: int
+) -> tuple[list[list[float]], list[list[list[list[Any]]]]]:
     """Each encoded text's per-token change in log-probability (adapter on minus off, as _token_changes),
     and at each scored token the `top` likeliest tokens there with the adapter on and with it off (their
     union, as the source tokenizer writes each one alone), each with its change in log-probability.
@@ -260,7 +267,7 @@ def _changes_and_next(model: Any, tok: Any, enc: list[Any], dev: str, vocab: int
     nexts: list[list[list[list[Any]]]] = [[] for _ in enc]
     word = token_words(tok)
     model.eval()
-    for idx, x, mask in length_batches(enc, vocab, copies=2, most=8):  # two passes' logits at once
+    for idx, x, mask in length_batches(enc, vocab, copies=2, most=8, logits_bytes=logits_bytes):  # two passes' logits at once
         with torch.inference_mode():
             lp_on = model(input_ids=x.to(dev), attention_mask=mask.to(dev)).logits[:, :-1].float()
             lp_on = lp_on - torch.logsumexp(lp_on, dim=-1, keepdim=True)
@@ -296,14 +303,14 @@ def holdout_seed(seed: int) -> int:
     return stable_seed(seed, "holdout")
 
 
-def _source_effects(model: Any, tok: Any, texts: list[Probe], dev: str, vocab: int) -> tuple[list[Probe], list[float], list[float]]:
+def _source_effects(model: Any, tok: Any, texts: list[Probe], dev: str, vocab: int, logits_bytes: int) -> tuple[list[Probe], list[float], list[float]]:
     """The texts that have something to score, each with its source effect in nats per byte:
     log-likelihood per byte with the adapter on minus off (verify's source_adapter - source_base),
     and its excess (mean |change| per token, probe_select.excess)."""
     if not texts:
         return [], [], []
     enc = [encode(tok, p) for p in texts]
-    lp_ad, lp_base = _on_and_off(model, enc, dev, vocab)
+    lp_ad, lp_base = _on_and_off(model, enc, dev, vocab, logits_bytes)
     keep, eff, exc = [], [], []
     for p, e, a, b in zip(texts, enc, lp_ad, lp_base, strict=True):
         if e.nbytes:

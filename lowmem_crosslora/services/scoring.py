@@ -23,6 +23,28 @@ from lowmem_crosslora.sysmem import host_anon_bytes, release_free_memory
 LOGITS_BYTES = 256 * 1024**2
 
 
+@dataclass(frozen=True)
+class InferenceShape:
+    """What sampling and scoring with a model hold at once: the rows sampled together (one batch, one
+    KV cache) and the logits a scoring batch keeps (length_batches)."""
+
+    rows: int
+    logits_bytes: int
+
+
+# The shape every run takes where it fits (the texts and scores of every measurement so far).
+FULL_SHAPE = InferenceShape(48, LOGITS_BYTES)
+# Smaller shapes, tried in turn (bfloat16 weights) where the full one does not fit the budget: fewer
+# rows sampled together and smaller scoring batches, so slower, and the sampled texts differ by the
+# float rounding of the batch's products (probes.sample_probes); scores are the same to rounding.
+LEAN_SHAPES = (
+    InferenceShape(24, 128 * 1024**2),
+    InferenceShape(12, 64 * 1024**2),
+    InferenceShape(6, 32 * 1024**2),
+    InferenceShape(2, 16 * 1024**2),
+)
+
+
 Log = Callable[[str], None]
 
 
@@ -55,22 +77,29 @@ def encode(tokenizer: Any, probe: Probe) -> Encoded:
     return Encoded(pre + ids, len(pre) + first_tok, nbytes, int(start), ends)
 
 
+def longest_prompt(tokenizer: Any, prompts: list[str]) -> int:
+    """Tokens of the longest prompt a sampler starts from, with the tokenizer's usual prefix."""
+    return len(prefix_ids(tokenizer)) + max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
+
+
 def longest_sequence(tokenizer: Any, prompts: list[str], new_tokens: int, texts: list[Probe] = ()) -> int:  # type: ignore[assignment]
     """The longest sequence a model will see: a prompt and its sampled continuation, or a given text."""
     longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0) + new_tokens + 1
     return max([longest, *(len(encode(tokenizer, t).ids) for t in texts)])
 
 
-def length_batches(encoded: list[Encoded], vocab: int, copies: int = 1, most: int = 16) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+def length_batches(
+    encoded: list[Encoded], vocab: int, copies: int = 1, most: int = 16, logits_bytes: int = LOGITS_BYTES
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
     """The texts in batches by length (indices, right-padded ids, attention mask), each batch small
     enough that `copies` float32 log-softmaxes of its logits (about 8 bytes a logit each) stay under
-    LOGITS_BYTES, at most `most` texts."""
+    `logits_bytes` (the model's InferenceShape), at most `most` texts."""
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i].ids))
     i = 0
     while i < len(order):
         # Texts are sorted by length: the last one a batch could hold bounds its longest.
         longest = len(encoded[order[min(len(order) - 1, i + most - 1)]].ids)
-        batch = max(1, min(most, LOGITS_BYTES // max(1, 8 * copies * longest * vocab)))
+        batch = max(1, min(most, logits_bytes // max(1, 8 * copies * longest * vocab)))
         idx = order[i : i + batch]
         T = max(len(encoded[j].ids) for j in idx)
         x = torch.zeros(len(idx), T, dtype=torch.long)
@@ -83,11 +112,11 @@ def length_batches(encoded: list[Encoded], vocab: int, copies: int = 1, most: in
         i += batch
 
 
-def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[list[float]]:
+def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int, logits_bytes: int = LOGITS_BYTES) -> list[list[float]]:
     """Log-probability (nats) of each scored token of each encoded text under `model` as it is."""
     out: list[list[float]] = [[] for _ in encoded]
     model.eval()
-    for idx, x, mask in length_batches(encoded, vocab):
+    for idx, x, mask in length_batches(encoded, vocab, logits_bytes=logits_bytes):
         with torch.inference_mode():
             # log p(token) = its logit - logsumexp(logits): the log-softmax of every entry is never made.
             z = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits[:, :-1].float()
@@ -99,9 +128,9 @@ def token_logprobs(model: Any, encoded: list[Encoded], device: str, vocab: int) 
     return out
 
 
-def score(model: Any, encoded: list[Encoded], device: str, vocab: int) -> list[float]:
+def score(model: Any, encoded: list[Encoded], device: str, vocab: int, logits_bytes: int = LOGITS_BYTES) -> list[float]:
     """Log-likelihood per byte (nats) of each encoded text under `model` as it is (adapters as set)."""
-    per_token = token_logprobs(model, encoded, device, vocab)
+    per_token = token_logprobs(model, encoded, device, vocab, logits_bytes)
     return [math.fsum(lp) / e.nbytes if e.nbytes else math.nan for lp, e in zip(per_token, encoded, strict=True)]
 
 
@@ -156,22 +185,29 @@ def config_vocab(config: dict[str, Any]) -> int:
     return int(config.get("vocab_size") or config.get("text_config", {}).get("vocab_size") or 32000)
 
 
-def inference_bytes(config: dict[str, Any], tokens: int, rows: int = 48) -> int:
+def inference_bytes(config: dict[str, Any], tokens: int, shape: InferenceShape = FULL_SHAPE, prompt: int | None = None) -> int:
     """Working memory of sampling and scoring with a model beside its weights, for sequences of up to
-    `tokens` tokens: the larger of the two phases, twice the tensors counted (the allocator's and the
-    libraries' transients), capped by the figure measured on Qwen2.5-0.5B in float32 (weights 1.98 GB,
-    peak working 2.9 GiB: logits and their log-softmax up to LOGITS_BYTES together, the layers'
-    activations and the loader's slack), which a large vocabulary reaches."""
+    `tokens` tokens (prompts of up to `prompt`; None: `tokens`), in `shape`: the larger of the two
+    phases, twice the tensors counted (the allocator's and the libraries' transients). Sampling holds
+    the logits of every prompt position once (the first pass), the last position's with their softmax
+    at each step, and the KV cache; scoring a batch's logits and their log-softmax. The full shape is
+    capped by the figure measured on Qwen2.5-0.5B in float32 (weights 1.98 GB, peak working 2.9 GiB:
+    logits and their log-softmax up to LOGITS_BYTES together, the layers' activations and the loader's
+    slack), which a large vocabulary reaches, and counts its prompts as whole sequences (the figure
+    every run so far planned with)."""
     cfg = config.get("text_config", config)
     V, h = config_vocab(config), int(cfg.get("hidden_size", 4096))
     inter, layers = int(cfg.get("intermediate_size", 4 * h)), int(cfg.get("num_hidden_layers", 32))
     heads = int(cfg.get("num_attention_heads", 32))
     kv = int(cfg.get("num_key_value_heads", heads)) * int(cfg.get("head_dim") or h // max(1, heads))
     act = 4 * (4 * h + 3 * inter)  # one layer's transients per token, float32
-    sample = 4 * rows * tokens * V + 32 * rows * V + 4 * rows * tokens * (2 * layers * kv + act // 4)
-    batch = max(1, min(16, LOGITS_BYTES // max(1, 8 * tokens * V)))
+    rows = shape.rows
+    first = tokens if shape == FULL_SHAPE or prompt is None else min(tokens, prompt)
+    sample = 4 * rows * first * V + 32 * rows * V + 4 * rows * tokens * (2 * layers * kv + act // 4)
+    batch = max(1, min(16, shape.logits_bytes // max(1, 8 * tokens * V)))
     scoring = 12 * batch * tokens * V + batch * tokens * act
-    return min(2 * LOGITS_BYTES + 64 * 1024**2, 2 * max(sample, scoring) + 16 * 1024**2)
+    work = 2 * max(sample, scoring) + 16 * 1024**2
+    return min(2 * LOGITS_BYTES + 64 * 1024**2, work) if shape == FULL_SHAPE else work
 
 
 class Loader:
@@ -187,28 +223,44 @@ class Loader:
         self.budget, self.device, self.dtype, self.log = budget, device, dtype, log
         self.used: dict[str, str] = {}  # role -> the dtype its model was loaded in (and "<role>_compute")
         self.tokens = 1024  # the longest sequence (prompt + continuation, or scored text) a model will see
+        self.prompt: int | None = None  # the longest prompt it samples from (None: as long as `tokens`)
         self.floor = 0  # working memory a later phase needs at the least (refine's training): refusals name it too
+        self.shape = FULL_SHAPE  # the loaded model's sampling and scoring shape (pick_dtype's choice)
 
     def pick_dtype(self, ckpt: Checkpoint) -> str:
-        """The dtype to score `ckpt` in: the one asked for, else float32 where it fits, else bfloat16."""
-        if self.dtype != "auto":
-            return self.dtype
+        """The dtype to score `ckpt` in: the one asked for, else float32 where it fits, else bfloat16;
+        and (in `shape`) the full sampling and scoring shape where it fits, else the largest lean one
+        that does (bfloat16 weights)."""
+        self.shape = FULL_SHAPE
         room = room_left(self.budget, self.device)
         if room is None:
             room = float("inf")  # no GPU budget
-        work = inference_bytes(ckpt.config, self.tokens)
-        if int(1.15 * model_bytes(ckpt, "float32", self.device)) + work <= room:
+        if self.dtype != "auto":
+            self.shape = self._fitting_shape(ckpt, self.dtype, room) or FULL_SHAPE
+            return self.dtype
+        if self._need(ckpt, "float32", FULL_SHAPE) <= room:
             return "float32"
         # bfloat16 weights; where its matmuls are slow they compute in float32, one block widened at a time.
-        if not bf16_speed(self.device).fast:
-            work += upcast_bytes(ckpt.config)
-        need = int(1.15 * model_bytes(ckpt, "bfloat16", self.device)) + work
-        if need <= room:
+        fits = self._fitting_shape(ckpt, "bfloat16", room)
+        if fits is not None:
+            self.shape = fits
             return "bfloat16"
+        need = min(self._need(ckpt, "bfloat16", sh) for sh in (FULL_SHAPE, *LEAN_SHAPES))
         raise BudgetError(
             f"{ckpt.role} model {ckpt.path} needs about {format_size(need)} of working memory to score texts in bfloat16, "
             f"over the budget ({format_size(max(0, int(room)))} left); {raise_to(self.budget, self.device, max(need, self.floor))}"
         )
+
+    def _need(self, ckpt: Checkpoint, dtype: str, shape: InferenceShape) -> int:
+        """Weights (the budgeted part, with 15% for the loader) and working memory of `ckpt` as `dtype` in `shape`."""
+        work = inference_bytes(ckpt.config, self.tokens, shape, self.prompt)
+        if dtype != "float32" and self.dtype == "auto" and not bf16_speed(self.device).fast:
+            work += upcast_bytes(ckpt.config)
+        return int(1.15 * model_bytes(ckpt, dtype, self.device)) + work
+
+    def _fitting_shape(self, ckpt: Checkpoint, dtype: str, room: float) -> InferenceShape | None:
+        """The full shape where it fits `room`, else the largest lean one that does (None: none)."""
+        return next((sh for sh in (FULL_SHAPE, *LEAN_SHAPES) if self._need(ckpt, dtype, sh) <= room), None)
 
     def tokenizer(self, ckpt: Checkpoint) -> Any:
         """The model folder's own tokenizer; it must be a fast one (character offsets)."""
@@ -235,6 +287,10 @@ class Loader:
         speed = bf16_speed(self.device) if self.dtype == "auto" and dtype == "bfloat16" else None
         upcast = speed is not None and not speed.fast
         note = f", computing in float32: {speed.reason}" if speed is not None and upcast else ""
+        if self.shape != FULL_SHAPE:
+            lean = f"{self.shape.rows} rows sampled at a time, scoring logits up to {format_size(self.shape.logits_bytes)}"
+            self.used[f"{ckpt.role}_inference"] = lean
+            note += f"; {lean}: the budget is short of the full {FULL_SHAPE.rows} rows, so slower"
         self.log(f"loading {ckpt.role} {ckpt.path} ({dtype}, {self.device}{note})")
         model = AutoModelForCausalLM.from_pretrained(str(ckpt.path), dtype=getattr(torch, dtype))
         if upcast:
