@@ -115,3 +115,43 @@ def test_refine_samples_and_scores_in_the_lean_shape_it_was_given(models: dict[s
     said = report["summary"]["dtypes"]["source_inference"]
     assert said.startswith(f"{lean.rows} rows sampled at a time")
     assert (tmp_path / "lean" / "adapter_model.safetensors").exists()
+
+
+def test_verify_in_a_lean_shape_samples_the_same_texts_and_scores_them_alike(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify (float32) with the full shape over the budget: it samples LEAN_SHAPES[0].rows rows at a
+    time (12 and 4 texts: one batch in either shape, so the same texts) and scores them in smaller
+    batches; every effect equals the full shape's to float rounding, and the report says which shape
+    it used."""
+    from helpers import write_llama, write_lora
+
+    from lowmem_crosslora import transfer
+    from lowmem_crosslora.commands import verify as verify_mod
+
+    model = write_llama(tmp_path / "llama")
+    adapter = write_lora(model, tmp_path / "lora", seed=10)
+    out = tmp_path / "self-transfer"
+    transfer(adapter, model, model, out, rank=64, device="cpu", use_cache=False)
+    # float32 both times (the lean shapes otherwise come with bfloat16 weights, which sample other texts)
+    kw = {"prompts": ["The weather today", "A story:"], "samples": 12, "neutral_samples": 4, "max_new_tokens": 16, "seed": 1}
+    kw |= {"device": "cpu", "dtype": "float32"}
+    full = verify_mod.run_verify(model, adapter, model, out, **kw)
+    assert "source_inference" not in full["summary"]["dtypes"]
+
+    real_need = scoring.Loader._need
+    monkeypatch.setattr(scoring.Loader, "_need", lambda self, ck, dt, sh: 10**15 if sh == FULL_SHAPE else real_need(self, ck, dt, sh))
+    rows: list[int] = []
+    real_sample = verify_mod.sample_probes
+    monkeypatch.setattr(verify_mod, "sample_probes", lambda *a, **k: rows.append(k["rows"]) or real_sample(*a, **k))
+    budgets: list[int] = []
+    real_batches = scoring.length_batches
+    monkeypatch.setattr(scoring, "length_batches", lambda *a, **k: budgets.append(k.get("logits_bytes")) or real_batches(*a, **k))
+    lean = verify_mod.run_verify(model, adapter, model, out, **kw)
+    assert rows and set(rows) == {LEAN_SHAPES[0].rows}
+    assert budgets and set(budgets) == {LEAN_SHAPES[0].logits_bytes}  # source and target scoring alike
+    assert lean["summary"]["dtypes"]["source_inference"].startswith(f"{LEAN_SHAPES[0].rows} rows sampled at a time")
+    assert lean["summary"]["dtypes"]["target_inference"].startswith(f"{LEAN_SHAPES[0].rows} rows sampled at a time")
+    for name, s in full["verify"]["sets"].items():
+        t = lean["verify"]["sets"][name]
+        assert t["texts"] == s["texts"]
+        for eff in ("source_effect", "target_effect", "control_effect"):
+            assert t[eff]["mean"] == pytest.approx(s[eff]["mean"], rel=1e-4, abs=1e-6), (name, eff)
