@@ -24,7 +24,7 @@ from pathlib import Path
 
 from bench import BENCH, repo_env
 from bench.bench_refine import parse_overrides
-from lowmem_crosslora.services import compute
+from lowmem_crosslora.services.compute import bf16_speed
 
 
 def one(args: argparse.Namespace, compute: str) -> dict:
@@ -110,7 +110,7 @@ def main() -> None:
             f"| {ph.get('source', 0):.0f} | {ph.get('train', 0):.0f} | {r['steps_run']} "
             f"| {r['max_rss_bytes'] / 1e9:.2f} GB | {r['peak_private_bytes'] / 1e9:.2f} GB |"
         )
-    machine = {"cpus": os.cpu_count(), "cpu": cpu_model(), "load_average": os.getloadavg(), "bfloat16": compute.bf16_speed("cpu").reason}
+    machine = {"cpus": os.cpu_count(), "cpu": cpu_model(), "load_average": os.getloadavg(), "bfloat16": bf16_speed("cpu").reason}
     out = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

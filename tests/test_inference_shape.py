@@ -97,17 +97,23 @@ def test_the_loader_takes_the_full_shape_then_the_largest_lean_one_then_refuses(
     assert loader.pick_dtype(ck) == "float32" and loader.shape == FULL_SHAPE
 
 
+def _force_lean(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Put the full shape over any budget; returns the logits budgets the scoring batches are given."""
+    real_need = scoring.Loader._need
+    monkeypatch.setattr(scoring.Loader, "_need", lambda self, ck, dt, sh: 10**15 if sh == FULL_SHAPE else real_need(self, ck, dt, sh))
+    budgets: list[int] = []
+    real_batches = scoring.length_batches
+    monkeypatch.setattr(scoring, "length_batches", lambda *a, **k: budgets.append(k.get("logits_bytes")) or real_batches(*a, **k))
+    return budgets
+
+
 def test_refine_samples_and_scores_in_the_lean_shape_it_was_given(models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """With the full shape over the budget, the source samples LEAN_SHAPES[0].rows rows at a time,
     scores within its logits, and the report says so; the run finishes and writes its adapter."""
-    real_need = scoring.Loader._need
-    monkeypatch.setattr(scoring.Loader, "_need", lambda self, ck, dt, sh: 10**15 if sh == FULL_SHAPE else real_need(self, ck, dt, sh))
+    budgets = _force_lean(monkeypatch)
     rows: list[int] = []
     real_sample = probe_set.sample_probes
     monkeypatch.setattr(probe_set, "sample_probes", lambda *a, **kw: rows.append(kw["rows"]) or real_sample(*a, **kw))
-    budgets: list[int] = []
-    real_batches = probe_set.length_batches
-    monkeypatch.setattr(scoring, "length_batches", lambda *a, **kw: budgets.append(kw.get("logits_bytes")) or real_batches(*a, **kw))
     report = fast_refine(models, tmp_path / "lean")
     lean = LEAN_SHAPES[0]
     assert rows and set(rows) == {lean.rows}
@@ -137,14 +143,10 @@ def test_verify_in_a_lean_shape_samples_the_same_texts_and_scores_them_alike(tmp
     full = verify_mod.run_verify(model, adapter, model, out, **kw)
     assert "source_inference" not in full["summary"]["dtypes"]
 
-    real_need = scoring.Loader._need
-    monkeypatch.setattr(scoring.Loader, "_need", lambda self, ck, dt, sh: 10**15 if sh == FULL_SHAPE else real_need(self, ck, dt, sh))
+    budgets = _force_lean(monkeypatch)
     rows: list[int] = []
     real_sample = verify_mod.sample_probes
     monkeypatch.setattr(verify_mod, "sample_probes", lambda *a, **k: rows.append(k["rows"]) or real_sample(*a, **k))
-    budgets: list[int] = []
-    real_batches = scoring.length_batches
-    monkeypatch.setattr(scoring, "length_batches", lambda *a, **k: budgets.append(k.get("logits_bytes")) or real_batches(*a, **k))
     lean = verify_mod.run_verify(model, adapter, model, out, **kw)
     assert rows and set(rows) == {LEAN_SHAPES[0].rows}
     assert budgets and set(budgets) == {LEAN_SHAPES[0].logits_bytes}  # source and target scoring alike

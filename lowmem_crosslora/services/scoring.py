@@ -43,6 +43,7 @@ LEAN_SHAPES = (
     InferenceShape(6, 32 * 1024**2),
     InferenceShape(2, 16 * 1024**2),
 )
+SHAPES = (FULL_SHAPE, *LEAN_SHAPES)  # in the order the loader tries them
 
 
 Log = Callable[[str], None]
@@ -77,14 +78,19 @@ def encode(tokenizer: Any, probe: Probe) -> Encoded:
     return Encoded(pre + ids, len(pre) + first_tok, nbytes, int(start), ends)
 
 
+def _prompt_tokens(tokenizer: Any, prompts: list[str]) -> int:
+    """Tokens of the longest prompt, without the tokenizer's prefix."""
+    return max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
+
+
 def longest_prompt(tokenizer: Any, prompts: list[str]) -> int:
     """Tokens of the longest prompt a sampler starts from, with the tokenizer's usual prefix."""
-    return len(prefix_ids(tokenizer)) + max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0)
+    return len(prefix_ids(tokenizer)) + _prompt_tokens(tokenizer, prompts)
 
 
 def longest_sequence(tokenizer: Any, prompts: list[str], new_tokens: int, texts: list[Probe] = ()) -> int:  # type: ignore[assignment]
     """The longest sequence a model will see: a prompt and its sampled continuation, or a given text."""
-    longest = max((len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts), default=0) + new_tokens + 1
+    longest = _prompt_tokens(tokenizer, prompts) + new_tokens + 1
     return max([longest, *(len(encode(tokenizer, t).ids) for t in texts)])
 
 
@@ -245,7 +251,7 @@ class Loader:
         if fits is not None:
             self.shape = fits
             return "bfloat16"
-        need = min(self._need(ckpt, "bfloat16", sh) for sh in (FULL_SHAPE, *LEAN_SHAPES))
+        need = min(self._need(ckpt, "bfloat16", sh) for sh in SHAPES)
         raise BudgetError(
             f"{ckpt.role} model {ckpt.path} needs about {format_size(need)} of working memory to score texts in bfloat16, "
             f"over the budget ({format_size(max(0, int(room)))} left); {raise_to(self.budget, self.device, max(need, self.floor))}"
@@ -260,7 +266,7 @@ class Loader:
 
     def _fitting_shape(self, ckpt: Checkpoint, dtype: str, room: float) -> InferenceShape | None:
         """The full shape where it fits `room`, else the largest lean one that does (None: none)."""
-        return next((sh for sh in (FULL_SHAPE, *LEAN_SHAPES) if self._need(ckpt, dtype, sh) <= room), None)
+        return next((sh for sh in SHAPES if self._need(ckpt, dtype, sh) <= room), None)
 
     def tokenizer(self, ckpt: Checkpoint) -> Any:
         """The model folder's own tokenizer; it must be a fast one (character offsets)."""
