@@ -147,7 +147,7 @@ def test_refined_output_is_a_peft_adapter_that_changes_the_target(models: dict[s
         # Each text with the seed its own random draws came from: (run seed 0, origin, prompt, sample index).
         i = PROMPTS.index(t["prompt"])
         assert t["text"] and t["seed"] in {stable_seed("probe", 0, t["origin"], i, t["prompt"], j) for j in range(4)}
-        assert len(t["source_token_ends"]) == len(t["source_token_delta"])
+        assert t["source_token_ends"] and "source_token_delta" not in t  # "lm" never reads the source's changes
     assert len({t["seed"] for t in texts}) == len(texts)
     # Different tokenizations: the qwen2's merged pairs span several of the llama's one-character tokens.
     tgt_tok = AutoTokenizer.from_pretrained(models["target"])
@@ -162,6 +162,33 @@ def test_same_seed_same_bytes_other_seed_other_bytes(models: dict[str, Path], re
     refine(models, tmp_path / "seed1", seed=1)
     assert adapter_bytes(tmp_path / "seed1") != adapter_bytes(refined["out"])
     assert [t["text"] for t in probe_texts(tmp_path / "seed1")] != [t["text"] for t in probe_texts(refined["out"])]
+
+
+def test_lm_does_not_score_its_training_texts_on_the_source_and_writes_the_same_bytes(
+    models: dict[str, Path], refined: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ "lm" never reads the source adapter's per-token changes, so refine does not score the training
+    texts with the adapter on and off (two source passes over each text); the adapter it writes is the
+    one a run that scores them writes, and the held-out texts are still scored."""
+    from lowmem_crosslora.services import probe_set
+
+    scored: list[int] = []
+    real = probe_set._token_changes
+
+    def spy(model: Any, enc: list[Any], *args: Any) -> list[list[float]]:
+        scored.append(len(enc))
+        return real(model, enc, *args)
+
+    monkeypatch.setattr(probe_set, "_token_changes", spy)
+    report = refine(models, tmp_path / "plain")
+    assert scored == [] and report["refine"]["holdout"]["texts"] > 0
+    assert adapter_bytes(tmp_path / "plain") == adapter_bytes(refined["out"])
+    monkeypatch.setattr(refine_mod, "uses_token_changes", lambda objective: True)
+    refine(models, tmp_path / "scored")
+    assert scored == [4]  # the 4 training texts, once, when an objective would read them
+    texts = probe_texts(tmp_path / "scored")
+    assert all(len(t["source_token_delta"]) == len(t["source_token_ends"]) for t in texts)
+    assert adapter_bytes(tmp_path / "scored") == adapter_bytes(refined["out"])
 
 
 def test_killed_cli_run_resumes_to_the_same_bytes(

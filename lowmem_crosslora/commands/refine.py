@@ -47,6 +47,7 @@ from lowmem_crosslora.services.distill import (
     soft_counts,
     truncate,
     uses_contrast,
+    uses_token_changes,
 )
 from lowmem_crosslora.services.effects import ControlInPlace, lora_is_nil
 from lowmem_crosslora.services.holdout import Holdout, target_held
@@ -231,7 +232,8 @@ def _open_run(
 
 
 def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:
-    """The probe texts with the source's per-token changes: kept from an interrupted run, else made now."""
+    """The probe texts (with the source's per-token changes where the objective reads them): kept from
+    an interrupted run, else made now."""
     probes_file = run.state / PROBES_NAME
     if probes_file.exists():
         prep = Prepared.from_json(json.loads(probes_file.read_text()))
@@ -256,6 +258,7 @@ def _probe_texts(run: RefineRun, loader: Loader, tok: Any) -> Prepared:
         chat=opts.chat,
         holdout=opts.holdout,
         next_top=opts.soft_top if opts.objective == "lm+soft" else 0,
+        token_changes=uses_token_changes(opts.objective),
     )
     prep.extra = {**prep.extra, "seed": opts.seed, "prompts": opts.prompts or "built-in", "max_new_tokens": opts.max_new_tokens}
     write_json(probes_file, prep.to_json())

@@ -24,14 +24,15 @@ from lowmem_crosslora.services.scoring import Loader, Log, encode, free, length_
 @dataclass
 class Prepared:
     """The source's contribution, computed once and kept in the state folder: probe texts and, per
-    text, the source's token ends and per-token change in log-probability (adapter on minus off).
+    text, the source's token ends and per-token change in log-probability (adapter on minus off;
+    None where the objective never reads them, distill.uses_token_changes: not scored at all).
     The held-out texts (never trained on) come with their own seed and, per text, the source effect:
     log-likelihood per byte with the adapter on minus off, as verify measures it."""
 
     probes: list[Probe]
     src_start: list[int]
     src_ends: list[list[int]]
-    src_delta: list[list[float]]
+    src_delta: list[list[float]] | None
     seconds: float
     sample_seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -44,10 +45,11 @@ class Prepared:
     src_next: list[list[list[list[Any]]]] | None = None
 
     def to_json(self) -> dict[str, Any]:
+        deltas = self.src_delta if self.src_delta is not None else [None] * len(self.probes)
         out = {
             "texts": [
-                {**p.to_json(), "source_start": s, "source_token_ends": e, "source_token_delta": [round(v, 6) for v in d]}
-                for p, s, e, d in zip(self.probes, self.src_start, self.src_ends, self.src_delta, strict=True)
+                {**p.to_json(), "source_start": s, "source_token_ends": e, **({"source_token_delta": [round(v, 6) for v in d]} if d is not None else {})}
+                for p, s, e, d in zip(self.probes, self.src_start, self.src_ends, deltas, strict=True)
             ],
             "seconds": round(self.seconds, 3),
             **self.extra,
@@ -67,7 +69,9 @@ class Prepared:
             ps.append(Probe(t["prompt"], t["text"], t["seed"], t["origin"]))
             ss.append(int(t["source_start"]))
             es.append([int(v) for v in t["source_token_ends"]])
-            ds.append([float(v) for v in t["source_token_delta"]])
+            if "source_token_delta" in t:
+                ds.append([float(v) for v in t["source_token_delta"]])
+        scored = len(ds) == len(ps)  # not scored: no text has them (Prepared.src_delta None)
         extra = {k: v for k, v in obj.items() if k not in ("texts", "seconds", "holdout")}
         held = obj.get("holdout")
         hp = [Probe(t["prompt"], t["text"], t["seed"], t["origin"]) for t in held["texts"]] if held else []
@@ -75,7 +79,8 @@ class Prepared:
         has_next = bool(obj["texts"]) and "source_next" in obj["texts"][0]
         nxt = [[[[str(w), *(float(v) for v in vals)] for w, *vals in pos] for pos in t["source_next"]] for t in obj["texts"]] if has_next else None
         seed = held["seed"] if held else None
-        return cls(ps, ss, es, ds, float(obj.get("seconds", 0.0)), extra=extra, holdout=hp, holdout_effect=he, holdout_seed=seed, src_next=nxt)
+        delta = ds if scored else None
+        return cls(ps, ss, es, delta, float(obj.get("seconds", 0.0)), extra=extra, holdout=hp, holdout_effect=he, holdout_seed=seed, src_next=nxt)
 
 
 def prepare_source(
@@ -97,6 +102,7 @@ def prepare_source(
     amplify: float = 0.0,
     chat: bool = False,
     next_top: int = 0,
+    token_changes: bool = True,
 ) -> Prepared:
     """Sample probe and contrast texts from the source (adapter on / off; `prompts` None: the built-in
     ones), score them token by token under both, free the source. `holdout` more texts of source +
@@ -107,7 +113,9 @@ def prepare_source(
     through the source's chat template, its own user turn and its answer (probes.sample_chat_probes),
     where it has one. `next_top` > 0 ("lm+soft"): at each scored token, the source's `next_top`
     likeliest next tokens with the adapter on and with it off are kept too, as text, with the adapter's
-    change in each one's log-probability (_changes_and_next). The report states the set's composition."""
+    change in each one's log-probability (_changes_and_next). `token_changes` False: the training texts
+    are not scored token by token (the objective never reads it; "excess" and `next_top` score them
+    anyway). The report states the set's composition."""
     t0 = time.perf_counter()
     loader.tokens = longest_sequence(tok, prompts or list(DEFAULT_PROMPTS), max_new_tokens, user)
     loader.prompt = longest_prompt(tok, prompts or list(DEFAULT_PROMPTS))
@@ -150,9 +158,10 @@ def prepare_source(
         raise InputError("no probe texts: every sample ended at once (empty continuations); try other --prompts or pass --texts")
     enc = [encode(tok, p) for p in probes]
     nxt: list[list[list[list[Any]]]] | None = None
+    delta: list[list[float]] | None = None
     if next_top:
         delta, nxt = _changes_and_next(model, tok, enc, dev, vocab_size(src), next_top, shape.logits_bytes)
-    else:
+    elif token_changes or selection == "excess":
         delta = _token_changes(model, enc, dev, vocab_size(src), shape.logits_bytes)
     held, held_effect, held_excess = _source_effects(model, tok, held, dev, vocab_size(src), shape.logits_bytes)
     del model, base
@@ -161,11 +170,12 @@ def prepare_source(
     composition: dict[str, Any] = {"rule": selection, **({"amplified": {"alpha": amplify, "sampled": n_amp}} if amplify else {})}
     if chat:
         composition["chat"] = {"sampled": len(chats)}
-    if selection == "excess":
+    if selection == "excess" and delta is not None:
         ad_ix = [i for i, p in enumerate(probes) if p.origin == "adapter"]
         chosen, composition["train"] = select([probes[i].text for i in ad_ix], [excess(delta[i]) for i in ad_ix], samples)
         keep = {ad_ix[k] for k in chosen} | {i for i, p in enumerate(probes) if p.origin != "adapter"}
-        probes, starts, ends, delta = ([x[i] for i in sorted(keep)] for x in (probes, starts, ends, delta))
+        probes, starts, ends = ([x[i] for i in sorted(keep)] for x in (probes, starts, ends))
+        delta = [delta[i] for i in sorted(keep)]
         nxt = [nxt[i] for i in sorted(keep)] if nxt is not None else None
         if held:
             chosen, composition["holdout"] = select([p.text for p in held], held_excess, holdout)
@@ -325,11 +335,13 @@ def target_texts(tok: Any, prep: Prepared, soft_teacher: str = "shift") -> list[
     both tokenizations share; texts with nothing to score are left out."""
     out = []
     vocab = vocabulary_by_text(tok) if prep.src_next is not None else {}
-    for k, (p, s0, se, sd) in enumerate(zip(prep.probes, prep.src_start, prep.src_ends, prep.src_delta, strict=True)):
+    deltas = prep.src_delta if prep.src_delta is not None else [None] * len(prep.probes)
+    for k, (p, s0, se, sd) in enumerate(zip(prep.probes, prep.src_start, prep.src_ends, deltas, strict=True)):
         e = encode(tok, p)
         if e.nbytes == 0 or len(e.ids) - e.first < 1:
             continue
-        seg, delta = segments(s0, se, e.start, list(e.ends), sd)
+        # not scored (an objective that never reads them): no segments
+        seg, delta = segments(s0, se, e.start, list(e.ends), sd) if sd is not None else ([-1] * len(e.ends), [])
         nxt = prep.src_next[k] if prep.src_next is not None and p.origin == "adapter" else None
         soft = soft_sets(s0, se, nxt, e.start, list(e.ends), vocab, SOFT_VALUE[soft_teacher]) if nxt is not None else None
         out.append(TrainText(e.ids, e.first, seg, delta, p.origin, e.nbytes, soft=soft))
