@@ -1,7 +1,8 @@
 """What one `refine` costs, alone, on both compute paths (issue 16: <= 5 minutes and <= 2 GB per 0.5B
 target on a 2-core machine, on every CPU).
 
-    python -m bench.refine_cost [--source smollm2-135m] [--target qwen2.5-coder-0.5b] [--adapter DIR] [--compute auto,float32] [--patience 24] [--set chat=true]
+    python -m bench.refine_cost [--source smollm2-135m] [--target qwen2.5-coder-0.5b] [--adapter DIR] [--compute auto,float32]
+                                [--patience 24] [--set chat=true] [--against REV]
 
 Each run is `run_refine` at the shipped settings and `--max-memory 2GB` in a process of its own
 (bench_refine's `--one`), timed by /usr/bin/time (wall seconds, maximum RSS); the report gives the
@@ -9,7 +10,10 @@ phases (source sampling and scoring, training) and the peak private memory that 
 "float32" forces the path of a CPU without bfloat16 instructions (bfloat16 weights computing in
 float32), so one machine measures both; "auto" is what refine picks here. Run it on a quiet machine:
 it measures seconds. `--patience 24` makes every run train all its steps: the worst case, where the
-held-out recovery still rises at the last step. Prints a table and writes bench/results/refine-cost.json.
+held-out recovery still rises at the last step. `--against REV` runs each case first with the code of
+git revision REV (a detached worktree under the work folder), then with this checkout's, so the two are
+timed minutes apart on the same machine: the ratio is what to quote, since a shared machine's speed
+drifts more than that between sessions. Prints a table and writes bench/results/refine-cost.json.
 """
 
 from __future__ import annotations
@@ -17,24 +21,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from bench import BENCH, repo_env
+from bench import BENCH, REPO, repo_env
 from bench.bench_refine import parse_overrides
 from lowmem_crosslora.services.compute import bf16_speed
 
 
-def one(args: argparse.Namespace, compute: str) -> dict:
+def worktree(args: argparse.Namespace, rev: str) -> tuple[Path, str]:
+    """A detached worktree of `rev` under the work folder (made once, reused), and its short commit."""
+    commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", rev], capture_output=True, text=True, check=True).stdout.strip()
+    tree = args.work / f"rev-{commit}"
+    if not (tree / "lowmem_crosslora").is_dir():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", "--force", str(tree), commit], check=True, capture_output=True)
+    return tree, commit
+
+
+def one(args: argparse.Namespace, compute: str, rev: str | None = None) -> dict:
     extra = parse_overrides(args.set)
+    code, commit = worktree(args, rev) if rev else (REPO, None)
     out = args.work / (
         f"cost-{args.source}-{args.target}-{compute}"
         + (f"-patience{args.patience}" if args.patience else "")
         + "".join(f"-{k}{v}" for k, v in extra.items())
         + (f"-max{args.max_memory}" if args.max_memory != "2GB" else "")
+        + (f"-at-{commit}" if commit else "")
     )
+    if out.exists():  # a finished folder would be kept, not timed again
+        shutil.rmtree(out)
     spec = {
         "source": str(args.data / args.source),
         "adapter": str(args.adapter),
@@ -52,14 +70,17 @@ def one(args: argparse.Namespace, compute: str) -> dict:
     rss = args.work / f"time-{out.name}.txt"
     cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss), sys.executable, "-m", "bench.bench_refine", "--one", json.dumps(spec)]
     env = repo_env(args.threads)
+    if commit:  # the reference's own code first on the path, run from its folder
+        env["PYTHONPATH"] = str(code) + os.pathsep + env["PYTHONPATH"]
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=code)
     wall = time.perf_counter() - t0
     if p.returncode:
         raise SystemExit(f"refine ({compute}) failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
     s = json.loads((out / "crosslora_report.json").read_text())["summary"]
     return {
         "compute": compute,
+        "code": commit or "this checkout",
         "patience": args.patience,
         "options": extra,
         "compute_dtype": s["train_shape"]["compute_dtype"],
@@ -91,6 +112,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--patience", type=int, default=None, help="refine's --patience [default: refine's]; 24 runs every step (the worst case)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a refine option for every run, e.g. chat=true (a benchmark candidate's)")
+    ap.add_argument("--against", default=None, metavar="REV", help="also time the code of this git revision, just before each run of ours")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "refine-cost.json")
     args = ap.parse_args()
     args.work = args.data / "refine-bench" / "cost"
@@ -99,16 +121,27 @@ def main() -> None:
         args.adapter = args.data / "refine-bench" / "human" / "caps" / f"caps-lora-{args.source}"
     if not (args.adapter / "adapter_config.json").exists():
         raise SystemExit(f"{args.adapter} is missing: run `python -m bench.bench_refine --cases smol-qwen:caps` first, or pass --adapter")
-    rows = [one(args, c) for c in args.compute.split(",")]
-    print("| compute | dtype | patience | wall s | source s | train s | steps | max RSS | peak private |")
-    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    rows = []
+    for c in args.compute.split(","):
+        if args.against:
+            rows.append(one(args, c, args.against))
+        rows.append(one(args, c))
+        if args.against:  # ours over the reference's, timed minutes apart
+            ref, ours = rows[-2], rows[-1]
+            ours["ratio_to_reference"] = {"wall": round(ours["wall_seconds"] / ref["wall_seconds"], 3)}
+            for k, v in ours["phase_seconds"].items():
+                if ref["phase_seconds"].get(k):
+                    ours["ratio_to_reference"][k] = round(v / ref["phase_seconds"][k], 3)
+    print("| code | compute | dtype | patience | wall s | source s | train s | steps | max RSS | peak private | wall / reference |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ph = r["phase_seconds"]
         opts = "".join(f" {k}={v}" for k, v in r["options"].items())
+        ratio = r.get("ratio_to_reference", {}).get("wall")
         print(
-            f"| {r['compute']}{opts} | {r['compute_dtype']} | {r['patience'] or 'default'} | {r['wall_seconds']} "
+            f"| {r['code']} | {r['compute']}{opts} | {r['compute_dtype']} | {r['patience'] or 'default'} | {r['wall_seconds']} "
             f"| {ph.get('source', 0):.0f} | {ph.get('train', 0):.0f} | {r['steps_run']} "
-            f"| {r['max_rss_bytes'] / 1e9:.2f} GB | {r['peak_private_bytes'] / 1e9:.2f} GB |"
+            f"| {r['max_rss_bytes'] / 1e9:.2f} GB | {r['peak_private_bytes'] / 1e9:.2f} GB | {ratio if ratio else ''} |"
         )
     machine = {"cpus": os.cpu_count(), "cpu": cpu_model(), "load_average": os.getloadavg(), "bfloat16": bf16_speed("cpu").reason}
     out = {"machine": machine, "args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
