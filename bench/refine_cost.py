@@ -13,7 +13,10 @@ it measures seconds. `--patience 24` makes every run train all its steps: the wo
 held-out recovery still rises at the last step. `--against REV` runs each case first with the code of
 git revision REV (a detached worktree under the work folder), then with this checkout's, so the two are
 timed minutes apart on the same machine: the ratio is what to quote, since a shared machine's speed
-drifts more than that between sessions. Prints a table and writes bench/results/refine-cost.json.
+drifts more than that between sessions. `--memory-limit none,2GB` runs each refine without a limit,
+then inside a memory cgroup of that size that charges the page cache too (bench/memory_limit.py): whether the whole run, mapped weights
+included, fits a machine with that much memory, and how much slower it is there. Prints a table and
+writes bench/results/refine-cost.json.
 """
 
 from __future__ import annotations
@@ -29,7 +32,9 @@ from pathlib import Path
 
 from bench import BENCH, REPO, repo_env
 from bench.bench_refine import parse_overrides
+from bench.memory_limit import MemoryLimit, evict
 from lowmem_crosslora.services.compute import bf16_speed
+from lowmem_crosslora.sizes import parse_size
 
 
 def worktree(args: argparse.Namespace, rev: str) -> tuple[Path, str]:
@@ -41,7 +46,7 @@ def worktree(args: argparse.Namespace, rev: str) -> tuple[Path, str]:
     return tree, commit
 
 
-def one(args: argparse.Namespace, compute: str, rev: str | None = None) -> dict:
+def one(args: argparse.Namespace, compute: str, rev: str | None = None, memory_limit: str | None = None) -> dict:
     extra = parse_overrides(args.set)
     code, commit = worktree(args, rev) if rev else (REPO, None)
     out = args.work / (
@@ -49,6 +54,7 @@ def one(args: argparse.Namespace, compute: str, rev: str | None = None) -> dict:
         + (f"-patience{args.patience}" if args.patience else "")
         + "".join(f"-{k}{v}" for k, v in extra.items())
         + (f"-max{args.max_memory}" if args.max_memory != "2GB" else "")
+        + (f"-limit{memory_limit}" if memory_limit else "")
         + (f"-at-{commit}" if commit else "")
     )
     if out.exists():  # a finished folder would be kept, not timed again
@@ -72,13 +78,24 @@ def one(args: argparse.Namespace, compute: str, rev: str | None = None) -> dict:
     env = repo_env(args.threads)
     if commit:  # the reference's own code first on the path, run from its folder
         env["PYTHONPATH"] = str(code) + os.pathsep + env["PYTHONPATH"]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=code)
-    wall = time.perf_counter() - t0
+    limit = MemoryLimit(parse_size(memory_limit), out.name) if memory_limit else None
+    if limit:
+        evict([args.data / args.source, args.data / args.target, args.adapter])
+    try:
+        t0 = time.perf_counter()
+        p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=code, preexec_fn=limit.enter if limit else None)
+        wall = time.perf_counter() - t0
+        cgroup = {"memory_limit": memory_limit, "cgroup_peak_bytes": limit.peak(), "oom_kills": limit.oom_kills()} if limit else {}
+    finally:
+        if limit:
+            limit.close()
     if p.returncode:
-        raise SystemExit(f"refine ({compute}) failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
+        last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode
+        why = "killed for want of memory in the cgroup" if cgroup.get("oom_kills") else last
+        raise SystemExit(f"refine ({compute}) failed: {why}")
     s = json.loads((out / "crosslora_report.json").read_text())["summary"]
     return {
+        **cgroup,
         "compute": compute,
         "code": commit or "this checkout",
         "patience": args.patience,
@@ -90,6 +107,14 @@ def one(args: argparse.Namespace, compute: str, rev: str | None = None) -> dict:
         "max_rss_bytes": int(rss.read_text().split()[-1]) * 1024,
         "peak_private_bytes": s["peak_host_bytes"],
     }
+
+
+def cgroup_text(row: dict) -> str:
+    """The memory limit a row ran under, with the cgroup's peak (page cache included), or "none"."""
+    if not row.get("memory_limit"):
+        return "none"
+    peak = row.get("cgroup_peak_bytes")
+    return row["memory_limit"] + (f" ({peak / 1e9:.2f} GB)" if peak else "")
 
 
 def cpu_model() -> str:
@@ -112,6 +137,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--patience", type=int, default=None, help="refine's --patience [default: refine's]; 24 runs every step (the worst case)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a refine option for every run, e.g. chat=true (a benchmark candidate's)")
+    ap.add_argument("--memory-limit", default=None, metavar="SIZE", help="memory cgroup sizes, page cache included (Linux, root), each timed; none: no limit")
     ap.add_argument("--against", default=None, metavar="REV", help="also time the code of this git revision, just before each run of ours")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "refine-cost.json")
     args = ap.parse_args()
@@ -122,24 +148,26 @@ def main() -> None:
     if not (args.adapter / "adapter_config.json").exists():
         raise SystemExit(f"{args.adapter} is missing: run `python -m bench.bench_refine --cases smol-qwen:caps` first, or pass --adapter")
     rows = []
+    limits = [None if x == "none" else x for x in (args.memory_limit or "none").split(",")]
     for c in args.compute.split(","):
-        if args.against:
-            rows.append(one(args, c, args.against))
-        rows.append(one(args, c))
+        for lim in limits:
+            if args.against:
+                rows.append(one(args, c, args.against, lim))
+            rows.append(one(args, c, None, lim))
         if args.against:  # ours over the reference's, timed minutes apart
             ref, ours = rows[-2], rows[-1]
             ours["ratio_to_reference"] = {"wall": round(ours["wall_seconds"] / ref["wall_seconds"], 3)}
             for k, v in ours["phase_seconds"].items():
                 if ref["phase_seconds"].get(k):
                     ours["ratio_to_reference"][k] = round(v / ref["phase_seconds"][k], 3)
-    print("| code | compute | dtype | patience | wall s | source s | train s | steps | max RSS | peak private | wall / reference |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| code | compute | dtype | patience | memory limit (cgroup peak) | wall s | source s | train s | steps | max RSS | peak private | / reference |")
+    print("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         ph = r["phase_seconds"]
         opts = "".join(f" {k}={v}" for k, v in r["options"].items())
         ratio = r.get("ratio_to_reference", {}).get("wall")
         print(
-            f"| {r['code']} | {r['compute']}{opts} | {r['compute_dtype']} | {r['patience'] or 'default'} | {r['wall_seconds']} "
+            f"| {r['code']} | {r['compute']}{opts} | {r['compute_dtype']} | {r['patience'] or 'default'} | {cgroup_text(r)} | {r['wall_seconds']} "
             f"| {ph.get('source', 0):.0f} | {ph.get('train', 0):.0f} | {r['steps_run']} "
             f"| {r['max_rss_bytes'] / 1e9:.2f} GB | {r['peak_private_bytes'] / 1e9:.2f} GB | {ratio if ratio else ''} |"
         )

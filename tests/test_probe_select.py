@@ -142,3 +142,27 @@ def test_refine_with_chat_probes_reports_them_and_falls_back_without_a_template(
     assert 0 < report["refine"]["probe_set"]["selection"]["chat"]["sampled"] <= 2 and report["options"]["chat"] is True
     kept = json.loads((tmp_path / "out" / PROBES_NAME).read_text())
     assert not any("<s>" in t["prompt"] for t in kept["texts"])
+
+
+def test_sampling_runs_one_forward_pass_per_token_drawn(tmp_path: Path) -> None:
+    """The prompt's pass draws the first token and each later pass one more: n tokens cost n passes,
+    none after the last (it was one pass in 49 of the source phase at the defaults); a shorter draw is
+    a prefix of a longer one with the same seeds."""
+    pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    from helpers import refine_pair
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lowmem_crosslora.services.probes import _eos_ids, _sample_rows
+
+    m = refine_pair(tmp_path)
+    tok = AutoTokenizer.from_pretrained(str(m["source"]))
+    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(m["source"])), str(m["adapter"]))
+    model.eval()
+    calls = []
+    model.register_forward_pre_hook(lambda mod, args: calls.append(1))
+    prompts = [tok("The weather", add_special_tokens=False)["input_ids"], tok("A story:", add_special_tokens=False)["input_ids"]]
+    short = _sample_rows(model, prompts, [1, 2], set(), 5, 0.95, 1.0, "cpu")
+    assert len(calls) == 5 and [len(r) for r in short] == [5, 5]
+    long = _sample_rows(model, prompts, [1, 2], set(), 9, 0.95, 1.0, "cpu")
+    assert len(calls) == 5 + 9 and [r[:5] for r in long] == short

@@ -387,7 +387,7 @@ def _sample_rows(
                     done[r] = True
                 else:
                     rows[r].append(t)
-            if bool(done.all()):
+            if bool(done.all()) or _step == steps - 1:  # the last token drawn needs no forward pass after it
                 break
             mask = torch.cat([mask, torch.ones(B, 1, dtype=mask.dtype, device=mask.device)], dim=1)
             res = model(input_ids=tok.unsqueeze(1).to(device), attention_mask=mask, position_ids=nxt_pos, use_cache=True, **{cache_arg: past})
