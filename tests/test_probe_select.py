@@ -153,7 +153,7 @@ def test_sampling_runs_one_forward_pass_per_token_drawn(tmp_path: Path) -> None:
     from helpers import refine_pair
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from lowmem_crosslora.services.probes import _eos_ids, _sample_rows
+    from lowmem_crosslora.services.probes import _sample_rows
 
     m = refine_pair(tmp_path)
     tok = AutoTokenizer.from_pretrained(str(m["source"]))
