@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -57,22 +58,28 @@ def test_refine_with_the_excess_selection_reports_its_composition(tmp_path: Path
     assert report["options"]["probe_select"] == "excess"
 
 
-def test_amplified_sampling_is_plain_sampling_when_the_adapter_changes_nothing(tmp_path: Path) -> None:
-    """logits_A + alpha (logits_A - logits_base) is logits_A when the adapter moves nothing (lora_B = 0):
-    the same rows, token for token, as plain sampling with the same seeds; with a real adapter the
-    amplified rows differ."""
+def _source_with_adapter(tmp_path: Path) -> tuple[Any, Any, list[list[int]]]:
+    """The tiny llama source with its LoRA (PEFT, eval mode), its tokenizer, and two prompts as ids."""
     pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     from helpers import refine_pair
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lowmem_crosslora.services.probes import _eos_ids, _sample_rows
 
     m = refine_pair(tmp_path)
     tok = AutoTokenizer.from_pretrained(str(m["source"]))
     model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(m["source"])), str(m["adapter"]))
     model.eval()
     prompts = [tok("The weather", add_special_tokens=False)["input_ids"], tok("A story:", add_special_tokens=False)["input_ids"]]
+    return tok, model, prompts
+
+
+def test_amplified_sampling_is_plain_sampling_when_the_adapter_changes_nothing(tmp_path: Path) -> None:
+    """logits_A + alpha (logits_A - logits_base) is logits_A when the adapter moves nothing (lora_B = 0):
+    the same rows, token for token, as plain sampling with the same seeds; with a real adapter the
+    amplified rows differ."""
+    from lowmem_crosslora.services.probes import _eos_ids, _sample_rows
+
+    tok, model, prompts = _source_with_adapter(tmp_path)
     eos = _eos_ids(model, tok)
     plain = _sample_rows(model, prompts, [1, 2], eos, 12, 0.95, 1.0, "cpu")
     amped = _sample_rows(model, prompts, [1, 2], eos, 12, 0.95, 1.0, "cpu", amplify=1.0)
@@ -148,20 +155,11 @@ def test_sampling_runs_one_forward_pass_per_token_drawn(tmp_path: Path) -> None:
     """The prompt's pass draws the first token and each later pass one more: n tokens cost n passes,
     none after the last (it was one pass in 49 of the source phase at the defaults); a shorter draw is
     a prefix of a longer one with the same seeds."""
-    pytest.importorskip("transformers")
-    peft = pytest.importorskip("peft")
-    from helpers import refine_pair
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from lowmem_crosslora.services.probes import _sample_rows
 
-    m = refine_pair(tmp_path)
-    tok = AutoTokenizer.from_pretrained(str(m["source"]))
-    model = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(m["source"])), str(m["adapter"]))
-    model.eval()
+    _tok, model, prompts = _source_with_adapter(tmp_path)
     calls = []
     model.register_forward_pre_hook(lambda mod, args: calls.append(1))
-    prompts = [tok("The weather", add_special_tokens=False)["input_ids"], tok("A story:", add_special_tokens=False)["input_ids"]]
     short = _sample_rows(model, prompts, [1, 2], set(), 5, 0.95, 1.0, "cpu")
     assert len(calls) == 5 and [len(r) for r in short] == [5, 5]
     long = _sample_rows(model, prompts, [1, 2], set(), 9, 0.95, 1.0, "cpu")
