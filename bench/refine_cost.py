@@ -141,10 +141,12 @@ def main() -> None:
     ap.add_argument("--against", default=None, metavar="REV", help="also time the code of this git revision, just before each run of ours")
     ap.add_argument("--out", type=Path, default=BENCH / "results" / "refine-cost.json")
     args = ap.parse_args()
+    args.data = args.data.resolve()  # absolute: a reference revision runs from its own folder
     args.work = args.data / "refine-bench" / "cost"
     args.work.mkdir(parents=True, exist_ok=True)
     if args.adapter is None:
         args.adapter = args.data / "refine-bench" / "human" / "caps" / f"caps-lora-{args.source}"
+    args.adapter = args.adapter.resolve()
     if not (args.adapter / "adapter_config.json").exists():
         raise SystemExit(f"{args.adapter} is missing: run `python -m bench.bench_refine --cases smol-qwen:caps` first, or pass --adapter")
     rows = []
