@@ -42,7 +42,6 @@ class MemoryLimit:
                 self._write("memory.memsw.limit_in_bytes", limit)
         except OSError as e:
             raise SystemExit(f"--memory-limit: cannot make a memory cgroup at {self.path}: {e.strerror} (root needed)") from None
-        self.limit = limit
 
     def _write(self, name: str, value: int) -> None:
         (self.path / name).write_text(f"{value}\n")

@@ -81,7 +81,7 @@ def uses_contrast(objective: str) -> bool:
 # The objectives whose loss reads the source adapter's per-token changes on the training texts (each
 # segment's change, or a token's weight). "lm", "lm+kl" and "pair" train on the texts alone, so refine
 # does not score the training texts on the source for them: two forward passes of the source over every
-# text, 40-50 s of a 0.5B target's run on 2 cores without bfloat16 (docs/BENCHMARKS.md). "lm+soft"
+# text, about half the source phase (docs/BENCHMARKS.md, "Three exact savings"). "lm+soft"
 # keeps its own scoring (it needs the source's next-token candidates too).
 TOKEN_CHANGE_OBJECTIVES = ("delta", "alm", "lm-excess", "lm+soft")
 

@@ -44,12 +44,15 @@ class Prepared:
     # the adapter on: [[token, change, log-probability], ...]
     src_next: list[list[list[list[Any]]]] | None = None
 
+    def text_deltas(self) -> list[list[float] | None]:
+        """Each text's per-token changes, or None for every text where they were not scored."""
+        return list(self.src_delta) if self.src_delta is not None else [None] * len(self.probes)
+
     def to_json(self) -> dict[str, Any]:
-        deltas = self.src_delta if self.src_delta is not None else [None] * len(self.probes)
         out = {
             "texts": [
                 {**p.to_json(), "source_start": s, "source_token_ends": e, **({"source_token_delta": [round(v, 6) for v in d]} if d is not None else {})}
-                for p, s, e, d in zip(self.probes, self.src_start, self.src_ends, deltas, strict=True)
+                for p, s, e, d in zip(self.probes, self.src_start, self.src_ends, self.text_deltas(), strict=True)
             ],
             "seconds": round(self.seconds, 3),
             **self.extra,
@@ -170,7 +173,8 @@ def prepare_source(
     composition: dict[str, Any] = {"rule": selection, **({"amplified": {"alpha": amplify, "sampled": n_amp}} if amplify else {})}
     if chat:
         composition["chat"] = {"sampled": len(chats)}
-    if selection == "excess" and delta is not None:
+    if selection == "excess":
+        assert delta is not None  # scored above for this selection
         ad_ix = [i for i, p in enumerate(probes) if p.origin == "adapter"]
         chosen, composition["train"] = select([probes[i].text for i in ad_ix], [excess(delta[i]) for i in ad_ix], samples)
         keep = {ad_ix[k] for k in chosen} | {i for i, p in enumerate(probes) if p.origin != "adapter"}
@@ -335,8 +339,7 @@ def target_texts(tok: Any, prep: Prepared, soft_teacher: str = "shift") -> list[
     both tokenizations share; texts with nothing to score are left out."""
     out = []
     vocab = vocabulary_by_text(tok) if prep.src_next is not None else {}
-    deltas = prep.src_delta if prep.src_delta is not None else [None] * len(prep.probes)
-    for k, (p, s0, se, sd) in enumerate(zip(prep.probes, prep.src_start, prep.src_ends, deltas, strict=True)):
+    for k, (p, s0, se, sd) in enumerate(zip(prep.probes, prep.src_start, prep.src_ends, prep.text_deltas(), strict=True)):
         e = encode(tok, p)
         if e.nbytes == 0 or len(e.ids) - e.first < 1:
             continue
