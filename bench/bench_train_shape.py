@@ -12,12 +12,21 @@ compute), and "upcast-fresh": the upcast path as it was before the scratch block
 fresh `.float()` copy (the reference the scratch block is measured against, in the same run). Each
 shape and path runs in a process of its own: the median step seconds (after one warm-up step) and the
 peak private memory above the loaded model. Prints a table and writes bench/results/train-shape.json.
+
+A run may name the allocator as a third field ("upcast:5:heap"). By default each run sets glibc's
+allocator as every command does (`sysmem.tune_allocator`: a block of 256 KiB or more gets its own
+mapping and goes back to the OS when freed, so the measured private memory tracks live tensors, at
+the price of a page fault per 4 KiB each time a block is reused). "heap" then raises glibc's mapping
+threshold to 32 MiB and its trim threshold to 64 MiB, so freed blocks are reused from the heap. Each
+row also records the minor page faults and the system CPU seconds of the measured steps.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,6 +50,10 @@ def run_one(spec: dict) -> dict:
     from lowmem_crosslora.sysmem import host_anon_bytes, tune_allocator
 
     tune_allocator()  # as refine does
+    if spec.get("allocator") == "heap":  # freed blocks stay in the heap for reuse (the variant measured)
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's largest
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
     path, micro, ckpt = spec["path"], spec["micro"], spec["ckpt"]
     if path == "upcast-fresh":
         compute.widen = lambda block: block.float()  # the code before the scratch block
@@ -69,7 +82,9 @@ def run_one(spec: dict) -> dict:
 
     threading.Thread(target=watch, daemon=True).start()
     seconds = []
-    for _ in range(spec["steps"] + 1):
+    for i in range(spec["steps"] + 1):
+        if i == 1:  # after the warm-up step
+            usage = resource.getrusage(resource.RUSAGE_SELF)
         t = time.perf_counter()
         for k in range(0, BATCH, micro):
             loss, _ = batch_loss(model, "lm", texts[k : k + micro], [], norm, "cpu", 0.0)
@@ -78,7 +93,13 @@ def run_one(spec: dict) -> dict:
         optim.zero_grad(set_to_none=True)
         seconds.append(time.perf_counter() - t)
     stop[0] = True
-    return {"step_seconds": [round(s, 2) for s in seconds[1:]], "peak_private_above_model_bytes": peak[0] - start}
+    end = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "step_seconds": [round(s, 2) for s in seconds[1:]],
+        "peak_private_above_model_bytes": peak[0] - start,
+        "minor_faults_per_step": (end.ru_minflt - usage.ru_minflt) // max(1, spec["steps"]),
+        "system_seconds_per_step": round((end.ru_stime - usage.ru_stime) / max(1, spec["steps"]), 2),
+    }
 
 
 def main() -> None:
@@ -99,25 +120,38 @@ def main() -> None:
         raise SystemExit(f"no model at {target}: run `python -m bench.fetch_models` first")
     rows = []
     for run in args.runs.split(","):
-        path, shape = run.split(":")
-        spec = {"target": str(target), "path": path, "micro": int(shape.rstrip("c")), "ckpt": shape.endswith("c"), "steps": args.steps}
+        path, shape, *alloc = run.split(":")
+        allocator = alloc[0] if alloc else "tool"
+        if allocator not in ("tool", "heap"):
+            raise SystemExit(f"unknown allocator {allocator!r} in {run!r}: tool or heap")
+        spec = {"target": str(target), "path": path, "micro": int(shape.rstrip("c")), "ckpt": shape.endswith("c"), "steps": args.steps, "allocator": allocator}
         cmd = [sys.executable, "-m", "bench.bench_train_shape", "--one", json.dumps(spec)]
         p = subprocess.run(cmd, env=repo_env(args.threads), capture_output=True, text=True)
         if p.returncode:
             raise SystemExit(f"{path} {shape} failed: {p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode}")
         r = json.loads(p.stdout.strip().splitlines()[-1])
-        row = {"path": path, "shape": shape, "passes": -(-BATCH // spec["micro"]), "checkpointing": spec["ckpt"], **r}
+        row = {"path": path, "shape": shape, "allocator": allocator, "passes": -(-BATCH // spec["micro"]), "checkpointing": spec["ckpt"], **r}
         row["median_step_seconds"] = statistics.median(r["step_seconds"])
         rows.append(row)
         mib = row["peak_private_above_model_bytes"] / 2**20
-        print(f"{path:13s} {shape:>3s}  passes {row['passes']}  step {row['median_step_seconds']:6.2f} s  peak +{mib:6.0f} MiB", flush=True)
+        print(
+            f"{path:13s} {shape:>3s} {allocator:4s}  passes {row['passes']}  step {row['median_step_seconds']:6.2f} s  peak +{mib:6.0f} MiB"
+            f"  faults/step {row['minor_faults_per_step']:>9,}  sys s/step {row['system_seconds_per_step']:5.2f}",
+            flush=True,
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {k: str(v) for k, v in vars(args).items() if k != "one"}
     args.out.write_text(json.dumps({"args": meta, "batch": BATCH, "tokens": TOKENS, "rows": rows}, indent=1) + "\n")
-    print("\n| path | shape | passes | step s (median) | peak private above the model |\n|---|---|---:|---:|---:|")
+    print(
+        "\n| path | shape | allocator | passes | step s (median) | peak private above the model | minor faults a step | system CPU s a step |"
+        "\n|---|---|---|---:|---:|---:|---:|---:|"
+    )
     for r in rows:
         mib = r["peak_private_above_model_bytes"] / 2**20
-        print(f"| {r['path']} | {r['shape']} | {r['passes']} | {r['median_step_seconds']:.2f} | {mib:.0f} MiB |")
+        print(
+            f"| {r['path']} | {r['shape']} | {r['allocator']} | {r['passes']} | {r['median_step_seconds']:.2f} | {mib:.0f} MiB"
+            f" | {r['minor_faults_per_step']:,} | {r['system_seconds_per_step']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -56,7 +56,13 @@ _LIBC: ctypes.CDLL | None = None
 
 
 def tune_allocator() -> None:
-    """Make glibc return freed memory to the OS promptly, so the measured figure tracks live data."""
+    """Make glibc return freed memory to the OS promptly, so the measured figure tracks live data.
+
+    It has a price: a block reused after it was returned is faulted in again, page by page. In a
+    refine training step on the 0.5B target that is about 2 million page faults and 6 s of system
+    CPU time; keeping freed blocks in the heap instead made the step about 0.8x as long but doubled
+    its peak private memory, the heap's fragmentation (docs/BENCHMARKS.md, "The allocator's page
+    faults"). The budget is the promise, so this setting stays."""
     global _LIBC
     if sys.platform.startswith("linux"):
         try:
