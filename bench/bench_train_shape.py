@@ -24,7 +24,6 @@ row also records the minor page faults and the system CPU seconds of the measure
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import resource
 import statistics
@@ -49,11 +48,10 @@ def run_one(spec: dict) -> dict:
     from lowmem_crosslora.services.target_lora import attach_lora
     from lowmem_crosslora.sysmem import host_anon_bytes, tune_allocator
 
-    tune_allocator()  # as refine does
     if spec.get("allocator") == "heap":  # freed blocks stay in the heap for reuse (the variant measured)
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD: glibc's largest
-        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
+        tune_allocator(32 << 20, 64 << 20)  # glibc's largest mapping threshold
+    else:
+        tune_allocator()  # as refine does
     path, micro, ckpt = spec["path"], spec["micro"], spec["ckpt"]
     if path == "upcast-fresh":
         compute.widen = lambda block: block.float()  # the code before the scratch block

@@ -55,20 +55,22 @@ def host_file_bytes() -> int:
 _LIBC: ctypes.CDLL | None = None
 
 
-def tune_allocator() -> None:
-    """Make glibc return freed memory to the OS promptly, so the measured figure tracks live data.
+def tune_allocator(mapped_from: int = 256 << 10, trim_above: int = 256 << 10) -> None:
+    """Make glibc return freed memory to the OS promptly, so the measured figure tracks live data:
+    blocks of `mapped_from` bytes or more get their own mapping (M_MMAP_THRESHOLD), free heap tops
+    above `trim_above` go back (M_TRIM_THRESHOLD). Every command keeps the defaults.
 
-    It has a price: a block reused after it was returned is faulted in again, page by page. In a
-    refine training step on the 0.5B target that is about 2 million page faults and 6 s of system
-    CPU time; keeping freed blocks in the heap instead made the step about 0.8x as long but doubled
-    its peak private memory, the heap's fragmentation (docs/BENCHMARKS.md, "The allocator's page
-    faults"). The budget is the promise, so this setting stays."""
+    They have a price: a block reused after it was returned is faulted in again, page by page. In a
+    refine training step on the 0.5B target that is 2-3 million page faults and 6-10 s of system CPU
+    time; keeping freed blocks in the heap instead (32 MiB, 64 MiB) made the step 0.66-0.88x as long
+    but its peak private memory 2-6x, the heap's fragmentation (docs/BENCHMARKS.md, "The allocator's
+    page faults"). The budget is the promise, so the defaults stay."""
     global _LIBC
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6")
-            libc.mallopt(-3, 256 << 10)  # M_MMAP_THRESHOLD: blocks >= 256 KiB get their own mapping
-            libc.mallopt(-1, 256 << 10)  # M_TRIM_THRESHOLD: give back free heap tops above 256 KiB
+            libc.mallopt(-3, mapped_from)  # M_MMAP_THRESHOLD
+            libc.mallopt(-1, trim_above)  # M_TRIM_THRESHOLD
             _LIBC = libc
         except (OSError, AttributeError):
             _LIBC = None
