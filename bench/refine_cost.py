@@ -93,7 +93,8 @@ def one(args: argparse.Namespace, compute: str, rev: str | None = None, memory_l
         last = p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.returncode
         why = "killed for want of memory in the cgroup" if cgroup.get("oom_kills") else last
         raise SystemExit(f"refine ({compute}) failed: {why}")
-    s = json.loads((out / "crosslora_report.json").read_text())["summary"]
+    report = json.loads((out / "crosslora_report.json").read_text())
+    s = report["summary"]
     return {
         **cgroup,
         "compute": compute,
@@ -103,10 +104,36 @@ def one(args: argparse.Namespace, compute: str, rev: str | None = None, memory_l
         "compute_dtype": s["train_shape"]["compute_dtype"],
         "wall_seconds": round(wall, 1),
         "phase_seconds": s["phase_seconds"],
-        "steps_run": len(json.loads((out / "crosslora_report.json").read_text())["refine"]["losses"]),
+        "steps_run": len(report["refine"]["losses"]),
         "max_rss_bytes": int(rss.read_text().split()[-1]) * 1024,
         "peak_private_bytes": s["peak_host_bytes"],
+        "holdout": written_step(report["refine"].get("holdout")),
     }
+
+
+def written_step(holdout: dict | None) -> dict | None:
+    """The step refine wrote and its held-out figures (recovery, its SE, z above the control), from
+    the report's `refine.holdout`; None where the run held nothing out."""
+    if not holdout:
+        return None
+    step = holdout.get("written_step")
+    ev = next((e for e in holdout.get("evaluations", []) if e["step"] == step), None)
+    return {
+        "written_step": step,
+        "carries_behaviour": holdout.get("carries_behaviour"),
+        "recovery": ev and ev["recovery"],
+        "recovery_se": ev and ev["recovery_se"],
+        "z": ev and ev["z"],
+        "history": {e["step"]: e["recovery"] for e in holdout.get("evaluations", []) if e["step"]},
+    }
+
+
+def holdout_text(h: dict | None) -> str:
+    """A row's written step as "8 (117% +/- 26, z 4.9)", or "-"."""
+    if not h or h.get("recovery") is None:
+        return "-"
+    z = f", z {h['z']:.1f}" if h.get("z") is not None else ""
+    return f"{h['written_step']} ({100 * h['recovery']:.0f}% +/- {100 * h['recovery_se']:.0f}{z})"
 
 
 def cgroup_text(row: dict) -> str:
@@ -162,15 +189,18 @@ def main() -> None:
             for k, v in ours["phase_seconds"].items():
                 if ref["phase_seconds"].get(k):
                     ours["ratio_to_reference"][k] = round(v / ref["phase_seconds"][k], 3)
-    print("| code | compute | dtype | patience | memory limit (cgroup peak) | wall s | source s | train s | steps | max RSS | peak private | / reference |")
-    print("|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+    print(
+        "| code | compute | dtype | patience | memory limit (cgroup peak) | wall s | source s | train s | steps "
+        "| step written (held-out recovery, z) | max RSS | peak private | / reference |"
+    )
+    print("|---|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|")
     for r in rows:
         ph = r["phase_seconds"]
         opts = "".join(f" {k}={v}" for k, v in r["options"].items())
         ratio = r.get("ratio_to_reference", {}).get("wall")
         print(
             f"| {r['code']} | {r['compute']}{opts} | {r['compute_dtype']} | {r['patience'] or 'default'} | {cgroup_text(r)} | {r['wall_seconds']} "
-            f"| {ph.get('source', 0):.0f} | {ph.get('train', 0):.0f} | {r['steps_run']} "
+            f"| {ph.get('source', 0):.0f} | {ph.get('train', 0):.0f} | {r['steps_run']} | {holdout_text(r.get('holdout'))} "
             f"| {r['max_rss_bytes'] / 1e9:.2f} GB | {r['peak_private_bytes'] / 1e9:.2f} GB | {ratio if ratio else ''} |"
         )
     machine = {"cpus": os.cpu_count(), "cpu": cpu_model(), "load_average": os.getloadavg(), "bfloat16": bf16_speed("cpu").reason}
