@@ -105,3 +105,48 @@ def test_each_block_is_widened_once_a_pass(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(calls) == 2 * blocks
     ref, ref_grad = reference(h, w.float(), None, tokens, None, torch.ones(rows))
     assert torch.allclose(h.grad.double(), ref_grad, atol=5e-5)
+
+
+@pytest.mark.parametrize("stored", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_vocabulary_subset_is_the_softmax_over_those_rows_in_float64(stored: torch.dtype, bias: bool) -> None:
+    """`ids` (the head_subset candidate): the result and h's gradient equal log_softmax over the subset's
+    rows of the projection only, computed whole in float64; with every id it is the full softmax."""
+    g = torch.Generator().manual_seed(17 + int(bias))
+    rows, hid, vocab = 11, 16, 900
+    lin = torch.nn.Linear(hid, vocab, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(vocab, hid, generator=g) / hid**0.5 * 2)
+        if bias:
+            lin.bias.copy_(torch.randn(vocab, generator=g))
+    lin = lin.to(stored).requires_grad_(False)
+    if stored == torch.bfloat16:
+        lin.__class__ = UpcastLinear
+    ids = torch.unique(torch.randint(0, vocab, (200,), generator=g))
+    tokens = ids[torch.randint(0, len(ids), (rows,), generator=g)]
+    grad = torch.randn(rows, generator=g)
+    w, b = lin.weight.float(), (lin.bias.float() if bias else None)
+    for subset, ref_w, ref_b, ref_tokens in (
+        (ids, w[ids], None if b is None else b[ids], torch.searchsorted(ids, tokens)),
+        (torch.arange(vocab), w, b, tokens),
+    ):
+        h = torch.randn(rows, hid, generator=g).requires_grad_(True)
+        lp = head_logprob(lin, None, h, tokens, block_bytes=2048, ids=subset)
+        lp.backward(grad)
+        ref, ref_grad = reference(h, ref_w, ref_b, ref_tokens, None, grad)
+        assert torch.allclose(lp.double(), ref, atol=5e-5)
+        assert torch.allclose(h.grad.double(), ref_grad, atol=5e-5)
+    # the subset's softmax is over fewer entries, so each token is at least as likely as under the full one
+    h = torch.randn(rows, hid, generator=g)
+    full = head_logprob(lin, None, h, tokens, 2048)
+    part = head_logprob(lin, None, h, tokens, 2048, ids=ids)
+    assert bool((part >= full - 1e-6).all()) and bool((part > full + 1e-3).any())
+
+
+def test_a_token_outside_the_subset_is_refused() -> None:
+    lin = torch.nn.Linear(8, 50, bias=False).requires_grad_(False)
+    h = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="outside the vocabulary subset"):
+        head_logprob(lin, None, h, torch.tensor([3, 7]), 1024, ids=torch.tensor([1, 3, 5]))
+    with pytest.raises(ValueError, match="outside the vocabulary subset"):
+        head_logprob(lin, None, h, torch.tensor([3, 49]), 1024, ids=torch.tensor([1, 3, 5]))

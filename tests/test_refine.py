@@ -314,6 +314,8 @@ def test_bad_inputs_exit_2(models: dict[str, Path], tmp_path: Path, capsys: pyte
         ({"init": "zeros"}, "unknown init"),
         ({"steps": 0}, "--steps"),
         ({"lora_rank": 0}, "--lora-rank"),
+        ({"head_subset": "top"}, "unknown head_subset"),
+        ({"head_subset": "texts", "objective": "delta"}, "lm objective only"),
     ]
     for kw, msg in bad:
         with pytest.raises(InputError, match=msg):
@@ -339,6 +341,21 @@ def test_every_objective_and_init_trains(models: dict[str, Path], tmp_path: Path
         texts = json.loads((tmp_path / "out" / PROBES_NAME).read_text())["texts"]
         assert all(len(t["source_next"]) == len(t["source_token_delta"]) for t in texts)
     assert all(torch.isfinite(v).all() for v in read_tensors(tmp_path / "out" / "adapter_model.safetensors").values())
+
+
+def test_a_softmax_over_the_texts_ids_trains_and_is_its_own_run(models: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """head_subset "texts" (a candidate): the lm loss's softmax over the training texts' ids only. Its
+    per-token loss is below the full softmax's on the same first batch (fewer entries to share the
+    probability), it trains, the report's options name it, and the written adapter differs."""
+    full = refine(models, tmp_path / "full")
+    part = refine(models, tmp_path / "part", head_subset="texts", log=print)
+    assert "head_subset" not in full["options"] and part["options"]["head_subset"] == "texts"
+    assert "token ids of the training texts" in capsys.readouterr().out
+    lf, lp = full["refine"]["losses"], part["refine"]["losses"]
+    assert all(math.isfinite(r["loss"]) for r in lp) and lp[0]["nll"] < lf[0]["nll"] - 1e-3
+    a = read_tensors(tmp_path / "full" / "adapter_model.safetensors")
+    b = read_tensors(tmp_path / "part" / "adapter_model.safetensors")
+    assert set(a) == set(b) and any(not torch.equal(a[k], b[k]) for k in a)
 
 
 def test_transfer_init_starts_from_the_transfer(models: dict[str, Path], tmp_path: Path) -> None:

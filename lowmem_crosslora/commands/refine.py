@@ -45,6 +45,7 @@ from lowmem_crosslora.services.distill import (
     loglik_per_byte,
     soft_base_logits,
     soft_counts,
+    text_vocabulary,
     truncate,
     uses_contrast,
     uses_token_changes,
@@ -165,6 +166,8 @@ class Training:
     round: Callable[[Any], None] | None = None
     onpolicy: list[TrainText] | None = None
     onpolicy_info: dict[str, Any] | None = None
+    # the `lm` term's softmax over these ids only (opts.head_subset "texts", a candidate); None: the whole vocabulary
+    head_ids: torch.Tensor | None = None
 
 
 def _refine(
@@ -351,7 +354,10 @@ def _plan_training(run: RefineRun, budget: Budget, tok: Any, prep: Prepared) -> 
         + f" (modelled {format_size(shape.bytes)} of {format_size(int(room))})"
         + (f"; computing in {shape.compute_dtype}: {shape.compute}" if shape.compute else "")
     )
-    return Training(main, contrast, shape, lora_params, ck, score)
+    head_ids = text_vocabulary(main, dev) if opts.head_subset == "texts" else None
+    if head_ids is not None:
+        run.say(f"the lm loss's softmax runs over the {len(head_ids)} token ids of the training texts, not the whole vocabulary")
+    return Training(main, contrast, shape, lora_params, ck, score, head_ids=head_ids)
 
 
 def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: Path | None) -> Any:
@@ -559,7 +565,7 @@ def _step(run: RefineRun, model: Any, optim: Any, training: Training, step: int)
     if not ci:  # passes of texts of like lengths: less padding (7% of the tokens against 11% at the defaults), the same sum
         mi = sorted(mi, key=lambda t: len(t.ids))
     for k in range(0, max(len(mi), len(ci)), mb):
-        loss, p = batch_loss(model, opts.objective, mi[k : k + mb], ci[k : k + mb], norm, run.dev, opts.kl_weight, opts.soft_weight)
+        loss, p = batch_loss(model, opts.objective, mi[k : k + mb], ci[k : k + mb], norm, run.dev, opts.kl_weight, opts.soft_weight, training.head_ids)
         if loss.requires_grad:
             loss.backward()
         total += float(loss.detach())

@@ -175,15 +175,22 @@ def _logits(head: Any, h: torch.Tensor, cap: float | None) -> torch.Tensor:
     return z
 
 
+def text_vocabulary(texts: list[TrainText], device: str) -> torch.Tensor:
+    """The distinct token ids of `texts`, sorted: the `head_subset` candidate's softmax ("texts")."""
+    ids = sorted({i for t in texts for i in t.ids})
+    return torch.tensor(ids, dtype=torch.long, device=device)
+
+
 def _chunk_rows(vocab: int) -> int:
     return max(8, LOGIT_CHUNK_BYTES // (4 * 4 * vocab))
 
 
-def token_logprobs_grad(head: Any, cap: float | None, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def token_logprobs_grad(head: Any, cap: float | None, h: torch.Tensor, targets: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
     """log p(target token) for each row of hidden states `h` (N x H), with gradients: the vocabulary
     walked in blocks with all rows at once (services/head_logprob.py), so each block of the output
-    projection is read twice a step however many rows there are, and no (N x vocabulary) matrix is made."""
-    return head_logprob(head, cap, h, targets, LOGIT_CHUNK_BYTES)
+    projection is read twice a step however many rows there are, and no (N x vocabulary) matrix is made.
+    `ids`: the softmax over that subset of the vocabulary only (the `head_subset` candidate)."""
+    return head_logprob(head, cap, h, targets, LOGIT_CHUNK_BYTES, ids)
 
 
 def kl_to_base(head: Any, cap: float | None, h: torch.Tensor, h_base: torch.Tensor) -> torch.Tensor:
@@ -370,13 +377,15 @@ def excess_weights(t: TrainText) -> list[float]:
     return [abs(t.delta_s[g]) / counts[g] if g >= 0 else 0.0 for g in t.seg]
 
 
-def _text_logprobs(model: Any, head: Any, cap: float | None, texts: list[TrainText], device: str) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor]:
+def _text_logprobs(
+    model: Any, head: Any, cap: float | None, texts: list[TrainText], device: str, ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, list[tuple[int, int]], torch.Tensor]:
     """The target's log-probability of every scored token of `texts` (LoRA as set, with gradients), flat,
     each text's span in it, and the hidden states they came from (for a loss on other tokens)."""
     x, mask = _pad(texts, device)
     h = hidden(model, x, mask)
     ri, ci, spans = _scored(texts, x)
-    return token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1]), spans, h
+    return token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1], ids), spans, h
 
 
 def _segment_loss(objective: str, lp: torch.Tensor, t: TrainText, device: str) -> torch.Tensor:
@@ -401,14 +410,16 @@ def batch_loss(
     device: str,
     kl_weight: float,
     soft_weight: float = 1.0,
+    head_ids: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one micro-batch, already divided by the whole batch's counts in `norm` (so that
-    micro-batches add up to the batch's mean), and its parts (for the progress line)."""
+    micro-batches add up to the batch's mean), and its parts (for the progress line). `head_ids`: the
+    `lm` term's softmax over that subset of the vocabulary only (the `head_subset` candidate)."""
     _decoder, head, cap = _causal_parts(model)
     parts: dict[str, float] = {}
     loss = torch.zeros((), device=device)
     if objective in ("lm", "lm+kl") and main:
-        lp, _spans, _h = _text_logprobs(model, head, cap, main, device)
+        lp, _spans, _h = _text_logprobs(model, head, cap, main, device, head_ids)
         nll = -lp.sum() / norm["tokens"]
         loss = loss + nll
         parts["nll"] = float(nll.detach())

@@ -96,16 +96,26 @@ class HeadLogProb(torch.autograd.Function):
         return gh.to(h.dtype), None, None, None, None, None, None
 
 
-def head_logprob(head: Any, cap: float | None, h: torch.Tensor, tokens: torch.Tensor, block_bytes: int) -> torch.Tensor:
+def head_logprob(head: Any, cap: float | None, h: torch.Tensor, tokens: torch.Tensor, block_bytes: int, ids: torch.Tensor | None = None) -> torch.Tensor:
     """log p(tokens[i]) for each row of hidden states `h` (N x H) through the output projection
     `head` (an nn.Linear, frozen; UpcastLinear computes in float32), with gradients for `h`. Blocks of
     the vocabulary are sized so that one block's logits and their exponentials, (N x block) float32
-    each, stay within `block_bytes`, and a widened block of the projection within UPCAST_BLOCK_BYTES."""
+    each, stay within `block_bytes`, and a widened block of the projection within UPCAST_BLOCK_BYTES.
+
+    `ids` (sorted, distinct; every token among them): the softmax over those rows of the projection
+    only, not the whole vocabulary (a benchmark candidate: it changes the loss, since the tokens left
+    out are never pushed down; bench/bench_vocab_head.py times it)."""
     if h.shape[0] == 0:
         return h.new_zeros(0, dtype=torch.float32)
     weight = head.weight
+    bias = getattr(head, "bias", None)
+    if ids is not None:
+        pos = torch.searchsorted(ids, tokens)
+        if bool((pos >= len(ids)).any()) or not bool((ids[pos.clamp(max=len(ids) - 1)] == tokens).all()):
+            raise ValueError("head_logprob: a token is outside the vocabulary subset `ids`")
+        weight, bias, tokens = weight[ids], None if bias is None else bias[ids], pos
     wide = isinstance(head, UpcastLinear) or h.dtype == torch.float32
     block = max(64, block_bytes // (3 * 4 * h.shape[0]))
     if wide and weight.dtype != torch.float32:  # a widened block of the projection stays within the upcast path's block
         block = min(block, max(64, UPCAST_BLOCK_BYTES // (4 * weight.shape[1])))
-    return HeadLogProb.apply(h, weight, getattr(head, "bias", None), tokens, cap, wide, block)
+    return HeadLogProb.apply(h, weight, bias, tokens, cap, wide, block)

@@ -198,6 +198,7 @@ class TransferOptions:
 
 
 INITS = ("transfer", "fresh")
+HEAD_SUBSETS = ("full", "texts")  # the lm term's softmax: the whole vocabulary, or the training texts' ids
 
 
 # What refine ships (chosen by bench/bench_refine.py; the losers stay in the benchmark).
@@ -235,6 +236,10 @@ class RefineOptions:
     # its teacher: "shift" (the target base shifted by the source adapter's change) or "source" (the
     # source + adapter's own next-token distribution over the shared tokens)
     soft_teacher: str = "shift"
+    # The `lm` term's softmax (a candidate, as probe_select): "full", the whole vocabulary, or "texts", only
+    # the ids the training texts contain (cheaper where the vocabulary is large; the other ids are never
+    # pushed down, so it changes the loss; bench/bench_vocab_head.py times it)
+    head_subset: str = "full"
     # Which sampled texts are kept (services/probe_select.py): a candidate measured in bench/bench_refine.py,
     # not a command-line option until it wins there.
     probe_select: str = "plain"
@@ -298,6 +303,8 @@ class RefineOptions:
             key["soft_weight"] = self.soft_weight
             if self.soft_teacher != "shift":
                 key["soft_teacher"] = self.soft_teacher
+        if self.head_subset != "full":
+            key["head_subset"] = self.head_subset
         if self.onpolicy:
             key["onpolicy"] = self.onpolicy
             key["onpolicy_weight"] = self.onpolicy_weight
@@ -316,6 +323,10 @@ class RefineOptions:
             raise InputError(f"onpolicy_keep is a share of the round's texts, from 0 to 1 (got {self.onpolicy_keep})")
         if not math.isfinite(self.amplify) or self.amplify < 0:
             raise InputError(f"amplify must be a finite number >= 0 (got {self.amplify})")
+        if self.head_subset not in HEAD_SUBSETS:
+            raise InputError(f"unknown head_subset {self.head_subset!r}; choose one of {', '.join(HEAD_SUBSETS)}")
+        if self.head_subset != "full" and self.objective != "lm":
+            raise InputError(f"head_subset {self.head_subset!r} applies to the lm objective only (got {self.objective!r})")
         if self.probe_select not in SELECTIONS:
             raise InputError(f"unknown probe selection {self.probe_select!r}; choose one of {', '.join(SELECTIONS)}")
         if self.steps < 1 or self.batch < 1 or self.lr <= 0 or not math.isfinite(self.lr):
