@@ -46,6 +46,7 @@ def run_one(spec: dict) -> dict:
     from lowmem_crosslora.services import compute
     from lowmem_crosslora.services.distill import TrainText, batch_loss, batch_norms
     from lowmem_crosslora.services.target_lora import attach_lora
+    from lowmem_crosslora.services.train_shape import enable_checkpointing
     from lowmem_crosslora.sysmem import host_anon_bytes, tune_allocator
 
     if spec.get("allocator") == "heap":  # freed blocks stay in the heap for reuse (the variant measured)
@@ -62,7 +63,7 @@ def run_one(spec: dict) -> dict:
     if path.startswith("upcast"):
         compute.upcast_model(base)
     if ckpt:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     model = attach_lora(base, LORA, None, 0)
     model.train()
     g = torch.Generator().manual_seed(0)

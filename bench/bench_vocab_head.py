@@ -36,6 +36,7 @@ from torch.utils.checkpoint import checkpoint
 from bench import BENCH
 from lowmem_crosslora.services.compute import upcast_model
 from lowmem_crosslora.services.distill import LOGIT_CHUNK_BYTES, TrainText, _causal_parts, _logits, _pad, _scored, batch_loss, batch_norms, hidden
+from lowmem_crosslora.services.train_shape import enable_checkpointing
 
 
 def step_seconds(fn, reps: int) -> float:
@@ -87,7 +88,7 @@ def measure(target: Path, compute: str, batch: int, tokens: int, keep: int, reps
     base = AutoModelForCausalLM.from_pretrained(str(target), dtype=torch.bfloat16)
     if compute == "float32":
         upcast_model(base)
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(base)
     mods = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules=mods, lora_dropout=0.0))
     for p in model.parameters():

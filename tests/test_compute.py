@@ -262,3 +262,28 @@ def test_passes_without_gradients_take_as_many_texts_as_the_training_memory_allo
         assert n == shape.micro_batch or train_bytes(ck.config, params, 10**4, 2, n, shape.max_len, True, 1) + extra <= shape.bytes
         assert n == 16 or train_bytes(ck.config, params, 10**4, 2, n + 1, shape.max_len, True, 1) + extra > shape.bytes
     assert scoring_batch(ck, 10**4, shape, 1, "cpu", 1) == shape.micro_batch  # never fewer than a training pass
+
+
+def test_checkpointing_is_enabled_without_the_deprecated_call() -> None:
+    """enable_checkpointing turns checkpointing on through the name transformers keeps (no FutureWarning
+    about `gradient_checkpointing_enable`), and falls back to the old name where only it exists (4.x)."""
+    import warnings
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, vocab_size=64)
+    model = Qwen2ForCausalLM(cfg)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        train_shape_mod.enable_checkpointing(model)
+    assert not [w for w in seen if "gradient_checkpointing_enable" in str(w.message)]
+    assert getattr(model, "is_activation_checkpointing", getattr(model, "is_gradient_checkpointing", False))
+
+    calls: list[dict[str, Any]] = []
+
+    class OldModel:  # transformers 4.x: only the old name
+        def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any]) -> None:
+            calls.append(gradient_checkpointing_kwargs)
+
+    train_shape_mod.enable_checkpointing(OldModel())
+    assert calls == [{"use_reentrant": False}]

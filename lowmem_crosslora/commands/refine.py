@@ -65,6 +65,7 @@ from lowmem_crosslora.services.stop import StopFlag
 from lowmem_crosslora.services.target_lora import attach_lora, batch_indices, lora_config, lora_param_count, peft_tensors, source_adapter
 from lowmem_crosslora.services.train_shape import (
     TrainShape,
+    enable_checkpointing,
     least_texts,
     least_training,
     load_checkpoint,
@@ -372,7 +373,7 @@ def _load_target(run: RefineRun, loader: Loader, training: Training, init_dir: P
         loader.used["target_compute"] = shape.compute_dtype
     base.to(run.dev)
     if shape.checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(base)
     model = attach_lora(base, run.cfg, init_dir, run.opts.seed)
     model.to(run.dev)
     if run.opts.objective in BASE_OBJECTIVES:

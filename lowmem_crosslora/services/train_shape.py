@@ -20,6 +20,17 @@ from lowmem_crosslora.services.scoring import budgeted_params, raise_to
 from lowmem_crosslora.sizes import format_size
 
 
+def enable_checkpointing(model: Any) -> None:
+    """Gradient (activation) checkpointing on a transformers model, non-reentrant: through
+    `activation_checkpointing_enable` where transformers has it (5.x, whose old name warns that it goes
+    in v6), else the old `gradient_checkpointing_enable` (4.x)."""
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def lora_state(model: Any) -> dict[str, torch.Tensor]:
     """Copies of the trainable (LoRA) parameters, by name."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
