@@ -35,7 +35,18 @@ from torch.utils.checkpoint import checkpoint
 
 from bench import BENCH
 from lowmem_crosslora.services.compute import upcast_model
-from lowmem_crosslora.services.distill import LOGIT_CHUNK_BYTES, TrainText, _causal_parts, _logits, _pad, _scored, batch_loss, batch_norms, hidden
+from lowmem_crosslora.services.distill import (
+    LOGIT_CHUNK_BYTES,
+    TrainText,
+    _causal_parts,
+    _logits,
+    _pad,
+    _scored,
+    batch_loss,
+    batch_norms,
+    hidden,
+    token_logprobs_grad,
+)
 from lowmem_crosslora.services.train_shape import enable_checkpointing
 
 
@@ -69,16 +80,13 @@ def chunked_loss(model, texts: list[TrainText]) -> torch.Tensor:
 
 
 def restricted_loss(model, texts: list[TrainText], subset: torch.Tensor) -> torch.Tensor:
-    """The `lm` loss with the softmax over `subset` (sorted ids; every label inside it)."""
-    _d, head, _cap = _causal_parts(model)
+    """The `lm` loss with the softmax over `subset` (sorted ids; every label inside it): refine's own
+    path for its `head_subset` candidate (services/head_logprob.py with `ids`)."""
+    _d, head, cap = _causal_parts(model)
     x, mask = _pad(texts, "cpu")
     h = hidden(model, x, mask)
     ri, ci, _ = _scored(texts, x)
-    hs, labels = h[ri, ci], x[ri, ci + 1]
-    W = head.weight[subset]
-    logp = torch.log_softmax((hs @ W.T.to(hs.dtype)).float(), dim=-1)
-    pos = torch.searchsorted(subset, labels)
-    return -logp.gather(1, pos.unsqueeze(1)).mean()
+    return -token_logprobs_grad(head, cap, h[ri, ci], x[ri, ci + 1], subset).mean()
 
 
 def measure(target: Path, compute: str, batch: int, tokens: int, keep: int, reps: int) -> dict:
